@@ -1,0 +1,724 @@
+"""The session core: one authenticated QUIC connection carrying named services.
+
+This module does no I/O and never imports asyncio.  It takes packets and a
+clock and returns events and packets, like the QUIC state machines it wraps::
+
+    core.receive_packets(packets, now)    # from whatever carrier moved them
+    core.packets_to_send(now)             # -> list[bytes] to hand to a carrier
+    core.get_timer(); core.handle_timer(now)
+    core.next_event()                     # -> SessionEvent | None
+
+What it adds on top of QUIC:
+
+* **Mutual authentication bound to the session.**  The client pins the
+  server's node id and checks it against the key in the server's TLS
+  certificate (TLS 1.3 proves the server holds that key).  The client then
+  proves its own key on stream 0: the server sends a fresh random challenge and
+  the client signs ``challenge || server key || client key``.  Nothing reaches a
+  service, in either direction, before this completes.
+* **Named services.**  Each stream begins with a header naming its service;
+  the accepting side answers with one status byte (or an error), so an opener
+  learns at once that a service does not exist.  Datagrams carry a short
+  service tag.
+* **Keepalives.**  A PING is sent when nothing has been received for
+  ``keepalive_interval``, so a live session always has traffic and a dead path
+  is noticed.  The QUIC idle timeout is the session's linger time.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+
+from . import errors
+from .engine import VIRTUAL_ADDRESS, Engine
+from .errors import (
+    AuthenticationError,
+    BrokenError,
+    ClosedError,
+    DatagramTooLarge,
+    LocalProtocolError,
+    NetchanError,
+    NotAllowed,
+    RemoteProtocolError,
+    ServiceNotFound,
+)
+from .identity import Identity, node_id_of, public_key_of_certificate, verify_signature
+
+__all__ = [
+    "SessionCore",
+    "SessionConfig",
+    "SessionEvent",
+    "Authenticated",
+    "StreamRequested",
+    "StreamAccepted",
+    "StreamRefused",
+    "StreamData",
+    "StreamReset",
+    "DatagramReceived",
+    "ConnectionIdIssued",
+    "ConnectionIdRetired",
+    "Terminated",
+]
+
+AUTH_STREAM = 0
+AUTH_CONTEXT = b"netchan client auth v1\x00"
+MAX_SERVICE_NAME = 255
+# short header (1) + connection id (8) + packet number (4) + AEAD tag (16)
+# + DATAGRAM frame type and length (3), with room to spare
+_DATAGRAM_OVERHEAD = 40
+
+_OK = b"\x00"
+_REFUSE_NOT_FOUND = 1
+_REFUSE_NOT_ALLOWED = 2
+_REFUSE_ERRORS: dict[int, type[NetchanError]] = {
+    _REFUSE_NOT_FOUND: ServiceNotFound,
+    _REFUSE_NOT_ALLOWED: NotAllowed,
+}
+
+
+# ---------------------------------------------------------------------------
+# events
+
+
+class SessionEvent:
+    """Base class of everything :meth:`SessionCore.next_event` returns."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated(SessionEvent):
+    """Both ends proved their keys; ``peer_id`` is the other node's id."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequested(SessionEvent):
+    """The peer opened a stream to ``service``: answer with accept or refuse."""
+
+    stream_id: int
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccepted(SessionEvent):
+    """A stream we opened was accepted by the peer's service."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRefused(SessionEvent):
+    """A stream we opened was refused; ``error`` says why."""
+
+    stream_id: int
+    error: NetchanError
+
+
+@dataclass(frozen=True, slots=True)
+class StreamData(SessionEvent):
+    """Bytes on an open stream; ``end`` is set with the last of them."""
+
+    stream_id: int
+    data: bytes
+    end: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset(SessionEvent):
+    """The peer abandoned a stream (RESET_STREAM or STOP_SENDING)."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramReceived(SessionEvent):
+    service: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionIdIssued(SessionEvent):
+    """The peer may now address us with ``connection_id`` (for demultiplexing)."""
+
+    connection_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionIdRetired(SessionEvent):
+    connection_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Terminated(SessionEvent):
+    """The session is over; ``error`` is what every user of it should see."""
+
+    error: NetchanError
+
+
+# ---------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Tunables of one session.  Every field has a working default."""
+
+    #: QUIC packet size; stream carriers use large packets, UDP path-sized ones
+    packet_size: int = 1350
+    #: how long a session outlives a broken carrier (the QUIC idle timeout)
+    linger: float = 60.0
+    #: send a PING when nothing was received for this long
+    keepalive_interval: float = 1.0
+    #: authentication must complete within this time after the first packet
+    handshake_timeout: float = 10.0
+    #: connection-level and per-stream receive windows
+    max_data: int = 64 * 1024 * 1024
+    max_stream_data: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.packet_size < 1200:
+            raise errors.ConfigurationError("packet_size must be at least 1200 (QUIC minimum)")
+        if self.linger <= 0 or self.keepalive_interval <= 0 or self.handshake_timeout <= 0:
+            raise errors.ConfigurationError("linger, keepalive_interval and handshake_timeout must be > 0")
+        if self.keepalive_interval >= self.linger:
+            raise errors.ConfigurationError("keepalive_interval must be shorter than linger")
+
+
+# ---------------------------------------------------------------------------
+# the core
+
+_U16 = struct.Struct("!H")
+
+
+class _Frames:
+    """Length-prefixed msgpack messages on the auth stream."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= 2:
+            (n,) = _U16.unpack_from(self.buf)
+            if len(self.buf) < 2 + n:
+                break
+            raw = bytes(self.buf[2 : 2 + n])
+            del self.buf[: 2 + n]
+            try:
+                msg = msgpack.unpackb(raw, raw=False)
+            except Exception:
+                raise RemoteProtocolError("malformed authentication message") from None
+            if not isinstance(msg, dict):
+                raise RemoteProtocolError("malformed authentication message")
+            out.append(msg)
+        if len(self.buf) > 4096:
+            raise RemoteProtocolError("authentication message too long")
+        return out
+
+    @staticmethod
+    def encode(msg: dict) -> bytes:
+        raw = msgpack.packb(msg, use_bin_type=True)
+        return _U16.pack(len(raw)) + raw
+
+
+class SessionCore:
+    """Sans-I/O state of one session, client or server side.
+
+    A client needs ``expected_peer`` (the node id it dials); a server needs
+    ``allow``, a predicate on node ids, and the destination connection id of
+    the client's first packet.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        identity: Identity,
+        is_client: bool,
+        now: float,
+        config: SessionConfig = SessionConfig(),
+        expected_peer: str | None = None,
+        allow: Callable[[str], bool] | None = None,
+        original_destination_connection_id: bytes | None = None,
+    ) -> None:
+        if is_client and not expected_peer:
+            raise errors.ConfigurationError("a client session must know the peer's node id")
+        if not is_client and allow is None:
+            raise errors.ConfigurationError("a server session needs an allow policy")
+        self.engine = engine
+        self.identity = identity
+        self.is_client = is_client
+        self.config = config
+        self.expected_peer = expected_peer
+        self._allow = allow
+        self.peer_id: str | None = None
+        self.authenticated = False
+        self.closed = False
+        self.error: NetchanError | None = None
+        self._events: deque[SessionEvent] = deque()
+        self._ev = engine.events
+        self._quic = engine.create(
+            is_client=is_client,
+            identity=identity,
+            packet_size=min(config.packet_size, engine.max_packet_size),
+            idle_timeout=config.linger,
+            max_data=config.max_data,
+            max_stream_data=config.max_stream_data,
+            original_destination_connection_id=original_destination_connection_id,
+        )
+        self.packet_size = min(config.packet_size, engine.max_packet_size)
+        self._auth_frames = _Frames()
+        self._challenge: bytes | None = None
+        self._peer_key: bytes | None = None
+        # stream bookkeeping: every stream is in exactly one of these until forgotten
+        self._open: set[int] = set()
+        self._opening: dict[int, bytearray] = {}  # ours, waiting for the status reply
+        self._incoming: dict[int, bytearray] = {}  # theirs, header not complete yet
+        self._requested: dict[int, list[tuple[bytes, bool]]] = {}  # theirs, awaiting accept
+        self._last_peer_stream = -1  # highest stream id the peer opened
+        self._deadline = now + config.handshake_timeout
+        self._last_rx = now
+        self._last_ping = now
+        self._ping_uid = 0
+        self.packets_received = 0
+        self.packets_sent = 0
+        if is_client:
+            self._quic.connect(VIRTUAL_ADDRESS, now)
+
+    # -- packets in and out -------------------------------------------------
+
+    def receive_packets(self, packets: list[bytes], now: float) -> None:
+        """Feed packets that arrived from the peer (any carrier, any path)."""
+        if self.closed:
+            return
+        self._last_rx = now
+        self.packets_received += len(packets)
+        try:
+            self.engine.receive_packets(self._quic, packets, now)
+        except Exception as exc:  # the engine rejected the packets outright
+            self._fail(RemoteProtocolError(f"QUIC error: {exc}"))
+            return
+        self._process_quic_events(now)
+
+    def packets_to_send(self, now: float) -> list[bytes]:
+        try:
+            datagrams = self._quic.datagrams_to_send(now)
+        except Exception as exc:
+            self._fail(LocalProtocolError(f"QUIC engine failure: {exc}"))
+            datagrams = []
+        if datagrams:
+            self.packets_sent += len(datagrams)
+        return [d for d, _ in datagrams]
+
+    def get_timer(self) -> float | None:
+        timer = self._quic.get_timer()
+        if not self.closed:
+            nxt = self._deadline if not self.authenticated else (
+                max(self._last_rx, self._last_ping) + self.config.keepalive_interval
+            )
+            if timer is None or nxt < timer:
+                timer = nxt
+        return timer
+
+    def handle_timer(self, now: float) -> None:
+        try:
+            timer = self._quic.get_timer()
+            if timer is not None and timer <= now:
+                self._quic.handle_timer(now)
+        except Exception as exc:
+            self._fail(LocalProtocolError(f"QUIC engine failure: {exc}"))
+            return
+        self._process_quic_events(now)
+        if self.closed:
+            return
+        if not self.authenticated:
+            if now >= self._deadline:
+                self._close(errors.Timeout("authentication did not complete in time"))
+            return
+        interval = self.config.keepalive_interval
+        if now >= self._last_rx + interval and now >= self._last_ping + interval:
+            self._last_ping = now
+            self._ping_uid += 1
+            self._quic.send_ping(self._ping_uid)
+
+    def next_event(self) -> SessionEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # -- streams ------------------------------------------------------------
+
+    def open_stream(self, service: str) -> int:
+        """Open a stream to ``service`` on the peer; answered by StreamAccepted/Refused."""
+        self._check_usable()
+        name = _service_bytes(service)
+        sid = self._quic.get_next_available_stream_id()
+        self._opening[sid] = bytearray()
+        self._quic.send_stream_data(sid, bytes((len(name),)) + name)
+        return sid
+
+    def accept_stream(self, stream_id: int) -> None:
+        pending = self._requested.pop(stream_id)
+        self._open.add(stream_id)
+        self._quic.send_stream_data(stream_id, _OK)
+        for data, end in pending:
+            self._events.append(StreamData(stream_id, data, end))
+
+    def refuse_stream(self, stream_id: int, error: NetchanError) -> None:
+        self._requested.pop(stream_id, None)
+        code = _REFUSE_NOT_ALLOWED if isinstance(error, NotAllowed) else _REFUSE_NOT_FOUND
+        reason = str(error).encode("utf-8")[:1000]
+        try:
+            # no STOP_SENDING: it could overtake the refusal and hide its reason
+            self._quic.send_stream_data(
+                stream_id, bytes((code,)) + _U16.pack(len(reason)) + reason, end_stream=True
+            )
+        except Exception:
+            pass  # the peer already reset it
+
+    def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        self._check_usable()
+        try:
+            self._quic.send_stream_data(stream_id, data, end)
+        except Exception as exc:
+            raise BrokenError(f"stream {stream_id} cannot send: {exc}") from None
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The application is done with this stream; late data for it is ignored."""
+        self._open.discard(stream_id)
+        self._opening.pop(stream_id, None)
+        self._requested.pop(stream_id, None)
+        self._incoming.pop(stream_id, None)
+
+    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        if self.closed:
+            return
+        self._open.discard(stream_id)
+        self._opening.pop(stream_id, None)
+        self._requested.pop(stream_id, None)
+        self._incoming.pop(stream_id, None)
+        for call in (self._quic.reset_stream, self._quic.stop_stream):
+            try:
+                call(stream_id, error_code)
+            except Exception:
+                pass  # already finished in that direction
+
+    def stop_stream(self, stream_id: int, error_code: int = 0) -> None:
+        """Tell the peer we will read no more from this stream."""
+        if self.closed:
+            return
+        try:
+            self._quic.stop_stream(stream_id, error_code)
+        except Exception:
+            pass
+
+    def send_backlog(self, stream_id: int) -> int:
+        """Bytes written to the stream that the engine still holds."""
+        if self.closed:
+            return 0
+        return self.engine.send_backlog(self._quic, stream_id)
+
+    # -- datagrams ----------------------------------------------------------
+
+    def max_datagram_payload(self, service: str) -> int:
+        return self.packet_size - _DATAGRAM_OVERHEAD - 1 - len(_service_bytes(service))
+
+    def send_datagram(self, service: str, data: bytes) -> None:
+        self._check_usable()
+        name = _service_bytes(service)
+        limit = self.packet_size - _DATAGRAM_OVERHEAD - 1 - len(name)
+        if len(data) > limit:
+            raise DatagramTooLarge(
+                f"datagram of {len(data)} bytes exceeds the {limit}-byte limit "
+                f"of this session for service {service!r}"
+            )
+        self._quic.send_datagram_frame(bytes((len(name),)) + name + data)
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self, error: NetchanError | None = None) -> None:
+        """Close the session; ``error`` (default ClosedError) tells the peer why."""
+        self._close(error or ClosedError("session closed"))
+
+    def _close(self, error: NetchanError) -> None:
+        if self.closed:
+            return
+        code = error.code if not isinstance(error, ClosedError) else 0
+        try:
+            self._quic.close(error_code=code, reason_phrase=str(error)[:200])
+        except Exception:
+            pass
+        self._terminate(error)
+
+    def _fail(self, error: NetchanError) -> None:
+        self._close(error)
+
+    def _terminate(self, error: NetchanError) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.error = error
+        self._events.append(Terminated(error))
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise self.error if isinstance(self.error, ClosedError) else BrokenError(
+                f"session is gone: {self.error}"
+            )
+        if not self.authenticated:
+            raise LocalProtocolError("session is not authenticated yet")
+
+    # -- QUIC events ----------------------------------------------------------
+
+    def _process_quic_events(self, now: float) -> None:
+        quic = self._quic
+        ev = self._ev
+        stream_data = ev.StreamDataReceived
+        try:
+            while (event := quic.next_event()) is not None:
+                if type(event) is stream_data:
+                    sid = event.stream_id
+                    if sid in self._open:
+                        if event.data or event.end_stream:
+                            self._events.append(StreamData(sid, event.data, event.end_stream))
+                    else:
+                        self._on_special_stream_data(sid, event.data, event.end_stream)
+                elif isinstance(event, ev.DatagramFrameReceived):
+                    self._on_datagram(event.data)
+                elif isinstance(event, ev.HandshakeCompleted):
+                    self._on_handshake_completed()
+                elif isinstance(event, (ev.StreamReset, ev.StopSendingReceived)):
+                    self._on_stream_reset(event.stream_id, event.error_code)
+                elif isinstance(event, ev.ConnectionIdIssued):
+                    self._events.append(ConnectionIdIssued(event.connection_id))
+                elif isinstance(event, ev.ConnectionIdRetired):
+                    self._events.append(ConnectionIdRetired(event.connection_id))
+                elif isinstance(event, ev.ConnectionTerminated):
+                    self._on_terminated(event)
+        except NetchanError as exc:
+            self._close(exc)
+
+    def _on_terminated(self, event: Any) -> None:
+        if self.closed:
+            return
+        code = event.error_code
+        reason = event.reason_phrase or ""
+        if code >= errors.NetchanError.code and code <= errors.NetchanError.code + 0xFF:
+            error = errors.error_from_code(code, reason)
+        elif not self.authenticated and self.is_client and 0x100 <= code <= 0x1FF:
+            # a TLS alert during the handshake: the server failed to prove its key
+            error = AuthenticationError(f"TLS handshake failed: {reason or hex(code)}")
+        elif "idle" in reason.lower() or code == 0 and not reason:
+            error = BrokenError(
+                f"session lost: nothing heard from the peer for {self.config.linger:g} s"
+            )
+        elif code == 0:
+            error = BrokenError(f"session closed by peer: {reason}")
+        else:
+            error = BrokenError(f"session closed: {reason or 'QUIC error'} (code {code:#x})")
+        self._terminate(error)
+
+    def _on_handshake_completed(self) -> None:
+        if not self.is_client:
+            return
+        der = self.engine.peer_certificate_der(self._quic)
+        try:
+            key = public_key_of_certificate(der) if der else None
+        except ValueError as exc:
+            raise AuthenticationError(f"server certificate unusable: {exc}") from None
+        if key is None:
+            raise AuthenticationError("server presented no certificate")
+        found = node_id_of(key)
+        if found != self.expected_peer:
+            raise AuthenticationError(
+                f"server key mismatch: expected node {self.expected_peer}, got {found}"
+            )
+        self._peer_key = key
+        self._quic.send_stream_data(
+            AUTH_STREAM, _Frames.encode({"t": "hello", "v": 1, "key": self.identity.public_key})
+        )
+
+    def _on_special_stream_data(self, sid: int, data: bytes, end: bool) -> None:
+        if sid == AUTH_STREAM:
+            for msg in self._auth_frames.feed(data):
+                self._on_auth_message(msg)
+            return
+        if not self.authenticated:
+            # a stream other than the auth stream before authentication: no
+            # service may see it; the peer is misbehaving
+            raise RemoteProtocolError("stream opened before authentication")
+        if sid in self._opening:
+            self._on_status_reply(sid, data, end)
+        elif sid in self._incoming:
+            self._on_stream_header(sid, data, end)
+        elif sid in self._requested:
+            self._requested[sid].append((data, end))
+        else:
+            ours = (sid & 1) == (0 if self.is_client else 1)
+            if ours or sid <= self._last_peer_stream:
+                return  # late data on a stream we already forgot
+            if sid & 2:
+                raise RemoteProtocolError(f"unexpected unidirectional stream {sid}")
+            self._last_peer_stream = sid
+            self._incoming[sid] = bytearray()
+            self._on_stream_header(sid, data, end)
+
+    def _on_stream_header(self, sid: int, data: bytes, end: bool) -> None:
+        buf = self._incoming[sid]
+        buf += data
+        if not buf:
+            if end:
+                del self._incoming[sid]
+            return
+        n = buf[0]
+        if len(buf) < 1 + n:
+            if end:
+                del self._incoming[sid]
+            return
+        del self._incoming[sid]
+        try:
+            service = bytes(buf[1 : 1 + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            self.reset_stream(sid, RemoteProtocolError.code)
+            return
+        rest = bytes(buf[1 + n :])
+        pending: list[tuple[bytes, bool]] = []
+        if rest or end:
+            pending.append((rest, end))
+        self._requested[sid] = pending
+        self._events.append(StreamRequested(sid, service))
+
+    def _on_status_reply(self, sid: int, data: bytes, end: bool) -> None:
+        buf = self._opening[sid]
+        buf += data
+        if not buf:
+            if end:
+                del self._opening[sid]
+                self._events.append(StreamRefused(sid, BrokenError("stream closed unanswered")))
+            return
+        status = buf[0]
+        if status == 0:
+            del self._opening[sid]
+            self._open.add(sid)
+            self._events.append(StreamAccepted(sid))
+            if len(buf) > 1 or end:
+                self._events.append(StreamData(sid, bytes(buf[1:]), end))
+            return
+        if len(buf) < 3 or len(buf) < 3 + _U16.unpack_from(buf, 1)[0]:
+            if end:
+                del self._opening[sid]
+                self._events.append(StreamRefused(sid, RemoteProtocolError("truncated refusal")))
+            return
+        del self._opening[sid]
+        (n,) = _U16.unpack_from(buf, 1)
+        reason = bytes(buf[3 : 3 + n]).decode("utf-8", "replace")
+        cls = _REFUSE_ERRORS.get(status, RemoteProtocolError)
+        self._events.append(StreamRefused(sid, cls(reason)))
+
+    def _on_stream_reset(self, sid: int, code: int) -> None:
+        if sid in self._opening:
+            del self._opening[sid]
+            self._events.append(StreamRefused(sid, BrokenError(f"stream reset by peer (code {code:#x})")))
+            return
+        self._incoming.pop(sid, None)
+        if self._requested.pop(sid, None) is not None:
+            return  # never surfaced as a stream; nothing to tell
+        self._events.append(StreamReset(sid, code))
+
+    def _on_datagram(self, data: bytes) -> None:
+        if not self.authenticated or not data:
+            return
+        n = data[0]
+        if len(data) < 1 + n:
+            return  # malformed: drop it, like a lost datagram
+        try:
+            service = data[1 : 1 + n].decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        self._events.append(DatagramReceived(service, data[1 + n :]))
+
+    # -- authentication (stream 0) -------------------------------------------
+
+    def _on_auth_message(self, msg: dict) -> None:
+        kind = msg.get("t")
+        if self.is_client:
+            if kind == "challenge" and self._challenge is None:
+                nonce = msg.get("nonce")
+                if not isinstance(nonce, bytes) or len(nonce) != 32:
+                    raise RemoteProtocolError("bad authentication challenge")
+                self._challenge = nonce
+                assert self._peer_key is not None
+                sig = self.identity.sign(
+                    AUTH_CONTEXT + nonce + self._peer_key + self.identity.public_key
+                )
+                self._quic.send_stream_data(AUTH_STREAM, _Frames.encode({"t": "proof", "sig": sig}))
+            elif kind == "result" and self._challenge is not None and not self.authenticated:
+                if msg.get("ok") is True:
+                    self._authenticated(self.expected_peer)
+                else:
+                    err = msg.get("error")
+                    cls = NotAllowed if err == "not-allowed" else AuthenticationError
+                    self._terminate(cls(str(msg.get("reason") or err)))
+            else:
+                raise RemoteProtocolError(f"unexpected authentication message {kind!r}")
+            return
+        # server side
+        if kind == "hello" and self._peer_key is None:
+            key = msg.get("key")
+            if msg.get("v") != 1:
+                raise RemoteProtocolError(f"unsupported protocol version {msg.get('v')!r}")
+            if not isinstance(key, bytes) or len(key) != 32:
+                raise RemoteProtocolError("bad client key")
+            self._peer_key = key
+            self._challenge = os.urandom(32)
+            self._quic.send_stream_data(
+                AUTH_STREAM, _Frames.encode({"t": "challenge", "nonce": self._challenge})
+            )
+        elif kind == "proof" and self._challenge is not None and not self.authenticated:
+            sig = msg.get("sig")
+            assert self._peer_key is not None
+            signed = AUTH_CONTEXT + self._challenge + self.identity.public_key + self._peer_key
+            if not isinstance(sig, bytes) or not verify_signature(self._peer_key, sig, signed):
+                self._reject("auth", AuthenticationError("client failed to prove its key"))
+                return
+            peer_id = node_id_of(self._peer_key)
+            assert self._allow is not None
+            if not self._allow(peer_id):
+                self._reject("not-allowed", NotAllowed(f"node {peer_id} is not allowed here"))
+                return
+            self._quic.send_stream_data(AUTH_STREAM, _Frames.encode({"t": "result", "ok": True}))
+            self._authenticated(peer_id)
+        else:
+            raise RemoteProtocolError(f"unexpected authentication message {kind!r}")
+
+    def _reject(self, kind: str, error: NetchanError) -> None:
+        self._quic.send_stream_data(
+            AUTH_STREAM,
+            _Frames.encode({"t": "result", "ok": False, "error": kind, "reason": str(error)}),
+        )
+        self._close(error)
+
+    def _authenticated(self, peer_id: str | None) -> None:
+        assert peer_id is not None
+        self.peer_id = peer_id
+        self.authenticated = True
+        self._events.append(Authenticated(peer_id))
+
+
+def _service_bytes(service: str) -> bytes:
+    if not isinstance(service, str) or not service:
+        raise errors.ConfigurationError("a service name is a non-empty string")
+    name = service.encode("utf-8")
+    if len(name) > MAX_SERVICE_NAME:
+        raise errors.ConfigurationError(f"service name longer than {MAX_SERVICE_NAME} bytes")
+    return name

@@ -297,6 +297,11 @@ class SessionCore:
         if is_client:
             self._quic.connect(VIRTUAL_ADDRESS, now)
 
+    @property
+    def host_connection_id(self) -> bytes:
+        """The connection id the peer uses to address us at first."""
+        return self._quic.host_cid
+
     # -- packets in and out -------------------------------------------------
 
     def receive_packets(self, packets: list[bytes], now: float) -> None:

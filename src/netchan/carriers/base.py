@@ -1,0 +1,157 @@
+"""What a carrier is, and the registry that finds one by URL scheme.
+
+A carrier moves opaque packets between two endpoints, unreliably, like a
+``net.PacketConn``: it may drop, delay or reorder them; QUIC above it recovers.
+A carrier offers two things:
+
+* ``listen(url, sink)`` binds an address and hands every packet that arrives
+  to ``sink.packets_received(packets, path)``, where ``path`` is the way back to
+  the sender (a :class:`PacketPath`);
+* ``dial(url, sink)`` returns a :class:`PacketPath` to a listener, which also
+  delivers the listener's packets to ``sink``.
+
+Stream carriers (tcp) keep a long-lived virtual path over a series of
+short-lived connections: a dialed path is redialed whenever its connection
+breaks, and the listener recognises the redial by a token sent first, so the
+session above never notices anything but some lost packets.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+from urllib.parse import parse_qsl, urlsplit
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "CarrierURL",
+    "PacketSink",
+    "PacketPath",
+    "Listener",
+    "Carrier",
+    "register_carrier",
+    "get_carrier",
+    "carrier_schemes",
+    "parse_url",
+]
+
+
+@dataclass(frozen=True)
+class CarrierURL:
+    """A parsed carrier URL such as ``tcp://127.0.0.1:7000?packet_size=16000``."""
+
+    scheme: str
+    host: str
+    port: int | None
+    params: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = f":{self.port}" if self.port is not None else ""
+        return f"{self.scheme}://{host}{port}"
+
+    def number(self, name: str, default: float) -> float:
+        raw = self.params.get(name)
+        if raw is None:
+            return default
+        try:
+            return float(raw.rstrip("%")) / (100 if raw.endswith("%") else 1)
+        except ValueError:
+            raise ConfigurationError(f"{self}: {name}={raw!r} is not a number") from None
+
+
+def parse_url(url: str | CarrierURL) -> CarrierURL:
+    if isinstance(url, CarrierURL):
+        return url
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(f"not a carrier URL: {url!r} (expected e.g. udp://host:port)")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "quic":
+        scheme = "udp"
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigurationError(f"bad port in {url!r}") from None
+    host = parts.hostname or ""
+    params = dict(parse_qsl(parts.query))
+    get_carrier(scheme)  # raises for unknown schemes
+    return CarrierURL(scheme, host, port, params)
+
+
+class PacketSink(Protocol):
+    """Whatever consumes a carrier's packets (a node, or one session)."""
+
+    def packets_received(self, packets: list[bytes], path: PacketPath) -> None: ...
+
+    def path_writable(self, path: PacketPath) -> None: ...
+
+
+class PacketPath(abc.ABC):
+    """One way to reach a peer.  ``send_packets`` never blocks and never raises
+    for network trouble: packets that cannot go are dropped (and counted)."""
+
+    #: QUIC packet size suited to this carrier
+    packet_size: int = 1350
+    #: False while the carrier cannot take more packets (buffer full, redialing)
+    writable: bool = True
+    #: a short description for logs and ``peer.paths``
+    label: str = ""
+    #: the last network error seen, for error messages
+    last_error: str | None = None
+    packets_dropped: int = 0
+
+    @abc.abstractmethod
+    def send_packets(self, packets: list[bytes]) -> None: ...
+
+    def close(self) -> None:
+        """Stop using this path (a listener's reply paths ignore this)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label}>"
+
+
+class Listener(abc.ABC):
+    #: the URL actually bound (with the real port when port 0 was asked for)
+    url: str
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Carrier(abc.ABC):
+    """A kind of carrier; one instance per scheme serves the whole process."""
+
+    scheme: ClassVar[str]
+    #: True for carriers over a byte stream: they use large QUIC packets
+    stream_based: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener: ...
+
+    @abc.abstractmethod
+    async def dial(self, url: CarrierURL, sink: PacketSink) -> PacketPath: ...
+
+
+_REGISTRY: dict[str, Carrier] = {}
+
+
+def register_carrier(carrier: Carrier) -> Carrier:
+    """Make ``carrier`` available under its URL scheme (plugins call this)."""
+    _REGISTRY[carrier.scheme] = carrier
+    return carrier
+
+
+def get_carrier(scheme: str) -> Carrier:
+    try:
+        return _REGISTRY[scheme]
+    except KeyError:
+        raise ConfigurationError(
+            f"unknown carrier {scheme!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def carrier_schemes() -> list[str]:
+    return sorted(_REGISTRY)

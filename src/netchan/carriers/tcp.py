@@ -1,0 +1,343 @@
+"""The tcp carrier: Turbo Tunnel's redialed packet connection.
+
+The dialing side opens a TCP connection and first sends a preamble naming its
+virtual path (a random 16-byte token); then both sides exchange QUIC packets,
+each prefixed by its length (2 bytes, big-endian).  When the connection
+breaks, or stays silent longer than ``dead_after`` (keepalives guarantee
+traffic on a live session), the dialer opens a new one with the same token and
+the listener sends its replies there.  Packets caught in the dead connection
+are lost; QUIC retransmits them.  While no connection is up the path is not
+writable, so the session holds its packets instead of throwing them away.
+
+Stream carriers use large QUIC packets: the cost per packet is what limits
+speed, and TCP already segments for the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+
+from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
+
+__all__ = ["TcpCarrier", "DEFAULT_PACKET_SIZE", "MAGIC"]
+
+DEFAULT_PACKET_SIZE = 60000
+MAGIC = b"NCT\x01"
+_TOKEN_LEN = 16
+_PREAMBLE_LEN = len(MAGIC) + _TOKEN_LEN
+_HIGH_WATER = 2 * 1024 * 1024
+_LOW_WATER = 512 * 1024
+_LEN = struct.Struct("!H")
+#: how long a dialed connection may stay silent before it is presumed dead
+DEFAULT_DEAD_AFTER = 3.5
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+
+
+def _frame(packets: list[bytes]) -> bytes:
+    pack = _LEN.pack
+    parts = []
+    for p in packets:
+        parts.append(pack(len(p)))
+        parts.append(p)
+    return b"".join(parts)
+
+
+class _FramedProtocol(asyncio.Protocol):
+    """Length-prefixed packets over one TCP connection."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self.paused = False
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=_HIGH_WATER, low=_LOW_WATER)
+
+    def _parse(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        if buf:
+            buf += data
+            view = buf
+        else:
+            view = data
+        n = len(view)
+        pos = 0
+        packets = []
+        while n - pos >= 2:
+            end = pos + 2 + ((view[pos] << 8) | view[pos + 1])
+            if end > n:
+                break
+            packets.append(bytes(view[pos + 2 : end]))
+            pos = end
+        if view is buf:
+            del buf[:pos]
+        elif pos < n:
+            buf += data[pos:]
+        return packets
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.on_writable()
+
+    def on_writable(self) -> None:
+        pass
+
+    def write_packets(self, packets: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_frame(packets))
+
+
+# -- listening side ------------------------------------------------------------
+
+
+class _TcpReplyPath(PacketPath):
+    """The way back to one dialer (one token), over its newest connection."""
+
+    def __init__(self, token: bytes, label: str, packet_size: int) -> None:
+        self.token = token
+        self.label = label
+        self.packet_size = packet_size
+        self.conn: _ServerConn | None = None
+
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        conn = self.conn
+        return conn is not None and not conn.paused and conn.transport is not None and not conn.transport.is_closing()
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        conn = self.conn
+        if conn is None or conn.transport is None or conn.transport.is_closing():
+            self.packets_dropped += len(packets)
+            return
+        conn.write_packets(packets)
+
+
+class _ServerConn(_FramedProtocol):
+    def __init__(self, listener: _TcpListener) -> None:
+        super().__init__()
+        self._listener = listener
+        self.path: _TcpReplyPath | None = None
+        self._pre = bytearray()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._listener._conns.add(self)
+        # a dialer that never sends its preamble is not kept around
+        self._timeout = asyncio.get_running_loop().call_later(10.0, self._preamble_timeout)
+
+    def _preamble_timeout(self) -> None:
+        if self.path is None and self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.path is None:
+            self._pre += data
+            if len(self._pre) < _PREAMBLE_LEN:
+                return
+            if self._pre[: len(MAGIC)] != MAGIC:
+                self._listener.rejected += 1
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            self._timeout.cancel()
+            token = bytes(self._pre[len(MAGIC) : _PREAMBLE_LEN])
+            data = bytes(self._pre[_PREAMBLE_LEN:])
+            self._pre = bytearray()
+            self.path = self._listener._attach(token, self)
+            if not data:
+                return
+        packets = self._parse(data)
+        if packets:
+            self._listener._sink.packets_received(packets, self.path)
+
+    def on_writable(self) -> None:
+        if self.path is not None and self.path.conn is self:
+            self._listener._sink.path_writable(self.path)
+
+    def connection_lost(self, exc) -> None:
+        self._timeout.cancel()
+        self._listener._conns.discard(self)
+        if self.path is not None and self.path.conn is self:
+            self.path.conn = None
+
+
+class _TcpListener(Listener):
+    def __init__(self, sink: PacketSink, packet_size: int) -> None:
+        self._sink = sink
+        self._packet_size = packet_size
+        self._paths: dict[bytes, _TcpReplyPath] = {}
+        self._conns: set[_ServerConn] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.rejected = 0
+        self.url = ""
+
+    def _attach(self, token: bytes, conn: _ServerConn) -> _TcpReplyPath:
+        path = self._paths.get(token)
+        if path is None:
+            if len(self._paths) > 65536:
+                self._paths = {t: p for t, p in self._paths.items() if p.conn is not None}
+            peer = conn.transport.get_extra_info("peername") if conn.transport else None
+            label = f"tcp {peer[0]}:{peer[1]}" if peer else "tcp"
+            path = self._paths[token] = _TcpReplyPath(token, label, self._packet_size)
+        old = path.conn
+        path.conn = conn
+        if old is not None and old is not conn and old.transport is not None:
+            old.transport.abort()  # the dialer gave up on it
+        self._sink.path_writable(path)
+        return path
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+# -- dialing side --------------------------------------------------------------
+
+
+class _ClientConn(_FramedProtocol):
+    def __init__(self, path: _TcpDialPath) -> None:
+        super().__init__()
+        self._path = path
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self._path.last_rx = time.monotonic()
+        packets = self._parse(data)
+        if packets:
+            self._path._sink.packets_received(packets, self._path)
+
+    def on_writable(self) -> None:
+        self._path._sink.path_writable(self._path)
+
+    def connection_lost(self, exc) -> None:
+        if exc is not None:
+            self._path.last_error = str(exc) or type(exc).__name__
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _TcpDialPath(PacketPath):
+    def __init__(self, url: CarrierURL, sink: PacketSink, packet_size: int, dead_after: float) -> None:
+        self._url = url
+        self._sink = sink
+        self.packet_size = packet_size
+        self.dead_after = dead_after
+        self.label = f"tcp {url.host}:{url.port}"
+        self.token = os.urandom(_TOKEN_LEN)
+        self.conn: _ClientConn | None = None
+        self.last_rx = 0.0
+        self.connects = 0  # how many connections this path has made
+        self._closed = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"netchan {self.label}")
+
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        conn = self.conn
+        return conn is not None and not conn.paused
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        conn = self.conn
+        if conn is None:
+            self.packets_dropped += len(packets)
+            return
+        conn.write_packets(packets)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = _BACKOFF_MIN
+        host = self._url.host or "localhost"
+        while not self._closed:
+            try:
+                transport, conn = await loop.create_connection(
+                    lambda: _ClientConn(self), host, self._url.port
+                )
+            except OSError as exc:
+                self.last_error = f"cannot connect to {host}:{self._url.port}: {exc.strerror or exc}"
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            transport.write(MAGIC + self.token)
+            started = self.last_rx = time.monotonic()
+            self.connects += 1
+            self.conn = conn
+            self._sink.path_writable(self)
+            try:
+                await self._watch(conn)
+            finally:
+                self.conn = None
+                transport.abort()
+            if time.monotonic() - started > 1.0:
+                backoff = _BACKOFF_MIN  # it worked for a while: redial at once
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _watch(self, conn: _ClientConn) -> None:
+        """Return when the connection closes or falls silent for ``dead_after``."""
+        while True:
+            remaining = self.last_rx + self.dead_after - time.monotonic()
+            if remaining <= 0:
+                self.last_error = f"no packet for {self.dead_after:g} s"
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.closed), remaining)
+                return
+            except asyncio.TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._closed = True
+        self._task.cancel()
+        if self.conn is not None and self.conn.transport is not None:
+            self.conn.transport.abort()
+
+
+class TcpCarrier(Carrier):
+    scheme = "tcp"
+    stream_based = True
+
+    async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener:
+        listener = _TcpListener(sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)))
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                lambda: _ServerConn(listener), url.host or None, url.port or 0, reuse_address=True
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {url}: {exc.strerror}") from None
+        listener._server = server
+        host, port = server.sockets[0].getsockname()[:2]
+        listener.url = f"tcp://{'[' + host + ']' if ':' in host else host}:{port}"
+        return listener
+
+    async def dial(self, url: CarrierURL, sink: PacketSink) -> PacketPath:
+        if not url.port:
+            raise OSError(22, f"{url}: a port is needed to dial")
+        return _TcpDialPath(
+            url, sink,
+            int(url.number("packet_size", DEFAULT_PACKET_SIZE)),
+            url.number("dead_after", DEFAULT_DEAD_AFTER),
+        )
+
+
+register_carrier(TcpCarrier())

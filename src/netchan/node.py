@@ -1,0 +1,791 @@
+"""Nodes, peers and streams: the asyncio layer over :mod:`netchan.session`.
+
+This layer is deliberately thin.  A :class:`_Session` feeds packets from its
+path into a :class:`~netchan.session.SessionCore`, drains the core's events,
+hands its packets to the path, and keeps one timer armed.  Everything with
+rules lives in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from dataclasses import replace
+from typing import Any, Awaitable, Callable, Iterable
+
+from . import carriers
+from .carriers.base import Listener, PacketPath
+from .engine import Engine, get_engine
+from .errors import (
+    BrokenError,
+    ClosedError,
+    ConfigurationError,
+    EndOfStream,
+    NetchanError,
+    ServiceNotFound,
+    Timeout,
+)
+from .identity import Identity, check_node_id
+from .session import (
+    Authenticated,
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    DatagramReceived,
+    SessionConfig,
+    SessionCore,
+    StreamAccepted,
+    StreamData,
+    StreamRefused,
+    StreamRequested,
+    StreamReset,
+    Terminated,
+)
+
+__all__ = ["Node", "Peer", "Stream", "ANY"]
+
+log = logging.getLogger("netchan")
+
+_CID_LEN = 8  # both engines' default connection id length
+_MAX_HALF_OPEN = 256  # server sessions still authenticating, per node
+_RX_LIMIT = 64 * 1024 * 1024  # received bytes held for the application, per session
+
+
+class _Any:
+    def __repr__(self) -> str:
+        return "netchan.ANY"
+
+
+#: ``allow=ANY`` admits every peer that proves a key (an explicit opt-in)
+ANY: Any = _Any()
+
+StreamHandler = Callable[["Stream", "Peer"], Awaitable[None]]
+DatagramHandler = Callable[[bytes, "Peer"], Any]
+
+
+class Stream:
+    """A reliable, ordered byte stream to a service on a peer.
+
+    Use ``async with stream:`` or call :meth:`aclose` when done.
+    """
+
+    def __init__(self, session: _Session, stream_id: int, service: str) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self.service = service
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._error: NetchanError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._send_closed = False
+        self._closed = False
+
+    @property
+    def peer(self) -> Peer:
+        assert self._session.peer is not None
+        return self._session.peer
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.stream_id} {self.service!r} to {self._session.peer_id}>"
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` for the peer; waits while too much is still unsent."""
+        if self._send_closed:
+            raise ClosedError("this stream's sending side is closed")
+        if self._error is not None:
+            raise self._error
+        session = self._session
+        core = session.core
+        core.send_stream(self.stream_id, data)
+        session.schedule_transmit()
+        if core.send_backlog(self.stream_id) > session.high_water:
+            await session.wait_drained(self)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Bytes from the peer (at most ``max_bytes``); EndOfStream after its EOF."""
+        chunks = self._chunks
+        while not chunks:
+            if self._closed:
+                raise ClosedError("stream is closed")
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                raise EndOfStream("the peer finished sending")
+            fut = self._session.loop.create_future()
+            self._waiter = fut
+            try:
+                await fut
+            finally:
+                self._waiter = None
+        data = chunks.popleft()
+        if len(data) > max_bytes:
+            chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        self._session.rx_buffered -= len(data)
+        return data
+
+    async def receive_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; EndOfStream if the stream ends first."""
+        parts = []
+        while n:
+            chunk = await self.receive(n)
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    async def send_eof(self) -> None:
+        """Tell the peer we will send nothing more (it gets EndOfStream)."""
+        if self._send_closed:
+            return
+        self._send_closed = True
+        if self._error is None:
+            self._session.core.send_stream(self.stream_id, b"", end=True)
+            self._session.schedule_transmit()
+
+    async def aclose(self) -> None:
+        """Finish sending (data already sent is still delivered) and stop receiving."""
+        if self._closed:
+            return
+        session = self._session
+        try:
+            if not session.core.closed and self._error is None:
+                if not self._send_closed:
+                    self._send_closed = True
+                    session.core.send_stream(self.stream_id, b"", end=True)
+                if not self._eof:
+                    session.core.stop_stream(self.stream_id)
+                session.schedule_transmit()
+        except NetchanError:
+            pass
+        self._closed = True
+        session.rx_buffered -= sum(map(len, self._chunks))
+        self._chunks.clear()
+        session.forget_stream(self)
+        self._wake()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- called by the session -------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _on_data(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+            self._session.rx_buffered += len(data)
+        if end:
+            self._eof = True
+        self._wake()
+
+    def _on_error(self, error: NetchanError) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+
+class Peer:
+    """An authenticated session with another node (either side may have dialed)."""
+
+    def __init__(self, session: _Session, node_id: str) -> None:
+        self._session = session
+        self.node_id = node_id
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "up"
+        return f"<Peer {self.node_id} {state} via {self._session.path.label}>"
+
+    @property
+    def node(self) -> Node:
+        return self._session.node
+
+    @property
+    def closed(self) -> bool:
+        return self._session.core.closed
+
+    @property
+    def error(self) -> NetchanError | None:
+        """Why the session ended (None while it is up)."""
+        return self._session.core.error
+
+    @property
+    def path(self) -> str:
+        """Description of the carrier path in use."""
+        return self._session.path.label
+
+    @property
+    def max_datagram_size(self) -> int:
+        """Largest datagram payload for a service name of up to 16 bytes."""
+        return self._session.core.max_datagram_payload("x" * 16)
+
+    async def open_stream(self, service: str, *, timeout: float | None = None) -> Stream:
+        """Open a stream to ``service`` on this peer.
+
+        Raises ServiceNotFound if the peer has no such service, NotAllowed if it
+        refuses us, BrokenError if the session is gone.
+        """
+        session = self._session
+        sid = session.core.open_stream(service)
+        stream = Stream(session, sid, service)
+        fut: asyncio.Future[None] = session.loop.create_future()
+        session.streams[sid] = stream
+        session.opening[sid] = fut
+        session.schedule_transmit()
+        try:
+            if timeout is None:
+                await fut
+            else:
+                await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            session.core.reset_stream(sid)
+            session.forget_stream(stream)
+            raise Timeout(f"service {service!r} on {self.node_id} did not answer in time") from None
+        except BaseException:
+            session.opening.pop(sid, None)
+            if not fut.done() or fut.cancelled() or fut.exception() is None:
+                session.core.reset_stream(sid)  # cancelled: abandon the stream
+            session.forget_stream(stream)
+            raise
+        return stream
+
+    def send_datagram(self, service: str, data: bytes) -> None:
+        """Send an unreliable datagram to ``service`` (DatagramTooLarge if it can't fit)."""
+        self._session.core.send_datagram(service, data)
+        self._session.schedule_transmit()
+
+    async def wait_closed(self) -> NetchanError | None:
+        """Wait until the session ends; returns why."""
+        await asyncio.shield(self._session.done)
+        return self.error
+
+    async def aclose(self) -> None:
+        """Close the session (streams on both sides end with an error)."""
+        self._session.close()
+        await self.wait_closed()
+
+    async def __aenter__(self) -> Peer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _Session:
+    """Drives one SessionCore over one path (the PacketSink of a dialed path)."""
+
+    def __init__(self, node: Node, *, dialed: bool) -> None:
+        self.node = node
+        self.loop = asyncio.get_running_loop()
+        self.dialed = dialed
+        self.core: SessionCore = None  # type: ignore[assignment]  # set right after
+        self.path: PacketPath = None  # type: ignore[assignment]
+        self.peer: Peer | None = None
+        self.peer_id: str | None = None
+        self.streams: dict[int, Stream] = {}
+        self.opening: dict[int, asyncio.Future[None]] = {}
+        self.ready: asyncio.Future[Peer] = self.loop.create_future()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.rx_buffered = 0
+        self.cids: set[bytes] = set()
+        self.high_water = node.engine_high_water
+        self._blocked: dict[Stream, asyncio.Future[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._tx_scheduled = False
+        self.packets_dropped = 0
+
+    # -- PacketSink -----------------------------------------------------------
+
+    def packets_received(self, packets: list[bytes], path: PacketPath) -> None:
+        core = self.core
+        if core is None or self.done.done():
+            return
+        if self.rx_buffered > _RX_LIMIT:
+            # the application is not reading: let QUIC retransmit later rather
+            # than hold more in memory
+            self.packets_dropped += len(packets)
+            return
+        if path is not self.path and not self.dialed:
+            self.node._move_path(self, path)
+        core.receive_packets(packets, self.loop.time())
+        self._process_events()
+        self._transmit()
+
+    def path_writable(self, path: PacketPath) -> None:
+        if path is self.path and self.core is not None:
+            self._transmit()
+
+    # -- driving the core ---------------------------------------------------------
+
+    def schedule_transmit(self) -> None:
+        if not self._tx_scheduled:
+            self._tx_scheduled = True
+            self.loop.call_soon(self._transmit)
+
+    def _transmit(self) -> None:
+        self._tx_scheduled = False
+        core = self.core
+        path = self.path
+        if path.writable:
+            packets = core.packets_to_send(self.loop.time())
+            if packets:
+                path.send_packets(packets)
+        if self._blocked:
+            self._wake_writers()
+        if core._events:
+            self._process_events()
+        if core.closed:
+            self._finish()
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        at = self.core.get_timer()
+        if at is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= at:
+                return  # fires first anyway; it re-arms then
+            timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(self.loop.time())
+        self._process_events()
+        self._transmit()
+
+    def _wake_writers(self) -> None:
+        core = self.core
+        low = self.high_water // 2
+        for stream, fut in list(self._blocked.items()):
+            if core.closed or stream._error is not None or core.send_backlog(stream.stream_id) <= low:
+                del self._blocked[stream]
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def wait_drained(self, stream: Stream) -> None:
+        fut = self.loop.create_future()
+        self._blocked[stream] = fut
+        try:
+            await fut
+        finally:
+            self._blocked.pop(stream, None)
+        if stream._error is not None:
+            raise stream._error
+
+    def forget_stream(self, stream: Stream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        self.core.forget_stream(stream.stream_id)
+
+    def close(self, error: NetchanError | None = None) -> None:
+        if not self.core.closed:
+            self.core.close(error)
+        self._transmit()
+
+    # -- events -------------------------------------------------------------------
+
+    def _process_events(self) -> None:
+        core = self.core
+        streams = self.streams
+        while (ev := core.next_event()) is not None:
+            kind = type(ev)
+            if kind is StreamData:
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._on_data(ev.data, ev.end)
+            elif kind is StreamRequested:
+                self.node._on_stream_requested(self, ev.stream_id, ev.service)
+            elif kind is StreamAccepted:
+                fut = self.opening.pop(ev.stream_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif kind is StreamRefused:
+                fut = self.opening.pop(ev.stream_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ev.error)
+            elif kind is StreamReset:
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._on_error(BrokenError(f"stream reset by the peer (code {ev.error_code:#x})"))
+            elif kind is DatagramReceived:
+                self.node._on_datagram(self, ev.service, ev.data)
+            elif kind is Authenticated:
+                self.peer_id = ev.peer_id
+                self.peer = Peer(self, ev.peer_id)
+                self.node._on_authenticated(self)
+                if not self.ready.done():
+                    self.ready.set_result(self.peer)
+            elif kind is ConnectionIdIssued:
+                self.node._add_cid(self, ev.connection_id)
+            elif kind is ConnectionIdRetired:
+                self.node._remove_cid(self, ev.connection_id)
+            elif kind is Terminated:
+                self._on_terminated(ev.error)
+
+    def _on_terminated(self, error: NetchanError) -> None:
+        if isinstance(error, ClosedError):
+            stream_error: NetchanError = ClosedError("session closed")
+        else:
+            stream_error = BrokenError(f"session with {self.peer_id or 'peer'} lost: {error}")
+        for fut in self.opening.values():
+            if not fut.done():
+                fut.set_exception(stream_error)
+        self.opening.clear()
+        for stream in list(self.streams.values()):
+            stream._on_error(stream_error)
+        for fut in self._blocked.values():
+            if not fut.done():
+                fut.set_result(None)
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # retrieved: connect() may have given up already
+        if self.peer is not None:
+            log.info("peer %s down: %s", self.peer_id, error)
+
+    def _finish(self) -> None:
+        """The core is closed: flush its last packets, stop the timer, let go."""
+        if self.done.done():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.done.set_result(None)
+        self.node._forget_session(self)
+        if self.dialed:
+            # let the CONNECTION_CLOSE leave before the carrier goes away
+            self.loop.call_later(0.05, self.path.close)
+
+
+class Node:
+    """A netchan node: it listens, dials, and serves named services to its peers.
+
+    ``allow`` lists the node ids that may connect to us (``ANY`` admits every
+    peer that proves a key).  Use as ``async with Node(...) as node:``.
+    """
+
+    def __init__(
+        self,
+        identity: Identity | None = None,
+        listen: Iterable[str] | str = (),
+        allow: Iterable[str] | Any = (),
+        *,
+        engine: str | Engine | None = None,
+        linger: float = 60.0,
+        keepalive: float = 1.0,
+        handshake_timeout: float = 10.0,
+        max_stream_data: int = 16 * 1024 * 1024,
+        max_data: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.identity = identity if identity is not None else Identity.generate()
+        self._listen_urls = [listen] if isinstance(listen, str) else list(listen)
+        for url in self._listen_urls:
+            carriers.parse_url(url)
+        if allow is ANY:
+            self._allow_any = True
+            self._allowed: set[str] = set()
+        else:
+            if isinstance(allow, str):
+                allow = [allow]
+            self._allow_any = False
+            self._allowed = {check_node_id(a) for a in allow}
+        self.engine = get_engine(engine)
+        self.engine_high_water = 4 * 1024 * 1024 if self.engine.name == "qh3" else 16 * 1024 * 1024
+        self.config = SessionConfig(
+            linger=linger,
+            keepalive_interval=keepalive,
+            handshake_timeout=handshake_timeout,
+            max_stream_data=max_stream_data,
+            max_data=max_data,
+        )
+        self._services: dict[str, StreamHandler] = {}
+        self._dgram_services: dict[str, DatagramHandler] = {}
+        self._listeners: list[Listener] = []
+        self._sessions: set[_Session] = set()
+        self._by_cid: dict[bytes, _Session] = {}
+        self._by_path: dict[PacketPath, _Session] = {}
+        self._half_open = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
+        self._closed = False
+        self.packets_dropped = 0
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    def __repr__(self) -> str:
+        return f"<Node {self.node_id} {self.addresses}>"
+
+    @property
+    def addresses(self) -> list[str]:
+        """URLs actually bound (with real ports)."""
+        return [listener.url for listener in self._listeners]
+
+    @property
+    def peers(self) -> list[Peer]:
+        return [s.peer for s in self._sessions if s.peer is not None and not s.core.closed]
+
+    def allow(self, node_id: str) -> None:
+        """Admit ``node_id`` from now on."""
+        self._allowed.add(check_node_id(node_id))
+
+    def _is_allowed(self, node_id: str) -> bool:
+        return self._allow_any or node_id in self._allowed
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> Node:
+        if self._started:
+            return self
+        self._started = True
+        try:
+            for url in self._listen_urls:
+                parsed = carriers.parse_url(url)
+                carrier = carriers.get_carrier(parsed.scheme)
+                try:
+                    self._listeners.append(await carrier.listen(parsed, self))
+                except OSError as exc:
+                    raise ConfigurationError(str(exc.strerror or exc)) from None
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every session and listener; no task or socket outlives this."""
+        if self._closed:
+            return
+        self._closed = True
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.close()
+        if sessions:
+            await asyncio.wait([s.done for s in sessions], timeout=1.0)
+        for session in sessions:
+            if session.dialed:
+                session.path.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        for listener in self._listeners:
+            await listener.aclose()
+        await asyncio.sleep(0.06)  # dialed paths close 50 ms after their session
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- services -------------------------------------------------------------------
+
+    def serve(self, service: str, handler: StreamHandler) -> None:
+        """Run ``await handler(stream, peer)`` for each stream a peer opens to ``service``."""
+        if not inspect.iscoroutinefunction(handler) and not callable(handler):
+            raise ConfigurationError("handler must be an async function")
+        self._services[service] = handler
+
+    def serve_datagrams(self, service: str, handler: DatagramHandler) -> None:
+        """Call ``handler(data, peer)`` for each datagram to ``service`` (may be async)."""
+        self._dgram_services[service] = handler
+
+    def _on_stream_requested(self, session: _Session, sid: int, service: str) -> None:
+        handler = self._services.get(service)
+        if handler is None or self._closed:
+            session.core.refuse_stream(sid, ServiceNotFound(f"node {self.node_id} has no service {service!r}"))
+            return
+        stream = Stream(session, sid, service)
+        session.streams[sid] = stream
+        session.core.accept_stream(sid)
+        self._spawn(self._run_handler(handler, stream, session.peer), f"netchan {service} {sid}")
+
+    @staticmethod
+    async def _run_handler(handler: StreamHandler, stream: Stream, peer: Peer | None) -> None:
+        try:
+            await handler(stream, peer)  # type: ignore[arg-type]
+        except (BrokenError, ClosedError) as exc:
+            log.debug("service %s: %s", stream.service, exc)
+        except Exception:
+            log.exception("service %r failed", stream.service)
+        finally:
+            await stream.aclose()
+
+    def _on_datagram(self, session: _Session, service: str, data: bytes) -> None:
+        handler = self._dgram_services.get(service)
+        if handler is None:
+            return  # like a datagram to a closed port
+        try:
+            result = handler(data, session.peer)
+            if inspect.isawaitable(result):
+                self._spawn(result, f"netchan datagram {service}")
+        except Exception:
+            log.exception("datagram service %r failed", service)
+
+    # -- dialing --------------------------------------------------------------------
+
+    async def connect(self, url: str, node_id: str, *, timeout: float | None = None) -> Peer:
+        """Open an authenticated session to the node ``node_id`` at ``url``.
+
+        Raises AuthenticationError if the server's key does not match
+        ``node_id``, NotAllowed if it does not admit us, Timeout if it cannot
+        be reached in time.
+        """
+        if self._closed:
+            raise ClosedError("node is closed")
+        expected = check_node_id(node_id)
+        parsed = carriers.parse_url(url)
+        carrier = carriers.get_carrier(parsed.scheme)
+        session = _Session(self, dialed=True)
+        try:
+            path = await carrier.dial(parsed, session)
+        except OSError as exc:
+            raise BrokenError(f"cannot dial {url}: {exc.strerror or exc}") from None
+        loop = asyncio.get_running_loop()
+        session.path = path
+        session.core = SessionCore(
+            engine=self.engine,
+            identity=self.identity,
+            is_client=True,
+            now=loop.time(),
+            config=replace(self.config, packet_size=path.packet_size),
+            expected_peer=expected,
+        )
+        self._sessions.add(session)
+        session._transmit()
+        limit = timeout if timeout is not None else self.config.handshake_timeout
+        try:
+            peer = await asyncio.wait_for(asyncio.shield(session.ready), limit)
+        except asyncio.TimeoutError:
+            session.close(Timeout("no answer"))
+            raise Timeout(
+                f"could not reach {expected} at {url} within {limit:g} s"
+                + (f" ({path.last_error})" if path.last_error else "")
+            ) from None
+        except BaseException:
+            session.close()
+            raise
+        return peer
+
+    # -- incoming packets (the PacketSink of every listener) -------------------------
+
+    def packets_received(self, packets: list[bytes], path: PacketPath) -> None:
+        if self._closed:
+            return
+        by_cid = self._by_cid
+        current: _Session | None = None
+        batch: list[bytes] = []
+        for p in packets:
+            if len(p) < 1 + _CID_LEN:
+                self.packets_dropped += 1
+                continue
+            first = p[0]
+            if first & 0x80:
+                n = p[5] if len(p) > 6 else 0
+                cid = p[6 : 6 + n]
+            else:
+                cid = p[1 : 1 + _CID_LEN]
+            session = by_cid.get(cid)
+            if session is None:
+                session = self._accept_session(p, cid, path)
+                if session is None:
+                    self.packets_dropped += 1
+                    continue
+            if session is not current:
+                if batch:
+                    current.packets_received(batch, path)  # type: ignore[union-attr]
+                current, batch = session, []
+            batch.append(p)
+        if batch:
+            current.packets_received(batch, path)  # type: ignore[union-attr]
+
+    def path_writable(self, path: PacketPath) -> None:
+        session = self._by_path.get(path)
+        if session is not None:
+            session.path_writable(path)
+
+    def _accept_session(self, packet: bytes, cid: bytes, path: PacketPath) -> _Session | None:
+        # only a client's first Initial packet (QUIC v1, full-sized) opens a session
+        if (
+            packet[0] & 0xB0 != 0x80
+            or packet[1:5] != b"\x00\x00\x00\x01"
+            or len(packet) < 1200
+            or not 8 <= len(cid) <= 20
+        ):
+            return None
+        if self._half_open >= _MAX_HALF_OPEN:
+            log.warning("too many sessions authenticating; dropping a new one")
+            return None
+        session = _Session(self, dialed=False)
+        session.path = path
+        session.core = SessionCore(
+            engine=self.engine,
+            identity=self.identity,
+            is_client=False,
+            now=asyncio.get_running_loop().time(),
+            config=replace(self.config, packet_size=path.packet_size),
+            allow=self._is_allowed,
+            original_destination_connection_id=cid,
+        )
+        self._sessions.add(session)
+        self._half_open += 1
+        self._by_path[path] = session
+        self._add_cid(session, cid)
+        self._add_cid(session, session.core.host_connection_id)
+        # a forged Initial makes a session that never answers: drop it soon
+        session.loop.call_later(2.0, self._reap_silent, session)
+        return session
+
+    def _reap_silent(self, session: _Session) -> None:
+        if session.core.packets_sent == 0 and not session.core.closed:
+            session.core.close(Timeout("handshake never started"))
+            session._transmit()
+
+    def _add_cid(self, session: _Session, cid: bytes) -> None:
+        if not session.dialed:
+            self._by_cid[cid] = session
+            session.cids.add(cid)
+
+    def _remove_cid(self, session: _Session, cid: bytes) -> None:
+        if self._by_cid.get(cid) is session:
+            del self._by_cid[cid]
+        session.cids.discard(cid)
+
+    def _move_path(self, session: _Session, path: PacketPath) -> None:
+        if self._by_path.get(session.path) is session:
+            del self._by_path[session.path]
+        session.path = path
+        self._by_path[path] = session
+
+    def _on_authenticated(self, session: _Session) -> None:
+        if not session.dialed:
+            self._half_open -= 1
+        log.info("peer %s up via %s", session.peer_id, session.path.label)
+
+    def _forget_session(self, session: _Session) -> None:
+        self._sessions.discard(session)
+        if not session.dialed and session.peer is None:
+            self._half_open -= 1
+        for cid in session.cids:
+            if self._by_cid.get(cid) is session:
+                del self._by_cid[cid]
+        if self._by_path.get(session.path) is session:
+            del self._by_path[session.path]

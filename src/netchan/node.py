@@ -40,16 +40,31 @@ from .session import (
     StreamRefused,
     StreamRequested,
     StreamReset,
+    StopSending,
     Terminated,
 )
 
-__all__ = ["Node", "Peer", "Stream", "ANY"]
+__all__ = ["Node", "Peer", "Stream", "ANY", "PING_SERVICE", "echo_service"]
 
 log = logging.getLogger("netchan")
 
 _CID_LEN = 8  # both engines' default connection id length
 _MAX_HALF_OPEN = 256  # server sessions still authenticating, per node
 _RX_LIMIT = 64 * 1024 * 1024  # received bytes held for the application, per session
+
+
+PING_SERVICE = "netchan.ping"
+
+
+async def echo_service(stream: Stream, peer: Peer) -> None:
+    """Send back everything received, until the peer's EOF."""
+    while True:
+        try:
+            data = await stream.receive()
+        except EndOfStream:
+            break
+        await stream.send(data)
+    await stream.send_eof()
 
 
 class _Any:
@@ -76,7 +91,8 @@ class Stream:
         self.service = service
         self._chunks: deque[bytes] = deque()
         self._eof = False
-        self._error: NetchanError | None = None
+        self._error: NetchanError | None = None  # receiving side broken (or whole session)
+        self._send_error: NetchanError | None = None  # sending side broken
         self._waiter: asyncio.Future[None] | None = None
         self._send_closed = False
         self._closed = False
@@ -93,8 +109,8 @@ class Stream:
         """Queue ``data`` for the peer; waits while too much is still unsent."""
         if self._send_closed:
             raise ClosedError("this stream's sending side is closed")
-        if self._error is not None:
-            raise self._error
+        if self._send_error is not None:
+            raise self._send_error
         session = self._session
         core = session.core
         core.send_stream(self.stream_id, data)
@@ -108,10 +124,10 @@ class Stream:
         while not chunks:
             if self._closed:
                 raise ClosedError("stream is closed")
-            if self._error is not None:
-                raise self._error
             if self._eof:
                 raise EndOfStream("the peer finished sending")
+            if self._error is not None:
+                raise self._error
             fut = self._session.loop.create_future()
             self._waiter = fut
             try:
@@ -139,7 +155,7 @@ class Stream:
         if self._send_closed:
             return
         self._send_closed = True
-        if self._error is None:
+        if self._send_error is None:
             self._session.core.send_stream(self.stream_id, b"", end=True)
             self._session.schedule_transmit()
 
@@ -149,11 +165,11 @@ class Stream:
             return
         session = self._session
         try:
-            if not session.core.closed and self._error is None:
-                if not self._send_closed:
+            if not session.core.closed:
+                if not self._send_closed and self._send_error is None:
                     self._send_closed = True
                     session.core.send_stream(self.stream_id, b"", end=True)
-                if not self._eof:
+                if not self._eof and self._error is None:
                     session.core.stop_stream(self.stream_id)
                 session.schedule_transmit()
         except NetchanError:
@@ -186,9 +202,22 @@ class Stream:
         self._wake()
 
     def _on_error(self, error: NetchanError) -> None:
+        """The whole stream is broken (its session ended)."""
         if self._error is None:
             self._error = error
+        if self._send_error is None:
+            self._send_error = error
         self._wake()
+
+    def _on_reset(self, error: NetchanError) -> None:
+        if self._error is None and not self._eof:
+            self._error = error
+        self._wake()
+
+    def _on_stop_sending(self, error: NetchanError) -> None:
+        if self._send_error is None:
+            self._send_error = error
+        self._session._wake_writers()
 
 
 class Peer:
@@ -368,7 +397,7 @@ class _Session:
         core = self.core
         low = self.high_water // 2
         for stream, fut in list(self._blocked.items()):
-            if core.closed or stream._error is not None or core.send_backlog(stream.stream_id) <= low:
+            if core.closed or stream._send_error is not None or core.send_backlog(stream.stream_id) <= low:
                 del self._blocked[stream]
                 if not fut.done():
                     fut.set_result(None)
@@ -380,8 +409,8 @@ class _Session:
             await fut
         finally:
             self._blocked.pop(stream, None)
-        if stream._error is not None:
-            raise stream._error
+        if stream._send_error is not None:
+            raise stream._send_error
 
     def forget_stream(self, stream: Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
@@ -417,7 +446,11 @@ class _Session:
             elif kind is StreamReset:
                 stream = streams.get(ev.stream_id)
                 if stream is not None:
-                    stream._on_error(BrokenError(f"stream reset by the peer (code {ev.error_code:#x})"))
+                    stream._on_reset(BrokenError(f"the peer abandoned the stream (code {ev.error_code:#x})"))
+            elif kind is StopSending:
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._on_stop_sending(BrokenError(f"the peer stopped reading (code {ev.error_code:#x})"))
             elif kind is DatagramReceived:
                 self.node._on_datagram(self, ev.service, ev.data)
             elif kind is Authenticated:
@@ -508,7 +541,8 @@ class Node:
             max_stream_data=max_stream_data,
             max_data=max_data,
         )
-        self._services: dict[str, StreamHandler] = {}
+        #: every node answers authenticated pings (``netchan ping``)
+        self._services: dict[str, StreamHandler] = {PING_SERVICE: echo_service}
         self._dgram_services: dict[str, DatagramHandler] = {}
         self._listeners: list[Listener] = []
         self._sessions: set[_Session] = set()

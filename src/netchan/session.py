@@ -60,6 +60,7 @@ __all__ = [
     "StreamRefused",
     "StreamData",
     "StreamReset",
+    "StopSending",
     "DatagramReceived",
     "ConnectionIdIssued",
     "ConnectionIdRetired",
@@ -133,7 +134,15 @@ class StreamData(SessionEvent):
 
 @dataclass(frozen=True, slots=True)
 class StreamReset(SessionEvent):
-    """The peer abandoned a stream (RESET_STREAM or STOP_SENDING)."""
+    """The peer abandoned its sending side of a stream (RESET_STREAM)."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopSending(SessionEvent):
+    """The peer will read no more from a stream (STOP_SENDING)."""
 
     stream_id: int
     error_code: int
@@ -502,8 +511,10 @@ class SessionCore:
                     self._on_datagram(event.data)
                 elif isinstance(event, ev.HandshakeCompleted):
                     self._on_handshake_completed()
-                elif isinstance(event, (ev.StreamReset, ev.StopSendingReceived)):
-                    self._on_stream_reset(event.stream_id, event.error_code)
+                elif isinstance(event, ev.StreamReset):
+                    self._on_stream_reset(event.stream_id, event.error_code, StreamReset)
+                elif isinstance(event, ev.StopSendingReceived):
+                    self._on_stream_reset(event.stream_id, event.error_code, StopSending)
                 elif isinstance(event, ev.ConnectionIdIssued):
                     self._events.append(ConnectionIdIssued(event.connection_id))
                 elif isinstance(event, ev.ConnectionIdRetired):
@@ -630,7 +641,7 @@ class SessionCore:
         cls = _REFUSE_ERRORS.get(status, RemoteProtocolError)
         self._events.append(StreamRefused(sid, cls(reason)))
 
-    def _on_stream_reset(self, sid: int, code: int) -> None:
+    def _on_stream_reset(self, sid: int, code: int, kind: type) -> None:
         if sid in self._opening:
             del self._opening[sid]
             self._events.append(StreamRefused(sid, BrokenError(f"stream reset by peer (code {code:#x})")))
@@ -638,7 +649,8 @@ class SessionCore:
         self._incoming.pop(sid, None)
         if self._requested.pop(sid, None) is not None:
             return  # never surfaced as a stream; nothing to tell
-        self._events.append(StreamReset(sid, code))
+        if sid in self._open:
+            self._events.append(kind(sid, code))
 
     def _on_datagram(self, data: bytes) -> None:
         if not self.authenticated or not data:

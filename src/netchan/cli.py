@@ -1,0 +1,175 @@
+"""The ``netchan`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+from . import DEFAULT_ENGINE, ENGINES
+from .errors import NetchanError
+from .identity import Identity
+from .node import ANY, PING_SERVICE, Node, echo_service
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop  # optional: faster event loop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return runner(coro) or 0
+    except KeyboardInterrupt:
+        return 130
+    except NetchanError as exc:
+        print(f"netchan: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    ident = Identity.generate()
+    try:
+        ident.save(args.output, overwrite=args.force)
+    except NetchanError as exc:
+        print(f"netchan: {exc}", file=sys.stderr)
+        return 1
+    print(ident.node_id)
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    try:
+        print(Identity.load(args.path).node_id)
+    except NetchanError as exc:
+        print(f"netchan: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _identity(path: str | None) -> Identity:
+    return Identity.load(path) if path else Identity.generate()
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    allow = ANY if any(a.lower() == "any" for a in args.allow) else args.allow
+    node = Node(_identity(args.identity), listen=args.listen, allow=allow, engine=args.engine)
+    node.serve("echo", echo_service)
+    async with node:
+        print(f"node {node.node_id}", flush=True)
+        for url in node.addresses:
+            print(f"listening on {url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    return 0
+
+
+async def _ping(args: argparse.Namespace) -> int:
+    ident = _identity(args.identity)
+    if not args.identity:
+        print(f"(no --identity: using a throwaway key, node {ident.node_id})", file=sys.stderr)
+    async with Node(ident, engine=args.engine) as node:
+        t0 = time.perf_counter()
+        peer = await node.connect(args.url, node_id=args.peer, timeout=args.timeout)
+        print(
+            f"PING {args.peer} via {peer.path}: session up in "
+            f"{(time.perf_counter() - t0) * 1000:.2f} ms",
+            flush=True,
+        )
+        stream = await peer.open_stream(PING_SERVICE)
+        rtts: list[float] = []
+        seq = 0
+        try:
+            while args.count == 0 or seq < args.count:
+                seq += 1
+                t = time.perf_counter()
+                await stream.send(struct.pack("!Qd", seq, t))
+                reply = await asyncio.wait_for(stream.receive_exactly(16), args.timeout)
+                rtt = (time.perf_counter() - t) * 1000
+                if struct.unpack("!Q", reply[:8])[0] != seq:
+                    print(f"seq={seq} mismatched reply", flush=True)
+                    continue
+                rtts.append(rtt)
+                print(f"reply from {args.peer[:12]}: seq={seq} time={rtt:.3f} ms", flush=True)
+                if args.count == 0 or seq < args.count:
+                    await asyncio.sleep(args.interval)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            pass
+        except asyncio.TimeoutError:
+            print(f"seq={seq} timed out", flush=True)
+        await stream.aclose()
+        if rtts:
+            rtts.sort()
+            print(
+                f"--- {len(rtts)}/{seq} replies, rtt min/median/max = "
+                f"{rtts[0]:.3f}/{rtts[len(rtts) // 2]:.3f}/{rtts[-1]:.3f} ms"
+            )
+        return 0 if rtts else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netchan", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log session events")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="create a node key file and print its node id")
+    p.add_argument("-o", "--output", required=True, help="where to write the key (mode 0600)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("id", help="print the node id of a key file")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_id)
+
+    engine_help = f"QUIC engine: {', '.join(ENGINES)} (default {DEFAULT_ENGINE})"
+
+    p = sub.add_parser("serve", help="run a node with an echo service")
+    p.add_argument("--listen", action="append", required=True, metavar="URL",
+                   help="udp://HOST:PORT, tcp://HOST:PORT (repeatable)")
+    p.add_argument("--allow", action="append", default=[], metavar="ID",
+                   help="node id allowed to connect (repeatable; 'any' admits every key)")
+    p.add_argument("--identity", metavar="PATH", help="key file (default: a throwaway key)")
+    p.add_argument("--engine", default=None, help=engine_help)
+    p.set_defaults(func=lambda a: _run(_serve(a)))
+
+    p = sub.add_parser("ping", help="authenticated round trips to a node")
+    p.add_argument("url")
+    p.add_argument("--peer", required=True, metavar="ID", help="node id of the server")
+    p.add_argument("--identity", metavar="PATH", help="our key file")
+    p.add_argument("-c", "--count", type=int, default=4, help="rounds (0: until interrupted)")
+    p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between rounds")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--engine", default=None, help=engine_help)
+    p.set_defaults(func=lambda a: _run(_ping(a)))
+
+    p = sub.add_parser("demo", help="two nodes streaming through a proxy that cuts TCP every second")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to stream")
+    p.add_argument("--cut-every", type=float, default=1.0, help="seconds between cuts")
+    p.add_argument("--engine", default=None, help=engine_help)
+    p.set_defaults(func=lambda a: _run(_demo(a)))
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    return args.func(args)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return await run_demo(seconds=args.seconds, cut_every=args.cut_every, engine=args.engine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -298,6 +298,8 @@ class SessionCore:
         self._requested: dict[int, list[tuple[bytes, bool]]] = {}  # theirs, awaiting accept
         self._last_peer_stream = -1  # highest stream id the peer opened
         self._deadline = now + config.handshake_timeout
+        self._now = now
+        self._rejected: NetchanError | None = None
         self._last_rx = now
         self._last_ping = now
         self._ping_uid = 0
@@ -317,7 +319,7 @@ class SessionCore:
         """Feed packets that arrived from the peer (any carrier, any path)."""
         if self.closed:
             return
-        self._last_rx = now
+        self._last_rx = self._now = now
         self.packets_received += len(packets)
         try:
             self.engine.receive_packets(self._quic, packets, now)
@@ -347,6 +349,7 @@ class SessionCore:
         return timer
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
         try:
             timer = self._quic.get_timer()
             if timer is not None and timer <= now:
@@ -359,7 +362,7 @@ class SessionCore:
             return
         if not self.authenticated:
             if now >= self._deadline:
-                self._close(errors.Timeout("authentication did not complete in time"))
+                self._close(self._rejected or errors.Timeout("authentication did not complete in time"))
             return
         interval = self.config.keepalive_interval
         if now >= self._last_rx + interval and now >= self._last_ping + interval:
@@ -685,7 +688,7 @@ class SessionCore:
                 else:
                     err = msg.get("error")
                     cls = NotAllowed if err == "not-allowed" else AuthenticationError
-                    self._terminate(cls(str(msg.get("reason") or err)))
+                    self._close(cls(str(msg.get("reason") or err)))
             else:
                 raise RemoteProtocolError(f"unexpected authentication message {kind!r}")
             return
@@ -701,7 +704,7 @@ class SessionCore:
             self._quic.send_stream_data(
                 AUTH_STREAM, _Frames.encode({"t": "challenge", "nonce": self._challenge})
             )
-        elif kind == "proof" and self._challenge is not None and not self.authenticated:
+        elif kind == "proof" and self._challenge is not None and not self.authenticated and self._rejected is None:
             sig = msg.get("sig")
             assert self._peer_key is not None
             signed = AUTH_CONTEXT + self._challenge + self.identity.public_key + self._peer_key
@@ -723,7 +726,10 @@ class SessionCore:
             AUTH_STREAM,
             _Frames.encode({"t": "result", "ok": False, "error": kind, "reason": str(error)}),
         )
-        self._close(error)
+        # closing at once could drop the result; the client closes when it
+        # reads it, and we close anyway shortly after
+        self._rejected = error
+        self._deadline = min(self._deadline, self._now + 1.0)
 
     def _authenticated(self, peer_id: str | None) -> None:
         assert peer_id is not None

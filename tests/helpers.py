@@ -1,0 +1,37 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import netchan
+
+
+async def echo(stream, peer):
+    """A service that sends back what it receives."""
+    while True:
+        try:
+            data = await stream.receive()
+        except netchan.EndOfStream:
+            break
+        await stream.send(data)
+    await stream.send_eof()
+
+
+async def read_all(stream, max_bytes=1 << 20) -> bytes:
+    parts = []
+    while True:
+        try:
+            parts.append(await stream.receive(max_bytes))
+        except netchan.EndOfStream:
+            return b"".join(parts)
+
+
+async def wait_for_condition(predicate, timeout=10.0, interval=0.01):
+    """Poll ``predicate`` until true; fail the test after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)

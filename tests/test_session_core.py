@@ -1,0 +1,208 @@
+"""Sans-I/O tests of the session core: two cores, packets moved by hand, a manual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from netchan import errors
+from netchan.identity import Identity
+from netchan.session import (
+    Authenticated,
+    DatagramReceived,
+    SessionConfig,
+    StreamAccepted,
+    StreamData,
+    StreamRefused,
+    StreamRequested,
+    Terminated,
+)
+from netchan.testing import SessionPair
+
+
+def events_of(events, kind):
+    return [e for e in events if isinstance(e, kind)]
+
+
+def established(engine, **kw) -> SessionPair:
+    pair = SessionPair.create(engine, **kw)
+    pair.run()
+    assert pair.client.authenticated and pair.server.authenticated
+    return pair
+
+
+def open_accepted(pair: SessionPair, service="svc") -> int:
+    sid = pair.client.open_stream(service)
+    pair.run()
+    req = events_of(pair.server_events, StreamRequested)[-1]
+    assert (req.stream_id, req.service) == (sid, service)
+    pair.server.accept_stream(sid)
+    pair.run()
+    assert StreamAccepted(sid) in pair.client_events
+    return sid
+
+
+def test_mutual_authentication_reports_both_ids(engine):
+    cid, sid = Identity.generate(), Identity.generate()
+    pair = established(engine, client_identity=cid, server_identity=sid)
+    assert Authenticated(sid.node_id) in pair.client_events
+    assert Authenticated(cid.node_id) in pair.server_events
+    assert pair.client.peer_id == sid.node_id and pair.server.peer_id == cid.node_id
+
+
+def test_wrong_server_key_is_rejected_before_any_data(engine):
+    impostor = Identity.generate()
+    pair = SessionPair.create(engine, expected_peer=impostor.node_id)
+    pair.run()
+    term = events_of(pair.client_events, Terminated)
+    assert term and isinstance(term[0].error, errors.AuthenticationError)
+    assert "mismatch" in str(term[0].error)
+    assert not pair.client.authenticated and not pair.server.authenticated
+    # the client never even sent its hello: nothing was exchanged on stream 0
+    assert not events_of(pair.server_events, Authenticated)
+
+
+def test_client_not_allowed_is_refused(engine):
+    pair = SessionPair.create(engine, allow=lambda node_id: False)
+    pair.run()
+    pair.advance(5.0)  # the server's side ends once the close has drained
+    term = events_of(pair.client_events, Terminated)
+    assert term and isinstance(term[0].error, errors.NotAllowed)
+    assert not pair.server.authenticated
+    assert isinstance(events_of(pair.server_events, Terminated)[0].error, errors.NotAllowed)
+
+
+def test_stream_open_accept_data_and_end(engine):
+    pair = established(engine)
+    sid = open_accepted(pair)
+    pair.client.send_stream(sid, b"hello ", end=False)
+    pair.client.send_stream(sid, b"world", end=True)
+    pair.run()
+    data = b"".join(e.data for e in events_of(pair.server_events, StreamData) if e.stream_id == sid)
+    assert data == b"hello world"
+    assert events_of(pair.server_events, StreamData)[-1].end
+    pair.server.send_stream(sid, b"back", end=True)
+    pair.run()
+    got = [e for e in events_of(pair.client_events, StreamData) if e.stream_id == sid]
+    assert b"".join(e.data for e in got) == b"back" and got[-1].end
+
+
+def test_refused_stream_carries_the_reason(engine):
+    pair = established(engine)
+    sid = pair.client.open_stream("missing")
+    pair.run()
+    pair.server.refuse_stream(sid, errors.ServiceNotFound("no service 'missing'"))
+    pair.run()
+    refused = events_of(pair.client_events, StreamRefused)
+    assert refused and refused[0].stream_id == sid
+    assert isinstance(refused[0].error, errors.ServiceNotFound)
+    assert "missing" in str(refused[0].error)
+
+
+def test_server_can_open_streams_to_the_client(engine):
+    pair = established(engine)
+    sid = pair.server.open_stream("back-channel")
+    pair.run()
+    req = events_of(pair.client_events, StreamRequested)
+    assert req and req[0].service == "back-channel" and req[0].stream_id == sid
+
+
+def test_streams_survive_heavy_loss(engine):
+    pair = established(engine)
+    sid = open_accepted(pair)
+    payload = bytes(range(256)) * 400
+    pair.filter = SessionPair.lossy(0.3, seed=3)
+    pair.client.send_stream(sid, payload, end=True)
+    for _ in range(200):
+        pair.run()
+        pair.advance(0.5)
+        got = [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
+        if got and got[-1].end:
+            break
+    assert b"".join(e.data for e in got) == payload
+
+
+def test_datagrams_are_tagged_with_their_service(engine):
+    pair = established(engine)
+    pair.client.send_datagram("metrics", b"\x01\x02")
+    pair.run()
+    assert DatagramReceived("metrics", b"\x01\x02") in pair.server_events
+
+
+def test_oversized_datagram_raises_and_session_goes_on(engine):
+    pair = established(engine)
+    limit = pair.client.max_datagram_payload("dg")
+    with pytest.raises(errors.DatagramTooLarge, match="exceeds"):
+        pair.client.send_datagram("dg", b"x" * (limit + 1))
+    pair.client.send_datagram("dg", b"y" * limit)
+    pair.run()
+    assert DatagramReceived("dg", b"y" * limit) in pair.server_events
+    assert not pair.client.closed and not pair.server.closed
+
+
+def test_keepalive_pings_when_idle(engine):
+    config = SessionConfig(keepalive_interval=1.0, linger=10.0)
+    pair = established(engine, config=config)
+    sent_before = pair.client.packets_sent + pair.server.packets_sent
+    pair.advance(5.0)
+    assert pair.client.packets_sent + pair.server.packets_sent >= sent_before + 4
+    assert not pair.client.closed and not pair.server.closed
+
+
+def test_session_ends_after_linger_without_packets(engine):
+    config = SessionConfig(keepalive_interval=1.0, linger=5.0)
+    pair = established(engine, config=config)
+    pair.filter = lambda direction, packet: False  # the carrier is gone
+    pair.advance(4.0)
+    assert not pair.client.closed
+    pair.advance(30.0)
+    for events in (pair.client_events, pair.server_events):
+        term = events_of(events, Terminated)
+        assert term and isinstance(term[0].error, errors.BrokenError)
+
+
+def test_session_comes_back_when_the_carrier_returns_within_linger(engine):
+    config = SessionConfig(keepalive_interval=1.0, linger=10.0)
+    pair = established(engine, config=config)
+    sid = open_accepted(pair)
+    pair.filter = lambda direction, packet: False
+    pair.client.send_stream(sid, b"during the outage", end=True)
+    pair.advance(6.0)
+    pair.filter = None
+    pair.advance(4.0)
+    got = [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
+    assert b"".join(e.data for e in got) == b"during the outage"
+    assert not events_of(pair.client_events, Terminated)
+
+
+def test_authentication_must_finish_in_time(engine):
+    config = SessionConfig(handshake_timeout=3.0)
+    pair = SessionPair.create(engine, config=config)
+    pair.filter = lambda direction, packet: direction == "c2s"  # server never heard
+    pair.advance(5.0)
+    term = events_of(pair.client_events, Terminated)
+    assert term and isinstance(term[0].error, errors.Timeout)
+
+
+def test_streams_need_authentication_first(engine):
+    pair = SessionPair.create(engine)
+    with pytest.raises(errors.LocalProtocolError):
+        pair.client.open_stream("svc")
+
+
+def test_closed_session_raises_on_use(engine):
+    pair = established(engine)
+    pair.client.close()
+    pair.run()
+    with pytest.raises(errors.ClosedError):
+        pair.client.open_stream("svc")
+    pair.advance(5.0)  # the peer reports the close once draining is over
+    term = events_of(pair.server_events, Terminated)
+    assert term and isinstance(term[0].error, errors.BrokenError)
+
+
+def test_service_names_are_checked():
+    pair = established("qh3")
+    with pytest.raises(errors.ConfigurationError):
+        pair.client.open_stream("")
+    with pytest.raises(errors.ConfigurationError):
+        pair.client.open_stream("x" * 300)

@@ -50,7 +50,6 @@ log = logging.getLogger("netchan")
 
 _CID_LEN = 8  # both engines' default connection id length
 _MAX_HALF_OPEN = 256  # server sessions still authenticating, per node
-_RX_LIMIT = 64 * 1024 * 1024  # received bytes held for the application, per session
 
 
 PING_SERVICE = "netchan.ping"
@@ -322,6 +321,9 @@ class _Session:
         self.ready: asyncio.Future[Peer] = self.loop.create_future()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.rx_buffered = 0
+        # QUIC grants credit as packets arrive, not as the application reads,
+        # so the bytes held for a slow reader are bounded here instead
+        self.rx_limit = node.config.max_data
         self.cids: set[bytes] = set()
         self.high_water = node.engine_high_water
         self._blocked: dict[Stream, asyncio.Future[None]] = {}
@@ -336,7 +338,7 @@ class _Session:
         core = self.core
         if core is None or self.done.done():
             return
-        if self.rx_buffered > _RX_LIMIT:
+        if self.rx_buffered > self.rx_limit:
             # the application is not reading: let QUIC retransmit later rather
             # than hold more in memory
             self.packets_dropped += len(packets)

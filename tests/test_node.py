@@ -1,0 +1,339 @@
+"""Nodes over real carriers: authentication, services, datagrams, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+import netchan
+from netchan.carriers import get_carrier, parse_url
+from netchan.engine import VIRTUAL_ADDRESS, get_engine
+
+from .helpers import echo, read_all, wait_for_condition
+
+CARRIERS = ["udp://127.0.0.1:0", "tcp://127.0.0.1:0", "memory"]
+
+
+@pytest.fixture(params=CARRIERS, ids=["udp", "tcp", "memory"])
+def listen_url(request, memory_url):
+    return memory_url if request.param == "memory" else request.param
+
+
+async def test_echo_over_every_carrier_and_engine(listen_url, engine, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [listen_url], allow=[client_id.node_id], engine=engine) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id, engine=engine) as client:
+            peer = await client.connect(server.addresses[0], node_id=server.node_id)
+            assert peer.node_id == server.node_id
+            async with await peer.open_stream("echo") as stream:
+                payload = os.urandom(300_000)
+                await stream.send(payload)
+                await stream.send_eof()
+                assert await read_all(stream) == payload
+            assert [p.node_id for p in server.peers] == [client.node_id]
+
+
+async def test_wrong_server_key_raises_authentication_error(listen_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [listen_url], allow=[client_id.node_id]) as server:
+        async with netchan.Node(client_id) as client:
+            other = netchan.Identity.generate().node_id
+            with pytest.raises(netchan.AuthenticationError, match="mismatch"):
+                await client.connect(server.addresses[0], node_id=other)
+            assert server.peers == []
+
+
+async def test_client_not_in_allow_raises_not_allowed(listen_url, ids):
+    server_id, client_id = ids
+    stranger = netchan.Identity.generate()
+    async with netchan.Node(server_id, [listen_url], allow=[stranger.node_id]) as server:
+        called = []
+        server.serve("echo", lambda s, p: called.append(p))
+        async with netchan.Node(client_id) as client:
+            with pytest.raises(netchan.NotAllowed, match="not allowed"):
+                await client.connect(server.addresses[0], node_id=server.node_id)
+        assert called == [] and server.peers == []
+
+
+async def test_allow_any_admits_every_key(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=netchan.ANY) as server:
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            assert not peer.closed
+
+
+async def test_unknown_service_raises_on_the_opener(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            with pytest.raises(netchan.ServiceNotFound, match="no service 'nothing'"):
+                await peer.open_stream("nothing")
+            async with await peer.open_stream("echo") as s:  # the session is fine
+                await s.send(b"ok")
+                assert await s.receive() == b"ok"
+
+
+async def test_both_ends_can_open_streams(memory_url, ids):
+    server_id, client_id = ids
+    got = asyncio.get_running_loop().create_future()
+
+    async def hello(stream, peer):
+        got.set_result((await stream.receive(), peer.node_id))
+
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        async with netchan.Node(client_id) as client:
+            client.serve("hello", hello)
+            await client.connect(memory_url, node_id=server.node_id)
+            await wait_for_condition(lambda: server.peers)
+            stream = await server.peers[0].open_stream("hello")
+            await stream.send(b"from the server")
+            assert await got == (b"from the server", server.node_id)
+
+
+class RawQuicClient:
+    """A QUIC client that completes TLS with a netchan node but skips netchan's authentication."""
+
+    def __init__(self, engine_name: str) -> None:
+        self.engine = get_engine(engine_name)
+        self.conn = self.engine.create(
+            is_client=True, identity=netchan.Identity.generate(), packet_size=1350,
+            idle_timeout=10, max_data=1 << 20, max_stream_data=1 << 20,
+        )
+        self.events: list = []
+        self.path = None
+
+    def packets_received(self, packets, path):
+        loop = asyncio.get_running_loop()
+        for p in packets:
+            self.conn.receive_datagram(p, VIRTUAL_ADDRESS, loop.time())
+        while (ev := self.conn.next_event()) is not None:
+            self.events.append(ev)
+        self.flush()
+
+    def path_writable(self, path):
+        self.flush()
+
+    def flush(self):
+        now = asyncio.get_running_loop().time()
+        packets = [d for d, _ in self.conn.datagrams_to_send(now)]
+        if packets and self.path is not None:
+            self.path.send_packets(packets)
+
+
+async def test_unauthenticated_client_reaches_no_service(memory_url, ids, engine):
+    server_id, _ = ids
+    called = []
+
+    async def svc(stream, peer):
+        called.append(peer)
+
+    async with netchan.Node(server_id, [memory_url], allow=netchan.ANY, engine=engine) as server:
+        server.serve("svc", svc)
+        raw = RawQuicClient(engine)
+        raw.path = await get_carrier("memory").dial(parse_url(memory_url), raw)
+        raw.conn.connect(VIRTUAL_ADDRESS, asyncio.get_running_loop().time())
+        raw.flush()
+        await wait_for_condition(
+            lambda: any(type(e).__name__ == "HandshakeCompleted" for e in raw.events)
+        )
+        # skip the key proof and go straight for the service
+        raw.conn.send_stream_data(0, b"")  # touch stream 0 without proving anything
+        raw.conn.send_stream_data(4, b"\x03svc" + b"payload")
+        raw.flush()
+        # the server ends the session (a protocol violation) without serving it
+        await wait_for_condition(lambda: not server._sessions, timeout=15)
+        assert called == [] and server.peers == []
+        raw.path.close()
+
+
+async def test_oversized_datagram_is_refused_and_session_unharmed(listen_url, ids):
+    server_id, client_id = ids
+    received: asyncio.Queue = asyncio.Queue()
+    async with netchan.Node(server_id, [listen_url], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        server.serve_datagrams("dg", lambda data, peer: received.put_nowait(data))
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(server.addresses[0], node_id=server.node_id)
+            limit = peer.max_datagram_size
+            assert limit > 1000
+            with pytest.raises(netchan.DatagramTooLarge):
+                peer.send_datagram("dg", b"x" * (limit + 100))
+            with pytest.raises(ValueError):  # it is also a ValueError
+                peer.send_datagram("dg", b"x" * 100_000)
+            for _ in range(20):  # udp may lose one; keep trying for a bounded time
+                peer.send_datagram("dg", b"y" * limit)
+                try:
+                    data = await asyncio.wait_for(received.get(), 0.5)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+            assert data == b"y" * limit
+            async with await peer.open_stream("echo") as s:
+                await s.send(b"still here")
+                assert await s.receive() == b"still here"
+
+
+async def test_garbage_at_listening_ports_harms_no_session(ids):
+    server_id, client_id = ids
+    async with netchan.Node(
+        server_id, ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"], allow=[client_id.node_id]
+    ) as server:
+        server.serve("echo", echo)
+        udp_url, tcp_url = server.addresses
+        async with netchan.Node(client_id) as client:
+            peers = [await client.connect(u, node_id=server.node_id) for u in (udp_url, tcp_url)]
+            streams = [await p.open_stream("echo") for p in peers]
+            loop = asyncio.get_running_loop()
+            # random bytes, truncated headers, forged Initials, forged short headers
+            port = parse_url(udp_url).port
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            junk = [os.urandom(n) for n in (0, 1, 5, 30, 1200, 1500)]
+            junk += [b"\xc0\x00\x00\x00\x01\x08" + os.urandom(1300) for _ in range(20)]
+            junk += [bytes([0x40]) + os.urandom(100) for _ in range(20)]
+            for j in junk * 5:
+                sock.sendto(j, ("127.0.0.1", port))
+            sock.close()
+            tport = parse_url(tcp_url).port
+            for payload in (os.urandom(100), b"NCT\x01" + os.urandom(16) + os.urandom(5000), b""):
+                r, w = await asyncio.open_connection("127.0.0.1", tport)
+                w.write(payload)
+                await w.drain()
+                w.close()
+            for s in streams:
+                await s.send(b"alive")
+                assert await asyncio.wait_for(s.receive(), 10) == b"alive"
+            # and the node still admits new sessions
+            fresh = await client.connect(udp_url, node_id=server.node_id)
+            assert not fresh.closed
+            assert server.packets_dropped > 0
+            await loop.run_in_executor(None, lambda: None)
+
+
+async def test_send_applies_backpressure(memory_url, ids):
+    server_id, client_id = ids
+    release = asyncio.Event()
+
+    async def lazy(stream, peer):
+        await release.wait()
+        await read_all(stream)
+
+    async with netchan.Node(
+        server_id, [memory_url], allow=[client_id.node_id], max_stream_data=1 << 20, max_data=4 << 20
+    ) as server:
+        server.serve("lazy", lazy)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            stream = await peer.open_stream("lazy")
+            chunk = b"z" * 65536
+            sent = 0
+
+            async def writer():
+                nonlocal sent
+                while True:
+                    await stream.send(chunk)
+                    sent += len(chunk)
+
+            task = asyncio.ensure_future(writer())
+            await asyncio.sleep(1.0)
+            stuck_at = sent
+            await asyncio.sleep(0.5)
+            assert sent == stuck_at, "send kept going although nobody reads"
+            # bounded: the peer's window plus our high-water mark, not everything
+            # (the reader's window and held bytes, plus our high-water mark)
+            assert sent < 24 * 1024 * 1024
+            release.set()
+            await wait_for_condition(lambda: sent > stuck_at + 8 * 1024 * 1024)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
+async def test_session_breaks_after_linger_when_carrier_is_gone(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id, linger=2.0, keepalive=0.5) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            stream = await peer.open_stream("echo")
+            name = parse_url(memory_url).host
+            netchan.carriers.memory.faults(name).cut = True
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(netchan.BrokenError):
+                await stream.receive()
+            assert asyncio.get_running_loop().time() - t0 < 10
+            assert peer.closed and isinstance(peer.error, netchan.BrokenError)
+            with pytest.raises(netchan.BrokenError):
+                await peer.open_stream("echo")
+
+
+async def test_session_survives_a_cut_shorter_than_linger(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id, linger=5.0, keepalive=0.5) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            stream = await peer.open_stream("echo")
+            faults = netchan.carriers.memory.faults(parse_url(memory_url).host)
+            faults.cut = True
+            await stream.send(b"sent during the cut")
+            await asyncio.sleep(2.0)
+            faults.cut = False
+            assert await asyncio.wait_for(stream.receive(), 10) == b"sent during the cut"
+            assert not peer.closed
+
+
+async def test_closing_a_peer_breaks_its_streams_on_both_sides(memory_url, ids):
+    server_id, client_id = ids
+    server_side: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def hold(stream, peer):
+        try:
+            await stream.receive()
+        except netchan.NetchanError as exc:
+            server_side.set_result(exc)
+
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        server.serve("hold", hold)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            stream = await peer.open_stream("hold")
+            await peer.aclose()
+            with pytest.raises(netchan.ClosedError):
+                await stream.receive()
+            assert isinstance(await server_side, netchan.BrokenError)
+
+
+async def test_node_close_leaves_no_tasks(memory_url, ids):
+    server_id, client_id = ids
+    before = asyncio.all_tasks()
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            await peer.open_stream("echo")
+    await asyncio.sleep(0.1)
+    assert asyncio.all_tasks() - before == set()
+
+
+async def test_listen_on_a_busy_port_is_a_clear_error(ids):
+    async with netchan.Node(ids[0], ["tcp://127.0.0.1:0"]) as first:
+        with pytest.raises(netchan.ConfigurationError, match="cannot listen"):
+            async with netchan.Node(ids[1], [first.addresses[0]]):
+                pass
+
+
+async def test_connect_to_nothing_times_out_with_a_reason(ids):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    async with netchan.Node(ids[1]) as client:
+        with pytest.raises(netchan.Timeout, match="could not reach"):
+            await client.connect(f"tcp://127.0.0.1:{port}", node_id=ids[0].node_id, timeout=1.0)

@@ -330,6 +330,7 @@ class _Session:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tx_scheduled = False
+        self._generation = 0
         self.packets_dropped = 0
 
     # -- PacketSink -----------------------------------------------------------
@@ -351,6 +352,9 @@ class _Session:
 
     def path_writable(self, path: PacketPath) -> None:
         if path is self.path and self.core is not None:
+            if path.generation != self._generation:
+                self._generation = path.generation
+                self.core.probe(self.loop.time())
             self._transmit()
 
     # -- driving the core ---------------------------------------------------------

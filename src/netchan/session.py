@@ -370,6 +370,19 @@ class SessionCore:
             self._ping_uid += 1
             self._quic.send_ping(self._ping_uid)
 
+    def probe(self, now: float) -> None:
+        """Elicit an acknowledgement now (after a carrier reconnects, say), so
+        that packets lost with the old connection are detected without waiting
+        for a retransmission timeout."""
+        if self.closed:
+            return
+        self._last_ping = now
+        self._ping_uid += 1
+        try:
+            self._quic.send_ping(self._ping_uid)
+        except Exception as exc:
+            self._fail(LocalProtocolError(f"QUIC engine failure: {exc}"))
+
     def next_event(self) -> SessionEvent | None:
         return self._events.popleft() if self._events else None
 

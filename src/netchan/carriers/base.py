@@ -102,6 +102,9 @@ class PacketPath(abc.ABC):
     #: the last network error seen, for error messages
     last_error: str | None = None
     packets_dropped: int = 0
+    #: bumped each time the path gets a new underlying connection (tcp redial);
+    #: packets in flight on the old one are lost, so the session probes at once
+    generation: int = 0
 
     @abc.abstractmethod
     def send_packets(self, packets: list[bytes]) -> None: ...

@@ -196,6 +196,7 @@ class _TcpListener(Listener):
             path = self._paths[token] = _TcpReplyPath(token, label, self._packet_size)
         old = path.conn
         path.conn = conn
+        path.generation += 1
         if old is not None and old is not conn and old.transport is not None:
             old.transport.abort()  # the dialer gave up on it
         self._sink.path_writable(path)
@@ -279,6 +280,7 @@ class _TcpDialPath(PacketPath):
             transport.write(MAGIC + self.token)
             started = self.last_rx = time.monotonic()
             self.connects += 1
+            self.generation += 1
             self.conn = conn
             self._sink.path_writable(self)
             try:
@@ -286,8 +288,8 @@ class _TcpDialPath(PacketPath):
             finally:
                 self.conn = None
                 transport.abort()
-            if time.monotonic() - started > 1.0:
-                backoff = _BACKOFF_MIN  # it worked for a while: redial at once
+            if self.last_rx > started:
+                backoff = _BACKOFF_MIN  # it carried packets: redial at once
             else:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)

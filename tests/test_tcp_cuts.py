@@ -1,0 +1,79 @@
+"""The tcp carrier redials under a live session: cuts cost packets, never bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+import netchan
+from netchan.chaos import TcpCutter
+
+from .helpers import echo
+
+
+@pytest.mark.async_timeout(120)
+async def test_64_mib_through_one_stream_while_the_tcp_connection_is_cut(ids, engine):
+    server_id, client_id = ids
+    total = 64 * 1024 * 1024
+    cut_every_bytes = 8 * 1024 * 1024
+    digest = asyncio.get_running_loop().create_future()
+    block = os.urandom(1 << 20)
+
+    async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id],
+                            engine=engine) as server:
+        host, port = server.addresses[0].removeprefix("tcp://").rsplit(":", 1)
+        async with TcpCutter((host, int(port))) as cutter:
+
+            async def sink(stream, peer):
+                h, n, next_cut = hashlib.sha256(), 0, cut_every_bytes
+                while True:
+                    try:
+                        data = await stream.receive(1 << 20)
+                    except netchan.EndOfStream:
+                        break
+                    h.update(data)
+                    n += len(data)
+                    if n >= next_cut:  # cut in the middle of the transfer
+                        cutter.cut()
+                        next_cut += cut_every_bytes
+                digest.set_result((n, h.digest()))
+
+            server.serve("sink", sink)
+            async with netchan.Node(client_id, engine=engine) as client:
+                peer = await client.connect(cutter.url, node_id=server.node_id)
+                stream = await peer.open_stream("sink")
+                sent = hashlib.sha256()
+                for i in range(total // len(block)):
+                    chunk = block[i:] + block[:i]
+                    sent.update(chunk)
+                    await stream.send(chunk)
+                await stream.send_eof()
+                n, got = await digest
+                assert n == total
+                assert got == sent.digest()
+                assert cutter.cuts >= 5
+                assert cutter.connections >= 6  # every cut was redialed
+                assert not peer.closed
+
+
+async def test_echo_keeps_working_across_cuts_on_a_schedule(ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        host, port = server.addresses[0].removeprefix("tcp://").rsplit(":", 1)
+        async with TcpCutter((host, int(port)), cut_every=0.2) as cutter:
+            async with netchan.Node(client_id) as client:
+                peer = await client.connect(cutter.url, node_id=server.node_id)
+                stream = await peer.open_stream("echo")
+                for i in range(40):
+                    msg = f"round {i}".encode()
+                    await stream.send(msg)
+                    got = b""
+                    while len(got) < len(msg):
+                        got += await asyncio.wait_for(stream.receive(), 15)
+                    assert got == msg
+                    await asyncio.sleep(0.03)
+                assert cutter.cuts >= 3

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",
     )
+    if not args.verbose:
+        # qh3 logs every peer-initiated close as a warning; that is routine here
+        logging.getLogger("quic").setLevel(logging.ERROR)
     return args.func(args)
 
 

@@ -1,0 +1,94 @@
+"""The netchan command: serve and ping, as separate processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import netchan
+
+
+@pytest.fixture
+def keys(tmp_path):
+    server, client = netchan.Identity.generate(), netchan.Identity.generate()
+    server.save(tmp_path / "server.key")
+    client.save(tmp_path / "client.key")
+    return tmp_path, server, client
+
+
+def _serve(tmp_path, server, client, *listen):
+    args = [sys.executable, "-m", "netchan", "serve", "--identity", str(tmp_path / "server.key"),
+            "--allow", client.node_id]
+    for url in listen:
+        args += ["--listen", url]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline().strip() for _ in range(1 + len(listen))]
+    assert lines[0] == f"node {server.node_id}", lines
+    urls = [line.removeprefix("listening on ") for line in lines[1:]]
+    return proc, urls
+
+
+def _ping(tmp_path, url, server, identity="client.key", count=3):
+    return subprocess.run(
+        [sys.executable, "-m", "netchan", "ping", url, "--peer", server.node_id,
+         "--identity", str(tmp_path / identity), "-c", str(count), "-i", "0.05"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_serve_and_ping_over_udp_and_tcp(keys):
+    tmp_path, server, client = keys
+    proc, urls = _serve(tmp_path, server, client, "udp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    try:
+        for url in urls:
+            result = _ping(tmp_path, url, server)
+            assert result.returncode == 0, result.stderr
+            replies = re.findall(r"seq=(\d+) time=([\d.]+) ms", result.stdout)
+            assert [int(s) for s, _ in replies] == [1, 2, 3]
+            assert all(float(t) > 0 for _, t in replies)
+            assert "3/3 replies" in result.stdout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_ping_with_an_unknown_key_is_refused(keys):
+    tmp_path, server, client = keys
+    netchan.Identity.generate().save(tmp_path / "stranger.key")
+    proc, urls = _serve(tmp_path, server, client, "udp://127.0.0.1:0")
+    try:
+        result = _ping(tmp_path, urls[0], server, identity="stranger.key")
+        assert result.returncode != 0
+        assert "NotAllowed" in result.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_ping_the_wrong_node_id_is_refused(keys):
+    tmp_path, server, client = keys
+    proc, urls = _serve(tmp_path, server, client, "tcp://127.0.0.1:0")
+    try:
+        impostor = netchan.Identity.generate()
+        result = _ping(tmp_path, urls[0], impostor)
+        assert result.returncode != 0
+        assert "AuthenticationError" in result.stderr and "mismatch" in result.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_demo_runs_and_verifies(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "netchan", "demo", "--seconds", "2.5", "--cut-every", "0.5"],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verified" in result.stdout
+    cuts = int(re.search(r"cuts survived\s+(\d+)", result.stdout.split("\n\n")[-1]).group(1))
+    assert cuts >= 3

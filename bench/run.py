@@ -1,0 +1,57 @@
+"""make bench: netchan throughput beside raw asyncio TCP, measured in the same run.
+
+Every figure is the median of ``--runs`` runs (default 3).  Ratios compare
+with raw asyncio TCP on the same event loop, measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from throughput import measure  # noqa: E402
+
+MiB = 1 << 20
+
+# qh3 runs faster on uvloop; aioquic runs slower on it, so it gets asyncio's loop
+CASES = [
+    # (label, kind, carrier, engine, loop, size)
+    ("raw asyncio TCP (uvloop)", "raw", "tcp", "-", "uvloop", 2048 * MiB),
+    ("raw asyncio TCP (asyncio)", "raw", "tcp", "-", "asyncio", 2048 * MiB),
+    ("netchan tcp  qh3     (uvloop)", "netchan", "tcp", "qh3", "uvloop", 1024 * MiB),
+    ("netchan udp  qh3     (uvloop)", "netchan", "udp", "qh3", "uvloop", 256 * MiB),
+    ("netchan tcp  aioquic (asyncio)", "netchan", "tcp", "aioquic", "asyncio", 256 * MiB),
+    ("netchan udp  aioquic (asyncio)", "netchan", "udp", "aioquic", "asyncio", 64 * MiB),
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="smaller transfers")
+    a = p.parse_args()
+    print("Bulk throughput, one stream, two processes on loopback "
+          f"(median of {a.runs} runs)\n")
+    print(f"{'case':34} {'MB/s':>9} {'ratio':>8} {'CPU s/GB':>9}   runs (MB/s)")
+    baseline: dict[str, float] = {}
+    for label, kind, carrier, engine, loop, size in CASES:
+        if a.quick:
+            size //= 8
+        runs = [measure(kind, carrier, engine, loop, size) for _ in range(a.runs)]
+        mbs = statistics.median(r["mb_s"] for r in runs)
+        cpu = statistics.median(r["cpu_s_per_gb"] for r in runs)
+        if kind == "raw":
+            baseline[loop] = mbs
+        ratio = mbs / baseline[loop]
+        spread = ", ".join(f"{r['mb_s']:.0f}" for r in runs)
+        print(f"{label:34} {mbs:9.1f} {ratio:7.1%} {cpu:9.2f}   {spread}", flush=True)
+    print("\nratio: netchan MB/s / raw asyncio TCP MB/s on the same event loop, this run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

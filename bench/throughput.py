@@ -130,7 +130,8 @@ def measure(kind: str, carrier: str, engine: str, loop: str, size: int) -> dict:
             else:
                 coro = _netchan_client(url, client_id, server_id.node_id, engine, size)
             elapsed, report = _loop_runner(loop)(coro)
-            cpu = time.process_time() - cpu0 + report["cpu"]
+            client_cpu = time.process_time() - cpu0
+            cpu = client_cpu + report["cpu"]
         finally:
             proc.stdin.close()
             try:
@@ -140,7 +141,12 @@ def measure(kind: str, carrier: str, engine: str, loop: str, size: int) -> dict:
                 proc.wait()
     if report["bytes"] != size:
         raise RuntimeError(f"server received {report['bytes']} of {size} bytes")
-    return {"mb_s": size / elapsed / 1e6, "cpu_s_per_gb": cpu / (size / 1e9)}
+    return {
+        "mb_s": size / elapsed / 1e6,
+        "cpu_s_per_gb": cpu / (size / 1e9),
+        "client_cpu_share": client_cpu / elapsed,
+        "server_cpu_share": report["cpu"] / elapsed,
+    }
 
 
 def main() -> None:

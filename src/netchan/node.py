@@ -539,7 +539,10 @@ class Node:
             self._allow_any = False
             self._allowed = {check_node_id(a) for a in allow}
         self.engine = get_engine(engine)
-        self.engine_high_water = 4 * 1024 * 1024 if self.engine.name == "qh3" else 16 * 1024 * 1024
+        # qh3 counts bytes not yet sent; aioquic counts bytes not yet acknowledged,
+        # so it needs room for a window in flight.  A small backlog keeps the
+        # data in cache between the application's write and its encryption.
+        self.engine_high_water = 1024 * 1024 if self.engine.name == "qh3" else 16 * 1024 * 1024
         self.config = SessionConfig(
             linger=linger,
             keepalive_interval=keepalive,

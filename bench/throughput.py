@@ -36,13 +36,14 @@ def _loop_runner(name: str):
 
 async def _netchan_server(key: str, client_id: str, carrier: str, engine: str) -> None:
     async def sink(stream, peer):
+        cpu0 = time.process_time()
         n = 0
         while True:
             try:
                 n += len(await stream.receive(1 << 20))
             except netchan.EndOfStream:
                 break
-        await stream.send(json.dumps({"bytes": n, "cpu": time.process_time()}).encode())
+        await stream.send(json.dumps({"bytes": n, "cpu": time.process_time() - cpu0}).encode())
         await stream.send_eof()
 
     node = netchan.Node(netchan.Identity.load(key), listen=[f"{carrier}://127.0.0.1:0"],
@@ -60,11 +61,13 @@ class _RawSink(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        self.cpu0 = time.process_time()
 
     def data_received(self, data):
         self.n += len(data)
         if self.n >= self.expected:
-            self.transport.write(json.dumps({"bytes": self.n, "cpu": time.process_time()}).encode())
+            cpu = time.process_time() - self.cpu0
+            self.transport.write(json.dumps({"bytes": self.n, "cpu": cpu}).encode())
             self.transport.close()
 
 

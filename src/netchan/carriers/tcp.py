@@ -32,6 +32,9 @@ _PREAMBLE_LEN = len(MAGIC) + _TOKEN_LEN
 _HIGH_WATER = 2 * 1024 * 1024
 _LOW_WATER = 512 * 1024
 _LEN = struct.Struct("!H")
+_MAX_FRAME = 2 + 65535
+_READ_BUFFER = 1024 * 1024
+_READ_SIZE = 256 * 1024
 #: how long a dialed connection may stay silent before it is presumed dead
 DEFAULT_DEAD_AFTER = 3.5
 _BACKOFF_MIN = 0.05
@@ -47,12 +50,23 @@ def _frame(packets: list[bytes]) -> list[bytes]:
     return parts
 
 
-class _FramedProtocol(asyncio.Protocol):
-    """Length-prefixed packets over one TCP connection."""
+class _FramedProtocol(asyncio.BufferedProtocol):
+    """Length-prefixed packets over one TCP connection.
+
+    The socket is read straight into one reusable buffer; each packet is then
+    copied out once.  ``preamble`` bytes, if any, are read before the packets
+    and handed to :meth:`on_preamble`.
+    """
+
+    preamble = 0
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        self._buf = bytearray(_READ_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet parsed
+        self._end = 0  # end of the bytes read so far
+        self._need_preamble = self.preamble > 0
         self.paused = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -65,27 +79,47 @@ class _FramedProtocol(asyncio.Protocol):
                 pass
         transport.set_write_buffer_limits(high=_HIGH_WATER, low=_LOW_WATER)
 
-    def _parse(self, data: bytes) -> list[bytes]:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._buf) - self._end < _MAX_FRAME:
+            # move the partial packet to the front to make room
+            pending = self._end - self._start
+            self._buf[:pending] = self._view[self._start : self._end]
+            self._start, self._end = 0, pending
+        # reads of at most 256 kB keep batches (and so acknowledgements) frequent
+        return self._view[self._end : self._end + _READ_SIZE]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        view = self._view
+        pos, end = self._start, self._end
+        if self._need_preamble:
+            if end - pos < self.preamble:
+                return
+            self._need_preamble = False
+            pos += self.preamble
+            self._start = pos
+            if not self.on_preamble(bytes(view[pos - self.preamble : pos])):
+                return
         buf = self._buf
-        if buf:
-            buf += data
-            view = buf
-        else:
-            view = data
-        n = len(view)
-        pos = 0
         packets = []
-        while n - pos >= 2:
-            end = pos + 2 + ((view[pos] << 8) | view[pos + 1])
-            if end > n:
+        while end - pos >= 2:
+            stop = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+            if stop > end:
                 break
-            packets.append(bytes(view[pos + 2 : end]))
-            pos = end
-        if view is buf:
-            del buf[:pos]
-        elif pos < n:
-            buf += data[pos:]
-        return packets
+            packets.append(bytes(view[pos + 2 : stop]))
+            pos = stop
+        self._start = pos
+        if pos == end:
+            self._start = self._end = 0
+        if packets:
+            self.on_packets(packets)
+
+    def on_preamble(self, data: bytes) -> bool:
+        """Called once with the preamble; return False to stop reading."""
+        return True
+
+    def on_packets(self, packets: list[bytes]) -> None:
+        raise NotImplementedError
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -130,11 +164,12 @@ class _TcpReplyPath(PacketPath):
 
 
 class _ServerConn(_FramedProtocol):
+    preamble = _PREAMBLE_LEN
+
     def __init__(self, listener: _TcpListener) -> None:
         super().__init__()
         self._listener = listener
         self.path: _TcpReplyPath | None = None
-        self._pre = bytearray()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -146,25 +181,18 @@ class _ServerConn(_FramedProtocol):
         if self.path is None and self.transport is not None:
             self.transport.abort()
 
-    def data_received(self, data: bytes) -> None:
-        if self.path is None:
-            self._pre += data
-            if len(self._pre) < _PREAMBLE_LEN:
-                return
-            if self._pre[: len(MAGIC)] != MAGIC:
-                self._listener.rejected += 1
-                assert self.transport is not None
-                self.transport.abort()
-                return
-            self._timeout.cancel()
-            token = bytes(self._pre[len(MAGIC) : _PREAMBLE_LEN])
-            data = bytes(self._pre[_PREAMBLE_LEN:])
-            self._pre = bytearray()
-            self.path = self._listener._attach(token, self)
-            if not data:
-                return
-        packets = self._parse(data)
-        if packets:
+    def on_preamble(self, data: bytes) -> bool:
+        assert self.transport is not None
+        if data[: len(MAGIC)] != MAGIC:
+            self._listener.rejected += 1
+            self.transport.abort()
+            return False
+        self._timeout.cancel()
+        self.path = self._listener._attach(data[len(MAGIC) :], self)
+        return True
+
+    def on_packets(self, packets: list[bytes]) -> None:
+        if self.path is not None:
             self._listener._sink.packets_received(packets, self.path)
 
     def on_writable(self) -> None:
@@ -223,11 +251,9 @@ class _ClientConn(_FramedProtocol):
         self._path = path
         self.closed = asyncio.get_running_loop().create_future()
 
-    def data_received(self, data: bytes) -> None:
+    def on_packets(self, packets: list[bytes]) -> None:
         self._path.last_rx = time.monotonic()
-        packets = self._parse(data)
-        if packets:
-            self._path._sink.packets_received(packets, self._path)
+        self._path._sink.packets_received(packets, self._path)
 
     def on_writable(self) -> None:
         self._path._sink.path_writable(self._path)

@@ -26,8 +26,6 @@ __all__ = ["Engine", "get_engine", "ENGINES", "DEFAULT_ENGINE", "VIRTUAL_ADDRESS
 VIRTUAL_ADDRESS = ("fd00::1", 1)
 ALPN = "netchan/1"
 
-# Our application error codes live above QUIC's; see errors.NetchanError.code.
-
 
 class Engine:
     """One QUIC implementation, adapted."""
@@ -36,6 +34,12 @@ class Engine:
     #: largest QUIC packet the engine can build and parse reliably
     max_packet_size: int
     events: Any  # the engine's events module
+
+    _config_cls: Any
+    _conn_cls: Any
+
+    def __init__(self) -> None:
+        self._credentials_cache: dict[int, tuple[Identity, Any, Any]] = {}
 
     def create(
         self,
@@ -49,7 +53,40 @@ class Engine:
         original_destination_connection_id: bytes | None = None,
     ) -> Any:
         """A new QUIC connection; a server needs the DCID of the client's first packet."""
+        cert, key = self._credentials(identity)
+        config = self._config_cls(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=idle_timeout,
+            max_data=max_data,
+            max_stream_data=max_stream_data,
+            max_datagram_size=packet_size,
+            max_datagram_frame_size=65535,
+            verify_mode=ssl.CERT_NONE,  # we pin the peer's key ourselves
+            certificate=cert,
+            private_key=key,
+            server_name="netchan" if is_client else None,
+        )
+        self._tune(config, packet_size)
+        return self._conn_cls(
+            configuration=config,
+            original_destination_connection_id=original_destination_connection_id,
+        )
+
+    def _credentials(self, identity: Identity) -> tuple[Any, Any]:
+        # a certificate costs about a millisecond to make: once per identity
+        cached = self._credentials_cache.get(id(identity))
+        if cached is None or cached[0] is not identity:
+            cached = (identity, *self._make_credentials(identity))
+            self._credentials_cache[id(identity)] = cached
+        return cached[1], cached[2]
+
+    def _make_credentials(self, identity: Identity) -> tuple[Any, Any]:
+        """Certificate and private key in the engine's own types."""
         raise NotImplementedError
+
+    def _tune(self, config: Any, packet_size: int) -> None:
+        """Engine-specific settings on a fresh configuration."""
 
     def peer_certificate_der(self, conn: Any) -> bytes | None:
         raise NotImplementedError
@@ -90,10 +127,10 @@ class _Qh3Engine(Engine):
         from qh3._hazmat import Buffer
         from qh3 import tls
 
+        super().__init__()
         self.events = events
         self._config_cls = QuicConfiguration
         self._tls = tls
-        self._certs: dict[int, tuple[Any, Any]] = {}
 
         class Bridge(QuicTlsBridge):
             # qh3's client always announces max_udp_payload_size=1472, which
@@ -129,43 +166,18 @@ class _Qh3Engine(Engine):
 
         self._conn_cls = Connection
 
-    def _cert_for(self, identity: Identity) -> tuple[Any, Any]:
-        # converting keys into qh3's types costs ~1 ms; do it once per identity
-        key = id(identity)
-        cached = self._certs.get(key)
-        if cached is None or cached[2] is not identity:
-            cert_pem, key_pem = _pem(identity)
-            cached = (
-                self._tls.load_pem_x509_certificates(cert_pem)[0],
-                self._tls.load_pem_private_key(key_pem),
-                identity,
-            )
-            self._certs[key] = cached
-        return cached[0], cached[1]
-
-    def create(self, *, is_client, identity, packet_size, idle_timeout, max_data,
-               max_stream_data, original_destination_connection_id=None):
-        cert, key = self._cert_for(identity)
-        config = self._config_cls(
-            is_client=is_client,
-            alpn_protocols=[ALPN],
-            idle_timeout=idle_timeout,
-            max_data=max_data,
-            max_stream_data=max_stream_data,
-            max_datagram_size=packet_size,
-            max_datagram_frame_size=65535,
-            verify_mode=ssl.CERT_NONE,  # we pin the peer's key ourselves
-            certificate=cert,
-            private_key=key,
-            server_name="netchan" if is_client else None,
+    def _make_credentials(self, identity):
+        cert_pem, key_pem = _pem(identity)
+        return (
+            self._tls.load_pem_x509_certificates(cert_pem)[0],
+            self._tls.load_pem_private_key(key_pem),
         )
-        if is_client:
+
+    def _tune(self, config, packet_size):
+        if config.is_client:
+            # qh3 leaves EdDSA out of what a client accepts unless asked
             config.signature_algorithms = [self._tls.SignatureAlgorithm.ED25519]
         config.netchan_packet_size = packet_size  # read by Bridge
-        return self._conn_cls(
-            configuration=config,
-            original_destination_connection_id=original_destination_connection_id,
-        )
 
     def peer_certificate_der(self, conn):
         cert = conn.get_peercert()
@@ -192,29 +204,13 @@ class _AioquicEngine(Engine):
         from aioquic.quic.configuration import QuicConfiguration
         from aioquic.quic.connection import QuicConnection
 
+        super().__init__()
         self.events = events
         self._config_cls = QuicConfiguration
         self._conn_cls = QuicConnection
 
-    def create(self, *, is_client, identity, packet_size, idle_timeout, max_data,
-               max_stream_data, original_destination_connection_id=None):
-        config = self._config_cls(
-            is_client=is_client,
-            alpn_protocols=[ALPN],
-            idle_timeout=idle_timeout,
-            max_data=max_data,
-            max_stream_data=max_stream_data,
-            max_datagram_size=packet_size,
-            max_datagram_frame_size=65535,
-            verify_mode=ssl.CERT_NONE,  # we pin the peer's key ourselves
-            certificate=identity.certificate(),
-            private_key=identity.private_key,
-            server_name="netchan" if is_client else None,
-        )
-        return self._conn_cls(
-            configuration=config,
-            original_destination_connection_id=original_destination_connection_id,
-        )
+    def _make_credentials(self, identity):
+        return identity.certificate(), identity.private_key
 
     def peer_certificate_der(self, conn):
         cert = conn.tls._peer_certificate if conn.tls is not None else None

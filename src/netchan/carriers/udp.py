@@ -81,29 +81,27 @@ class _Socket:
                 return
             self._queue.append((data, addr))
             return
+        if not self._send_one(data, addr):
+            self._queue.append((data, addr))
+            self.loop.add_writer(self.sock.fileno(), self._write_ready)
+
+    def _send_one(self, data: bytes, addr: tuple | None) -> bool:
+        """False if the socket buffer is full (try again when writable)."""
         try:
             if addr is None:
                 self.sock.send(data)
             else:
                 self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
-            self._queue.append((data, addr))
-            self.loop.add_writer(self.sock.fileno(), self._write_ready)
+            return False
         except OSError:
             self.dropped += 1  # unreachable, too big...: a lost packet
+        return True
 
     def _write_ready(self) -> None:
         while self._queue:
-            data, addr = self._queue[0]
-            try:
-                if addr is None:
-                    self.sock.send(data)
-                else:
-                    self.sock.sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
+            if not self._send_one(*self._queue[0]):
                 return
-            except OSError:
-                self.dropped += 1
             self._queue.popleft()
         self.loop.remove_writer(self.sock.fileno())
         self._on_writable()

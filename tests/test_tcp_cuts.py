@@ -77,3 +77,24 @@ async def test_echo_keeps_working_across_cuts_on_a_schedule(ids):
                     assert got == msg
                     await asyncio.sleep(0.03)
                 assert cutter.cuts >= 3
+
+
+async def test_a_silent_tcp_connection_is_detected_and_redialed(ids):
+    """Keepalives expose a connection that stays open but carries nothing."""
+    server_id, client_id = ids
+    async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id],
+                            keepalive=0.25) as server:
+        server.serve("echo", echo)
+        host, port = server.addresses[0].removeprefix("tcp://").rsplit(":", 1)
+        async with TcpCutter((host, int(port))) as cutter:
+            async with netchan.Node(client_id, keepalive=0.25) as client:
+                peer = await client.connect(cutter.url + "?dead_after=1", node_id=server.node_id)
+                stream = await peer.open_stream("echo")
+                assert cutter.connections == 1
+                cutter.stall()
+                t0 = asyncio.get_running_loop().time()
+                await stream.send(b"after the blackhole")
+                assert await asyncio.wait_for(stream.receive(), 15) == b"after the blackhole"
+                assert cutter.connections == 2  # a new connection carried it
+                assert asyncio.get_running_loop().time() - t0 >= 0.9  # after the silence
+                assert not peer.closed

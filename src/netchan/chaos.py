@@ -3,7 +3,8 @@
 Like the proxy used to test Turbo Tunnel, :class:`TcpCutter` forwards every
 connection it accepts to a target and terminates all of them every
 ``cut_every`` seconds (or at random intervals in a range, reproducibly with a
-seed), or whenever :meth:`TcpCutter.cut` is called.  Tests and the demo use it
+seed), or whenever :meth:`TcpCutter.cut` is called; :meth:`TcpCutter.stall`
+silently stops the live connections instead, like a path that went dark.  Tests and the demo use it
 to prove that sessions survive broken carriers.
 """
 
@@ -47,6 +48,7 @@ class _Pipe(asyncio.Protocol):
             self._pending.clear()
 
     # the peer's buffer filled: stop reading from this side until it drains
+    # (a stalled pipe stays paused: resume_writing only follows pause_writing)
     def pause_writing(self) -> None:
         if self.other is not None and self.other.transport is not None:
             self.other.transport.pause_reading()
@@ -84,6 +86,7 @@ class TcpCutter:
         self.cut_every = cut_every
         self.rng = random.Random(seed)
         self.cuts = 0
+        self.stalls = 0
         self.connections = 0
         self.bytes_forwarded = 0
         self._pipes: set[_Pipe] = set()
@@ -138,6 +141,16 @@ class TcpCutter:
         while True:
             await asyncio.sleep(self._interval())
             self.cut()
+
+    def stall(self) -> int:
+        """Stop forwarding on every live connection without closing it (a
+        blackhole); new connections flow normally.  Returns how many stalled."""
+        pipes = list(self._pipes)
+        for pipe in pipes:
+            if pipe.transport is not None:
+                pipe.transport.pause_reading()
+        self.stalls += 1
+        return len(pipes) // 2
 
     def cut(self) -> int:
         """Terminate every live connection now; returns how many were cut."""

@@ -178,7 +178,8 @@ async def _client(ident: Identity, server: str, addr: tuple[str, int], seconds: 
         )
         moved = tally.sent + tally.received
         print("\n")
-        print(f"  bytes moved      {moved:,} ({_fmt_bytes(tally.sent)} each way, roughly)")
+        print(f"  bytes moved      {moved:,} (client sent {_fmt_bytes(tally.sent)}, "
+              f"server sent {_fmt_bytes(tally.received)})")
         print(f"  cuts survived    {cutter.cuts} (TCP connections made: {cutter.connections})")
         print(f"  checksums        {'verified: sha256 match both ways' if ok else 'MISMATCH'}")
         print(f"  throughput       {_fmt_bytes(moved / elapsed)}/s over {elapsed:.1f} s")

@@ -95,7 +95,10 @@ class Engine:
         """Bytes of the stream not yet acknowledged or not yet sent (engine-specific)."""
         raise NotImplementedError
 
-    receive_packets: Callable[[Any, list[bytes], float], None]
+    def receive_packets(self, conn: Any, packets: list[bytes], now: float) -> bool:
+        """Feed packets; True if one of them was a new, authenticated packet of
+        an established connection (only such packets may move a path)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<Engine {self.name}>"
@@ -186,12 +189,17 @@ class _Qh3Engine(Engine):
     def send_backlog(self, conn, stream_id):
         return conn.get_send_buffer_size(stream_id)
 
-    @staticmethod
-    def receive_packets(conn, packets, now):
-        if len(packets) == 1:
-            conn.receive_datagram(packets[0], VIRTUAL_ADDRESS, now)
-        else:
-            conn.receive_many_datagrams(packets, VIRTUAL_ADDRESS, now)
+    def receive_packets(self, conn, packets, now):
+        if conn._handshake_complete and conn._core is not None:
+            # the wrapper's receive_many_datagrams drops the native receive
+            # report, whose third field counts packets that decrypted and were
+            # not duplicates
+            report = conn._call_core(conn._core.receive_many_datagrams, packets, VIRTUAL_ADDRESS, now)
+            conn._drain_core()
+            return report[2] > 0
+        for packet in packets:
+            conn.receive_datagram(packet, VIRTUAL_ADDRESS, now)
+        return False
 
 
 class _AioquicEngine(Engine):
@@ -203,6 +211,9 @@ class _AioquicEngine(Engine):
         from aioquic.quic import events
         from aioquic.quic.configuration import QuicConfiguration
         from aioquic.quic.connection import QuicConnection
+        from aioquic.tls import Epoch
+
+        self._one_rtt = Epoch.ONE_RTT
 
         super().__init__()
         self.events = events
@@ -223,10 +234,12 @@ class _AioquicEngine(Engine):
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
 
-    @staticmethod
-    def receive_packets(conn, packets, now):
+    def receive_packets(self, conn, packets, now):
+        space = conn._spaces.get(self._one_rtt) if conn._handshake_complete else None
+        before = space.largest_received_packet if space is not None else None
         for packet in packets:
             conn.receive_datagram(packet, VIRTUAL_ADDRESS, now)
+        return space is not None and space.largest_received_packet > before
 
 
 _FACTORIES: dict[str, Callable[[], Engine]] = {"qh3": _Qh3Engine, "aioquic": _AioquicEngine}

@@ -344,9 +344,11 @@ class _Session:
             # than hold more in memory
             self.packets_dropped += len(packets)
             return
-        if path is not self.path and not self.dialed:
+        authentic = core.receive_packets(packets, self.loop.time())
+        if path is not self.path and authentic and not self.dialed:
+            # the peer moved (a new UDP source, say): answer there from now on.
+            # Forged or replayed packets are not authentic and move nothing.
             self.node._move_path(self, path)
-        core.receive_packets(packets, self.loop.time())
         self._process_events()
         self._transmit()
 

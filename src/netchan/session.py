@@ -315,18 +315,25 @@ class SessionCore:
 
     # -- packets in and out -------------------------------------------------
 
-    def receive_packets(self, packets: list[bytes], now: float) -> None:
-        """Feed packets that arrived from the peer (any carrier, any path)."""
+    def receive_packets(self, packets: list[bytes], now: float) -> bool:
+        """Feed packets that arrived from the peer (any carrier, any path).
+
+        Returns True if at least one of them was new and authenticated: only
+        then may the caller believe the path they came by.
+        """
         if self.closed:
-            return
-        self._last_rx = self._now = now
+            return False
+        self._now = now
         self.packets_received += len(packets)
         try:
-            self.engine.receive_packets(self._quic, packets, now)
+            authentic = self.engine.receive_packets(self._quic, packets, now)
         except Exception as exc:  # the engine rejected the packets outright
             self._fail(RemoteProtocolError(f"QUIC error: {exc}"))
-            return
+            return False
+        if authentic or not self.authenticated:
+            self._last_rx = now  # forged packets must not hold back keepalives
         self._process_quic_events(now)
+        return authentic
 
     def packets_to_send(self, now: float) -> list[bytes]:
         try:

@@ -337,3 +337,124 @@ async def test_connect_to_nothing_times_out_with_a_reason(ids):
     async with netchan.Node(ids[1]) as client:
         with pytest.raises(netchan.Timeout, match="could not reach"):
             await client.connect(f"tcp://127.0.0.1:{port}", node_id=ids[0].node_id, timeout=1.0)
+
+
+async def test_a_slow_reader_stalls_only_its_own_stream(memory_url, ids):
+    server_id, client_id = ids
+
+    async def never_reads(stream, peer):
+        await asyncio.sleep(3600)
+
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id],
+                            max_stream_data=1 << 20) as server:
+        server.serve("lazy", never_reads)
+        server.serve("echo", echo)
+        async with netchan.Node(client_id, linger=3.0, keepalive=0.5) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            lazy = await peer.open_stream("lazy")
+            sent = 0
+
+            async def flood():
+                nonlocal sent
+                while True:
+                    await lazy.send(b"z" * 65536)
+                    sent += 65536
+
+            task = asyncio.ensure_future(flood())
+            await asyncio.sleep(0.5)
+            stuck = sent
+            assert stuck <= 2 << 20  # held back by the reader's window
+            # the session and its other streams carry on, past the linger time
+            async with await peer.open_stream("echo") as s:
+                for i in range(8):
+                    await s.send(b"ping %d" % i)
+                    assert await asyncio.wait_for(s.receive(), 5) == b"ping %d" % i
+                    await asyncio.sleep(0.5)
+            assert not peer.closed and sent == stuck
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
+async def test_more_concurrent_streams_than_the_peer_allows_wait_their_turn(memory_url, ids, engine):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], engine=engine) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id, engine=engine) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+
+            async def one(i):
+                async with await peer.open_stream("echo") as s:
+                    await s.send(b"%d" % i)
+                    await s.send_eof()
+                    return await read_all(s)
+
+            results = await asyncio.gather(*(one(i) for i in range(250)))
+            assert results == [b"%d" % i for i in range(250)]
+
+
+async def test_refusals_do_not_use_up_streams(memory_url, ids, engine):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], engine=engine) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id, engine=engine) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            for _ in range(300):
+                with pytest.raises(netchan.ServiceNotFound):
+                    await peer.open_stream("missing")
+            async with await peer.open_stream("echo") as s:
+                await s.send(b"fine")
+                assert await s.receive() == b"fine"
+
+
+async def test_a_replayed_tcp_token_takes_over_nothing(ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(server.addresses[0], node_id=server.node_id)
+            stream = await peer.open_stream("echo")
+            token = peer._session.path.token
+            port = int(server.addresses[0].rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # the token, then frames that are not authentic
+            writer.write(b"NCT\x01" + token + b"\x00\x30" + bytes([0x40]) + os.urandom(47))
+            await writer.drain()
+            for i in range(5):
+                await stream.send(b"still mine %d" % i)
+                assert await asyncio.wait_for(stream.receive(), 5) == b"still mine %d" % i
+            try:  # the impostor's connection got no reply at all
+                got = await asyncio.wait_for(reader.read(100), 0.5)
+            except asyncio.TimeoutError:
+                got = b""
+            assert got == b""
+            writer.close()
+
+
+async def test_errors_raised_again_do_not_pile_up_tracebacks(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            stream = await peer.open_stream("echo")
+            await peer.aclose()
+            depths = []
+            for _ in range(50):
+                try:
+                    await stream.send(b"x")
+                except netchan.NetchanError as exc:
+                    tb, depth = exc.__traceback__, 0
+                    while tb is not None:
+                        depth, tb = depth + 1, tb.tb_next
+                    depths.append(depth)
+            assert len(depths) == 50 and max(depths) < 10
+
+
+async def test_a_failed_connect_leaves_no_dialer_behind(ids):
+    before = asyncio.all_tasks()
+    async with netchan.Node(ids[1]) as client:
+        with pytest.raises(netchan.ConfigurationError):
+            await client.connect("tcp://127.0.0.1:9?packet_size=100", node_id=ids[0].node_id)
+    await asyncio.sleep(0.1)
+    assert asyncio.all_tasks() - before == set()

@@ -206,3 +206,84 @@ def test_service_names_are_checked():
         pair.client.open_stream("")
     with pytest.raises(errors.ConfigurationError):
         pair.client.open_stream("x" * 300)
+
+
+def test_streams_arriving_out_of_order_are_all_seen(engine):
+    pair = established(engine)
+    a = pair.client.open_stream("svc-a")
+    pa = pair.client.packets_to_send(pair.clock.now)
+    b = pair.client.open_stream("svc-b")
+    pb = pair.client.packets_to_send(pair.clock.now)
+    pair.server.receive_packets(pb, pair.clock.now)  # b overtakes a
+    pair.server.receive_packets(pa, pair.clock.now)
+    pair._drain_events()
+    seen = {(e.stream_id, e.service) for e in events_of(pair.server_events, StreamRequested)}
+    assert seen == {(a, "svc-a"), (b, "svc-b")}
+
+
+def test_a_stream_reset_in_the_same_batch_as_its_header_is_not_served(engine):
+    pair = established(engine)
+    sid = pair.client.open_stream("svc")
+    p1 = pair.client.packets_to_send(pair.clock.now)
+    pair.client.reset_stream(sid)
+    p2 = pair.client.packets_to_send(pair.clock.now)
+    pair.server.receive_packets(p1 + p2, pair.clock.now)
+    pair._drain_events()
+    for req in events_of(pair.server_events, StreamRequested):
+        assert pair.server.accept_stream(req.stream_id) is False
+    assert not pair.server.closed
+
+
+def test_refused_streams_return_their_slots(engine):
+    pair = established(engine)
+    for _ in range(300):  # well beyond the peer's concurrent stream limit
+        sid = pair.client.open_stream("missing")
+        pair.run()
+        pair.server.refuse_stream(sid, errors.ServiceNotFound("no"))
+        pair.run()
+        assert isinstance(pair.client_events[-1], StreamRefused)
+    assert pair.client.can_open_stream()
+    open_accepted(pair)
+
+
+def test_a_server_stream_that_overtakes_the_verdict_waits_for_it(engine):
+    pair = SessionPair.create(engine)
+    for _ in range(50):  # until the server has accepted the client
+        pair.clock.advance(0.001)
+        pair._deliver("c2s", pair.client.packets_to_send(pair.clock.now))
+        if pair.server.authenticated:
+            break
+        pair._deliver("s2c", pair.server.packets_to_send(pair.clock.now))
+    verdict = pair.server.packets_to_send(pair.clock.now)
+    sid = pair.server.open_stream("back")
+    overtaking = pair.server.packets_to_send(pair.clock.now)
+    pair.client.receive_packets(overtaking, pair.clock.now)
+    assert not pair.client.closed
+    pair.client.receive_packets(verdict, pair.clock.now)
+    pair.run()
+    assert pair.client.authenticated
+    req = events_of(pair.client_events, StreamRequested)
+    assert req and req[0].stream_id == sid and req[0].service == "back"
+
+
+def test_credit_limits_what_a_sender_may_queue(engine):
+    from netchan.session import INITIAL_CREDIT, CreditGranted
+
+    config = SessionConfig(max_stream_data=4 * INITIAL_CREDIT)
+    pair = established(engine, config=config)
+    sid = open_accepted(pair)
+    assert pair.client.send_allowance(sid) == INITIAL_CREDIT
+    with pytest.raises(errors.LocalProtocolError, match="credit"):
+        pair.client.send_stream(sid, b"x" * (INITIAL_CREDIT + 1))
+    pair.client.send_stream(sid, b"x" * INITIAL_CREDIT)
+    assert pair.client.send_allowance(sid) == 0
+    for _ in range(20):
+        pair.run()
+        pair.advance(0.1)
+    received = sum(len(e.data) for e in events_of(pair.server_events, StreamData))
+    assert received == INITIAL_CREDIT
+    assert not events_of(pair.client_events, CreditGranted)  # nobody has read yet
+    assert pair.server.stream_consumed(sid, received)  # the application reads it all
+    pair.run()
+    assert CreditGranted(sid) in pair.client_events
+    assert pair.client.send_allowance(sid) == 4 * INITIAL_CREDIT

@@ -14,6 +14,7 @@ each packet, so a session's identity never depends on an address.
 from __future__ import annotations
 
 import ssl
+import weakref
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives import serialization
@@ -39,7 +40,9 @@ class Engine:
     _conn_cls: Any
 
     def __init__(self) -> None:
-        self._credentials_cache: dict[int, tuple[Identity, Any, Any]] = {}
+        self._credentials_cache: weakref.WeakKeyDictionary[Identity, tuple[Any, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def create(
         self,
@@ -75,11 +78,10 @@ class Engine:
 
     def _credentials(self, identity: Identity) -> tuple[Any, Any]:
         # a certificate costs about a millisecond to make: once per identity
-        cached = self._credentials_cache.get(id(identity))
-        if cached is None or cached[0] is not identity:
-            cached = (identity, *self._make_credentials(identity))
-            self._credentials_cache[id(identity)] = cached
-        return cached[1], cached[2]
+        cached = self._credentials_cache.get(identity)
+        if cached is None:
+            cached = self._credentials_cache[identity] = self._make_credentials(identity)
+        return cached
 
     def _make_credentials(self, identity: Identity) -> tuple[Any, Any]:
         """Certificate and private key in the engine's own types."""
@@ -94,6 +96,10 @@ class Engine:
     def send_backlog(self, conn: Any, stream_id: int) -> int:
         """Bytes of the stream not yet acknowledged or not yet sent (engine-specific)."""
         raise NotImplementedError
+
+    def can_open_stream(self, conn: Any) -> bool:
+        """False while the peer's limit on concurrent streams is reached."""
+        return True
 
     def receive_packets(self, conn: Any, packets: list[bytes], now: float) -> bool:
         """Feed packets; True if one of them was a new, authenticated packet of
@@ -188,6 +194,12 @@ class _Qh3Engine(Engine):
 
     def send_backlog(self, conn, stream_id):
         return conn.get_send_buffer_size(stream_id)
+
+    def can_open_stream(self, conn):
+        # (peer's cumulative limit, ..., streams we opened, ...); qh3 raises
+        # when asked for one more, where aioquic queues it
+        limits = conn._core.stream_limits if conn._core is not None else None
+        return limits is None or limits[2] < limits[0]
 
     def receive_packets(self, conn, packets, now):
         if conn._handshake_complete and conn._core is not None:

@@ -32,6 +32,7 @@ from .session import (
     Authenticated,
     ConnectionIdIssued,
     ConnectionIdRetired,
+    CreditGranted,
     DatagramReceived,
     SessionConfig,
     SessionCore,
@@ -105,16 +106,33 @@ class Stream:
         return f"<Stream {self.stream_id} {self.service!r} to {self._session.peer_id}>"
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data`` for the peer; waits while too much is still unsent."""
+        """Queue ``data`` for the peer.
+
+        Waits while the peer's application has not read enough (its credit)
+        and while too much is still unsent, so memory stays bounded.  Like a
+        socket, a send cancelled while waiting may have queued a prefix.
+        """
         if self._send_closed:
             raise ClosedError("this stream's sending side is closed")
         if self._send_error is not None:
-            raise self._send_error
+            raise self._send_error.with_traceback(None)
         session = self._session
         core = session.core
-        core.send_stream(self.stream_id, data)
+        sid = self.stream_id
+        allowance = core.send_allowance(sid)
+        if len(data) > allowance:
+            view = memoryview(data).cast("B")
+            while len(view) > allowance:
+                if allowance > 0:
+                    core.send_stream(sid, view[:allowance])
+                    view = view[allowance:]
+                session.schedule_transmit()
+                await session.wait_credit(self)
+                allowance = core.send_allowance(sid)
+            data = view
+        core.send_stream(sid, data)
         session.schedule_transmit()
-        if core.send_backlog(self.stream_id) > session.high_water:
+        if core.send_backlog(sid) > session.high_water:
             await session.wait_drained(self)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
@@ -126,7 +144,7 @@ class Stream:
             if self._eof:
                 raise EndOfStream("the peer finished sending")
             if self._error is not None:
-                raise self._error
+                raise self._error.with_traceback(None)
             fut = self._session.loop.create_future()
             self._waiter = fut
             try:
@@ -137,7 +155,9 @@ class Stream:
         if len(data) > max_bytes:
             chunks.appendleft(data[max_bytes:])
             data = data[:max_bytes]
-        self._session.rx_buffered -= len(data)
+        session = self._session
+        if session.core.stream_consumed(self.stream_id, len(data)):
+            session.schedule_transmit()  # a credit message for the peer
         return data
 
     async def receive_exactly(self, n: int) -> bytes:
@@ -174,7 +194,6 @@ class Stream:
         except NetchanError:
             pass
         self._closed = True
-        session.rx_buffered -= sum(map(len, self._chunks))
         self._chunks.clear()
         session.forget_stream(self)
         self._wake()
@@ -195,7 +214,6 @@ class Stream:
     def _on_data(self, data: bytes, end: bool) -> None:
         if data:
             self._chunks.append(data)
-            self._session.rx_buffered += len(data)
         if end:
             self._eof = True
         self._wake()
@@ -217,6 +235,7 @@ class Stream:
         if self._send_error is None:
             self._send_error = error
         self._session._wake_writers()
+        self._session._wake_credit(self)
 
 
 class Peer:
@@ -260,6 +279,8 @@ class Peer:
         refuses us, BrokenError if the session is gone.
         """
         session = self._session
+        while not session.core.can_open_stream() and not session.core.closed:
+            await session.wait_stream_slot()
         sid = session.core.open_stream(service)
         stream = Stream(session, sid, service)
         fut: asyncio.Future[None] = session.loop.create_future()
@@ -272,6 +293,7 @@ class Peer:
             else:
                 await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
+            session.opening.pop(sid, None)
             session.core.reset_stream(sid)
             session.forget_stream(stream)
             raise Timeout(f"service {service!r} on {self.node_id} did not answer in time") from None
@@ -320,13 +342,12 @@ class _Session:
         self.opening: dict[int, asyncio.Future[None]] = {}
         self.ready: asyncio.Future[Peer] = self.loop.create_future()
         self.done: asyncio.Future[None] = self.loop.create_future()
-        self.rx_buffered = 0
-        # QUIC grants credit as packets arrive, not as the application reads,
-        # so the bytes held for a slow reader are bounded here instead
-        self.rx_limit = node.config.max_data
         self.cids: set[bytes] = set()
         self.high_water = node.engine_high_water
-        self._blocked: dict[Stream, asyncio.Future[None]] = {}
+        self._blocked: dict[Stream, asyncio.Future[None]] = {}  # waiting for the engine to send
+        self._credit_waiters: dict[Stream, asyncio.Future[None]] = {}  # waiting for the peer to read
+        self._slot_waiters: list[asyncio.Future[None]] = []  # waiting to open a stream
+        self.reaper: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tx_scheduled = False
@@ -339,16 +360,13 @@ class _Session:
         core = self.core
         if core is None or self.done.done():
             return
-        if self.rx_buffered > self.rx_limit:
-            # the application is not reading: let QUIC retransmit later rather
-            # than hold more in memory
-            self.packets_dropped += len(packets)
-            return
         authentic = core.receive_packets(packets, self.loop.time())
-        if path is not self.path and authentic and not self.dialed:
-            # the peer moved (a new UDP source, say): answer there from now on.
+        if authentic and not self.dialed:
             # Forged or replayed packets are not authentic and move nothing.
-            self.node._move_path(self, path)
+            path.confirm()
+            if path is not self.path:
+                # the peer moved (a new UDP source, say): answer there from now on
+                self.node._move_path(self, path)
         self._process_events()
         self._transmit()
 
@@ -376,6 +394,8 @@ class _Session:
                 path.send_packets(packets)
         if self._blocked:
             self._wake_writers()
+        if self._slot_waiters and core.can_open_stream():
+            self._wake_slot_waiters()
         if core._events:
             self._process_events()
         if core.closed:
@@ -410,15 +430,39 @@ class _Session:
                 if not fut.done():
                     fut.set_result(None)
 
-    async def wait_drained(self, stream: Stream) -> None:
+    def _wake_credit(self, stream: Stream) -> None:
+        fut = self._credit_waiters.pop(stream, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait_credit(self, stream: Stream) -> None:
+        """Until the peer grants the stream more credit (or it breaks)."""
+        await self._wait_writer(self._credit_waiters, stream)
+
+    async def _wait_writer(self, waiters: dict[Stream, asyncio.Future[None]], stream: Stream) -> None:
         fut = self.loop.create_future()
-        self._blocked[stream] = fut
+        waiters[stream] = fut
         try:
             await fut
         finally:
-            self._blocked.pop(stream, None)
+            waiters.pop(stream, None)
         if stream._send_error is not None:
-            raise stream._send_error
+            raise stream._send_error.with_traceback(None)
+
+    def _wake_slot_waiters(self) -> None:
+        waiters, self._slot_waiters = self._slot_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_stream_slot(self) -> None:
+        fut = self.loop.create_future()
+        self._slot_waiters.append(fut)
+        await fut
+
+    async def wait_drained(self, stream: Stream) -> None:
+        """Until the engine has sent most of what the stream queued."""
+        await self._wait_writer(self._blocked, stream)
 
     def forget_stream(self, stream: Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
@@ -459,6 +503,10 @@ class _Session:
                 stream = streams.get(ev.stream_id)
                 if stream is not None:
                     stream._on_stop_sending(BrokenError(f"the peer stopped reading (code {ev.error_code:#x})"))
+            elif kind is CreditGranted:
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    self._wake_credit(stream)
             elif kind is DatagramReceived:
                 self.node._on_datagram(self, ev.service, ev.data)
             elif kind is Authenticated:
@@ -485,9 +533,11 @@ class _Session:
         self.opening.clear()
         for stream in list(self.streams.values()):
             stream._on_error(stream_error)
-        for fut in self._blocked.values():
-            if not fut.done():
-                fut.set_result(None)
+        for waiters in (self._blocked, self._credit_waiters):
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.set_result(None)
+        self._wake_slot_waiters()
         if not self.ready.done():
             self.ready.set_exception(error)
             self.ready.exception()  # retrieved: connect() may have given up already
@@ -498,9 +548,10 @@ class _Session:
         """The core is closed: flush its last packets, stop the timer, let go."""
         if self.done.done():
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self.reaper):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self.reaper = None
         self.done.set_result(None)
         self.node._forget_session(self)
         if self.dialed:
@@ -556,7 +607,7 @@ class Node:
         self._services: dict[str, StreamHandler] = {PING_SERVICE: echo_service}
         self._dgram_services: dict[str, DatagramHandler] = {}
         self._listeners: list[Listener] = []
-        self._sessions: set[_Session] = set()
+        self._sessions: dict[_Session, None] = {}  # ordered: oldest first
         self._by_cid: dict[bytes, _Session] = {}
         self._by_path: dict[PacketPath, _Session] = {}
         self._half_open = 0
@@ -659,8 +710,9 @@ class Node:
             session.core.refuse_stream(sid, ServiceNotFound(f"node {self.node_id} has no service {service!r}"))
             return
         stream = Stream(session, sid, service)
+        if not session.core.accept_stream(sid):
+            return  # the peer gave up on it already
         session.streams[sid] = stream
-        session.core.accept_stream(sid)
         self._spawn(self._run_handler(handler, stream, session.peer), f"netchan {service} {sid}")
 
     @staticmethod
@@ -706,15 +758,19 @@ class Node:
             raise BrokenError(f"cannot dial {url}: {exc.strerror or exc}") from None
         loop = asyncio.get_running_loop()
         session.path = path
-        session.core = SessionCore(
-            engine=self.engine,
-            identity=self.identity,
-            is_client=True,
-            now=loop.time(),
-            config=replace(self.config, packet_size=path.packet_size),
-            expected_peer=expected,
-        )
-        self._sessions.add(session)
+        try:
+            session.core = SessionCore(
+                engine=self.engine,
+                identity=self.identity,
+                is_client=True,
+                now=loop.time(),
+                config=replace(self.config, packet_size=path.packet_size),
+                expected_peer=expected,
+            )
+        except BaseException:
+            path.close()
+            raise
+        self._sessions[session] = None
         session._transmit()
         limit = timeout if timeout is not None else self.config.handshake_timeout
         try:
@@ -777,8 +833,14 @@ class Node:
         ):
             return None
         if self._half_open >= _MAX_HALF_OPEN:
-            log.warning("too many sessions authenticating; dropping a new one")
-            return None
+            # evict the oldest session still authenticating rather than refuse
+            # newcomers: a flood of Initials then cannot lock everyone out
+            oldest = next((s for s in self._sessions if not s.dialed and s.peer is None
+                           and not s.core.closed), None)
+            if oldest is None:
+                return None
+            log.warning("too many sessions authenticating; evicting the oldest")
+            oldest.close(Timeout("evicted: too many sessions authenticating"))
         session = _Session(self, dialed=False)
         session.path = path
         session.core = SessionCore(
@@ -790,13 +852,13 @@ class Node:
             allow=self._is_allowed,
             original_destination_connection_id=cid,
         )
-        self._sessions.add(session)
+        self._sessions[session] = None
         self._half_open += 1
         self._by_path[path] = session
         self._add_cid(session, cid)
         self._add_cid(session, session.core.host_connection_id)
         # a forged Initial makes a session that never answers: drop it soon
-        session.loop.call_later(2.0, self._reap_silent, session)
+        session.reaper = session.loop.call_later(2.0, self._reap_silent, session)
         return session
 
     def _reap_silent(self, session: _Session) -> None:
@@ -826,7 +888,7 @@ class Node:
         log.info("peer %s up via %s", session.peer_id, session.path.label)
 
     def _forget_session(self, session: _Session) -> None:
-        self._sessions.discard(session)
+        self._sessions.pop(session, None)
         if not session.dialed and session.peer is None:
             self._half_open -= 1
         for cid in session.cids:

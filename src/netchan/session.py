@@ -20,6 +20,12 @@ What it adds on top of QUIC:
   the accepting side answers with one status byte (or an error), so an opener
   learns at once that a service does not exist.  Datagrams carry a short
   service tag.
+* **Per-stream credit.**  QUIC engines grant flow-control credit as packets
+  arrive, not as the application reads, so a slow reader would hold ever more
+  data.  Each stream therefore also has an application-level window
+  (``max_stream_data``): the receiver grants credit on stream 0 as its
+  application consumes bytes, and the sender queues no more than granted.  A
+  slow reader stalls only its own stream.
 * **Keepalives.**  A PING is sent when nothing has been received for
   ``keepalive_interval``, so a live session always has traffic and a dead path
   is noticed.  The QUIC idle timeout is the session's linger time.
@@ -61,6 +67,7 @@ __all__ = [
     "StreamData",
     "StreamReset",
     "StopSending",
+    "CreditGranted",
     "DatagramReceived",
     "ConnectionIdIssued",
     "ConnectionIdRetired",
@@ -68,6 +75,8 @@ __all__ = [
 ]
 
 AUTH_STREAM = 0
+#: what a sender may put on a new stream before the receiver grants more
+INITIAL_CREDIT = 1024 * 1024
 AUTH_CONTEXT = b"netchan client auth v1\x00"
 MAX_SERVICE_NAME = 255
 # short header (1) + connection id (8) + packet number (4) + AEAD tag (16)
@@ -149,6 +158,13 @@ class StopSending(SessionEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class CreditGranted(SessionEvent):
+    """The peer's application read enough: more may be sent on the stream."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class DatagramReceived(SessionEvent):
     service: str
     data: bytes
@@ -189,7 +205,8 @@ class SessionConfig:
     keepalive_interval: float = 1.0
     #: authentication must complete within this time after the first packet
     handshake_timeout: float = 10.0
-    #: connection-level and per-stream receive windows
+    #: connection-level and per-stream receive windows (the per-stream one is
+    #: also the credit our application-level flow control grants)
     max_data: int = 64 * 1024 * 1024
     max_stream_data: int = 16 * 1024 * 1024
 
@@ -296,7 +313,16 @@ class SessionCore:
         self._opening: dict[int, bytearray] = {}  # ours, waiting for the status reply
         self._incoming: dict[int, bytearray] = {}  # theirs, header not complete yet
         self._requested: dict[int, list[tuple[bytes, bool]]] = {}  # theirs, awaiting accept
-        self._last_peer_stream = -1  # highest stream id the peer opened
+        # the lowest stream id the peer has not opened yet (0 is the auth stream),
+        # and ids below it that were skipped: streams may arrive out of order
+        self._next_peer_stream = 1 if is_client else 4
+        self._unseen_peer_streams: set[int] = set()
+        self._early: list[tuple[int, bytes, bool]] = []  # server streams before our auth result
+        # application-level credit, per open stream
+        self._send_limit: dict[int, int] = {}
+        self._sent: dict[int, int] = {}
+        self._consumed: dict[int, int] = {}
+        self._granted: dict[int, int] = {}
         self._deadline = now + config.handshake_timeout
         self._now = now
         self._rejected: NetchanError | None = None
@@ -399,17 +425,58 @@ class SessionCore:
         """Open a stream to ``service`` on the peer; answered by StreamAccepted/Refused."""
         self._check_usable()
         name = _service_bytes(service)
+        if not self.can_open_stream():
+            raise errors.WouldBlock("the peer's limit of open streams is reached")
         sid = self._quic.get_next_available_stream_id()
+        try:
+            self._quic.send_stream_data(sid, bytes((len(name),)) + name)
+        except Exception as exc:
+            raise BrokenError(f"cannot open a stream: {exc}") from None
         self._opening[sid] = bytearray()
-        self._quic.send_stream_data(sid, bytes((len(name),)) + name)
+        self._start_credit(sid)
         return sid
 
-    def accept_stream(self, stream_id: int) -> None:
-        pending = self._requested.pop(stream_id)
+    def can_open_stream(self) -> bool:
+        """False while the peer allows no more concurrent streams."""
+        return not self.closed and self.engine.can_open_stream(self._quic)
+
+    def accept_stream(self, stream_id: int) -> bool:
+        """Accept a requested stream; False if the peer abandoned it meanwhile."""
+        pending = self._requested.pop(stream_id, None)
+        if pending is None:
+            return False
         self._open.add(stream_id)
+        self._start_credit(stream_id)
         self._quic.send_stream_data(stream_id, _OK)
         for data, end in pending:
             self._events.append(StreamData(stream_id, data, end))
+        return True
+
+    def _start_credit(self, sid: int) -> None:
+        self._send_limit[sid] = INITIAL_CREDIT
+        self._sent[sid] = 0
+        self._consumed[sid] = 0
+        self._granted[sid] = INITIAL_CREDIT
+
+    def send_allowance(self, stream_id: int) -> int:
+        """How many more bytes the peer lets us queue on this stream now."""
+        return self._send_limit.get(stream_id, 0) - self._sent.get(stream_id, 0)
+
+    def stream_consumed(self, stream_id: int, nbytes: int) -> bool:
+        """Our application read ``nbytes``; True if that granted the peer more credit."""
+        consumed = self._consumed.get(stream_id)
+        if consumed is None or self.closed:
+            return False
+        consumed += nbytes
+        self._consumed[stream_id] = consumed
+        window = self.config.max_stream_data
+        if consumed + window - self._granted[stream_id] < window // 2:
+            return False
+        limit = self._granted[stream_id] = consumed + window
+        self._quic.send_stream_data(
+            AUTH_STREAM, _Frames.encode({"t": "credit", "s": stream_id, "l": limit})
+        )
+        return True
 
     def refuse_stream(self, stream_id: int, error: NetchanError) -> None:
         self._requested.pop(stream_id, None)
@@ -424,7 +491,14 @@ class SessionCore:
             pass  # the peer already reset it
 
     def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """Queue ``data``; it must fit in :meth:`send_allowance`."""
         self._check_usable()
+        n = len(data)
+        if n:
+            sent = self._sent.get(stream_id)
+            if sent is None or sent + n > self._send_limit[stream_id]:
+                raise LocalProtocolError(f"{n} bytes exceed the credit of stream {stream_id}")
+            self._sent[stream_id] = sent + n
         try:
             self._quic.send_stream_data(stream_id, data, end)
         except Exception as exc:
@@ -436,14 +510,13 @@ class SessionCore:
         self._opening.pop(stream_id, None)
         self._requested.pop(stream_id, None)
         self._incoming.pop(stream_id, None)
+        for table in (self._send_limit, self._sent, self._consumed, self._granted):
+            table.pop(stream_id, None)
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
         if self.closed:
             return
-        self._open.discard(stream_id)
-        self._opening.pop(stream_id, None)
-        self._requested.pop(stream_id, None)
-        self._incoming.pop(stream_id, None)
+        self.forget_stream(stream_id)
         for call in (self._quic.reset_stream, self._quic.stop_stream):
             try:
                 call(stream_id, error_code)
@@ -509,7 +582,7 @@ class SessionCore:
 
     def _check_usable(self) -> None:
         if self.closed:
-            raise self.error if isinstance(self.error, ClosedError) else BrokenError(
+            raise self.error.with_traceback(None) if isinstance(self.error, ClosedError) else BrokenError(
                 f"session is gone: {self.error}"
             )
         if not self.authenticated:
@@ -593,6 +666,11 @@ class SessionCore:
                 self._on_auth_message(msg)
             return
         if not self.authenticated:
+            if self.is_client and self._challenge is not None and sid & 1:
+                # the server accepted us and opened a stream, and that packet
+                # overtook the one with its verdict: hold it until the verdict
+                self._early.append((sid, data, end))
+                return
             # a stream other than the auth stream before authentication: no
             # service may see it; the peer is misbehaving
             raise RemoteProtocolError("stream opened before authentication")
@@ -604,11 +682,20 @@ class SessionCore:
             self._requested[sid].append((data, end))
         else:
             ours = (sid & 1) == (0 if self.is_client else 1)
-            if ours or sid <= self._last_peer_stream:
+            if ours:
                 return  # late data on a stream we already forgot
             if sid & 2:
                 raise RemoteProtocolError(f"unexpected unidirectional stream {sid}")
-            self._last_peer_stream = sid
+            if sid >= self._next_peer_stream:
+                skipped = range(self._next_peer_stream, sid, 4)
+                if len(skipped) > 10_000:
+                    raise RemoteProtocolError(f"stream id {sid} skips too many streams")
+                self._unseen_peer_streams.update(skipped)
+                self._next_peer_stream = sid + 4
+            elif sid in self._unseen_peer_streams:
+                self._unseen_peer_streams.discard(sid)
+            else:
+                return  # late data on a stream we already forgot
             self._incoming[sid] = bytearray()
             self._on_stream_header(sid, data, end)
 
@@ -642,8 +729,7 @@ class SessionCore:
         buf += data
         if not buf:
             if end:
-                del self._opening[sid]
-                self._events.append(StreamRefused(sid, BrokenError("stream closed unanswered")))
+                self._refused(sid, BrokenError("stream closed unanswered"))
             return
         status = buf[0]
         if status == 0:
@@ -655,19 +741,26 @@ class SessionCore:
             return
         if len(buf) < 3 or len(buf) < 3 + _U16.unpack_from(buf, 1)[0]:
             if end:
-                del self._opening[sid]
-                self._events.append(StreamRefused(sid, RemoteProtocolError("truncated refusal")))
+                self._refused(sid, RemoteProtocolError("truncated refusal"))
             return
-        del self._opening[sid]
         (n,) = _U16.unpack_from(buf, 1)
         reason = bytes(buf[3 : 3 + n]).decode("utf-8", "replace")
         cls = _REFUSE_ERRORS.get(status, RemoteProtocolError)
-        self._events.append(StreamRefused(sid, cls(reason)))
+        self._refused(sid, cls(reason))
+
+    def _refused(self, sid: int, error: NetchanError) -> None:
+        self.forget_stream(sid)
+        try:
+            # finish our side too, or the stream never ends and its slot in
+            # the peer's stream limit is never returned
+            self._quic.send_stream_data(sid, b"", end_stream=True)
+        except Exception:
+            pass
+        self._events.append(StreamRefused(sid, error))
 
     def _on_stream_reset(self, sid: int, code: int, kind: type) -> None:
         if sid in self._opening:
-            del self._opening[sid]
-            self._events.append(StreamRefused(sid, BrokenError(f"stream reset by peer (code {code:#x})")))
+            self._refused(sid, BrokenError(f"stream reset by peer (code {code:#x})"))
             return
         self._incoming.pop(sid, None)
         if self._requested.pop(sid, None) is not None:
@@ -691,6 +784,17 @@ class SessionCore:
 
     def _on_auth_message(self, msg: dict) -> None:
         kind = msg.get("t")
+        if self.authenticated:
+            # after authentication stream 0 carries control messages
+            if kind != "credit":
+                raise RemoteProtocolError(f"unexpected control message {kind!r}")
+            sid, limit = msg.get("s"), msg.get("l")
+            if not isinstance(sid, int) or not isinstance(limit, int):
+                raise RemoteProtocolError("malformed credit message")
+            if limit > self._send_limit.get(sid, limit):
+                self._send_limit[sid] = limit
+                self._events.append(CreditGranted(sid))
+            return
         if self.is_client:
             if kind == "challenge" and self._challenge is None:
                 nonce = msg.get("nonce")
@@ -756,6 +860,9 @@ class SessionCore:
         self.peer_id = peer_id
         self.authenticated = True
         self._events.append(Authenticated(peer_id))
+        early, self._early = self._early, []
+        for sid, data, end in early:
+            self._on_special_stream_data(sid, data, end)
 
 
 def _service_bytes(service: str) -> bytes:

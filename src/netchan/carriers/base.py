@@ -109,6 +109,10 @@ class PacketPath(abc.ABC):
     @abc.abstractmethod
     def send_packets(self, packets: list[bytes]) -> None: ...
 
+    def confirm(self) -> None:
+        """The packets this path just delivered were authentic (a session
+        checked them); a carrier may now trust the route they came by."""
+
     def close(self) -> None:
         """Stop using this path (a listener's reply paths ignore this)."""
 

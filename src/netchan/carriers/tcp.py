@@ -33,8 +33,13 @@ _HIGH_WATER = 2 * 1024 * 1024
 _LOW_WATER = 512 * 1024
 _LEN = struct.Struct("!H")
 _MAX_FRAME = 2 + 65535
-_READ_BUFFER = 1024 * 1024
+_BUFFER_MIN = 16 * 1024  # an idle connection holds no more than this
+_BUFFER_MAX = 1024 * 1024  # a busy one grows to this
 _READ_SIZE = 256 * 1024
+#: a listener accepts at most this many connections at once
+MAX_CONNECTIONS = 1024
+#: a server connection that has carried no authentic packet by then is dropped
+UNPROVEN_TIMEOUT = 15.0
 #: how long a dialed connection may stay silent before it is presumed dead
 DEFAULT_DEAD_AFTER = 3.5
 _BACKOFF_MIN = 0.05
@@ -62,7 +67,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray(_READ_BUFFER)
+        self._buf = bytearray(_BUFFER_MIN)
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the bytes read so far
@@ -80,10 +85,18 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=_HIGH_WATER, low=_LOW_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._buf) - self._end < _MAX_FRAME:
-            # move the partial packet to the front to make room
+        buf = self._buf
+        if len(buf) - self._end < _READ_SIZE // 4:
             pending = self._end - self._start
-            self._buf[:pending] = self._view[self._start : self._end]
+            need = pending + _READ_SIZE // 4
+            if pending >= 2:  # the partial frame must fit whole
+                need = max(need, 2 + ((buf[self._start] << 8) | buf[self._start + 1]))
+            if need > len(buf) and len(buf) < _BUFFER_MAX:
+                grown = bytearray(min(max(need, 2 * len(buf)), _BUFFER_MAX))
+                grown[:pending] = self._view[self._start : self._end]
+                self._buf, self._view = grown, memoryview(grown)
+            else:
+                buf[:pending] = self._view[self._start : self._end]
             self._start, self._end = 0, pending
         # reads of at most 256 kB keep batches (and so acknowledgements) frequent
         return self._view[self._end : self._end + _READ_SIZE]
@@ -142,13 +155,35 @@ class _FramedProtocol(asyncio.BufferedProtocol):
 
 
 class _TcpReplyPath(PacketPath):
-    """The way back to one dialer (one token), over its newest connection."""
+    """The way back to one dialer (one token).
 
-    def __init__(self, token: bytes, label: str, packet_size: int) -> None:
+    The token travels in clear, so a connection that presents it is only a
+    candidate: replies move to it once it carried an authentic packet (or
+    when the current connection is gone).  A replayed token redirects nothing.
+    """
+
+    def __init__(self, token: bytes, label: str, packet_size: int, sink: PacketSink) -> None:
         self.token = token
         self.label = label
         self.packet_size = packet_size
         self.conn: _ServerConn | None = None
+        self.delivering: _ServerConn | None = None  # the connection of the current batch
+        self._sink = sink
+
+    def use(self, conn: _ServerConn) -> None:
+        old, self.conn = self.conn, conn
+        self.generation += 1
+        if old is not None and old is not conn and old.transport is not None:
+            old.transport.abort()  # the dialer gave up on it
+        self._sink.path_writable(self)
+
+    def confirm(self) -> None:
+        conn = self.delivering
+        if conn is None or (conn is self.conn and conn.proven):
+            return
+        conn.prove()
+        if conn is not self.conn:
+            self.use(conn)
 
     @property
     def writable(self) -> bool:  # type: ignore[override]
@@ -170,16 +205,27 @@ class _ServerConn(_FramedProtocol):
         super().__init__()
         self._listener = listener
         self.path: _TcpReplyPath | None = None
+        self.proven = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self._listener._conns) >= MAX_CONNECTIONS:
+            self._listener.rejected += 1
+            self._timeout = None
+            transport.abort()
+            return
         self._listener._conns.add(self)
-        # a dialer that never sends its preamble is not kept around
-        self._timeout = asyncio.get_running_loop().call_later(10.0, self._preamble_timeout)
+        # a dialer that never proves itself is not kept around
+        self._timeout = asyncio.get_running_loop().call_later(UNPROVEN_TIMEOUT, self._unproven)
 
-    def _preamble_timeout(self) -> None:
-        if self.path is None and self.transport is not None:
+    def _unproven(self) -> None:
+        if not self.proven and self.transport is not None:
             self.transport.abort()
+
+    def prove(self) -> None:
+        self.proven = True
+        if self._timeout is not None:
+            self._timeout.cancel()
 
     def on_preamble(self, data: bytes) -> bool:
         assert self.transport is not None
@@ -187,20 +233,23 @@ class _ServerConn(_FramedProtocol):
             self._listener.rejected += 1
             self.transport.abort()
             return False
-        self._timeout.cancel()
         self.path = self._listener._attach(data[len(MAGIC) :], self)
         return True
 
     def on_packets(self, packets: list[bytes]) -> None:
-        if self.path is not None:
-            self._listener._sink.packets_received(packets, self.path)
+        path = self.path
+        if path is not None:
+            path.delivering = self
+            self._listener._sink.packets_received(packets, path)
+            path.delivering = None
 
     def on_writable(self) -> None:
         if self.path is not None and self.path.conn is self:
             self._listener._sink.path_writable(self.path)
 
     def connection_lost(self, exc) -> None:
-        self._timeout.cancel()
+        if self._timeout is not None:
+            self._timeout.cancel()
         self._listener._conns.discard(self)
         if self.path is not None and self.path.conn is self:
             self.path.conn = None
@@ -223,13 +272,10 @@ class _TcpListener(Listener):
                 self._paths = {t: p for t, p in self._paths.items() if p.conn is not None}
             peer = conn.transport.get_extra_info("peername") if conn.transport else None
             label = f"tcp {peer[0]}:{peer[1]}" if peer else "tcp"
-            path = self._paths[token] = _TcpReplyPath(token, label, self._packet_size)
-        old = path.conn
-        path.conn = conn
-        path.generation += 1
-        if old is not None and old is not conn and old.transport is not None:
-            old.transport.abort()  # the dialer gave up on it
-        self._sink.path_writable(path)
+            path = self._paths[token] = _TcpReplyPath(token, label, self._packet_size, self._sink)
+        current = path.conn
+        if current is None or current.transport is None or current.transport.is_closing():
+            path.use(conn)  # nothing to protect: take it at once
         return path
 
     async def aclose(self) -> None:

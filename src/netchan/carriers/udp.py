@@ -181,7 +181,11 @@ class _UdpDialPath(PacketPath):
     def __init__(self, url: CarrierURL, sink: PacketSink, packet_size: int) -> None:
         family, addr = _resolve(url, passive=False)
         sock = _open_socket(family)
-        sock.connect(addr)
+        try:
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
         self._sink = sink
         self.packet_size = packet_size
         self.label = f"udp {url.host}:{url.port}"

@@ -33,8 +33,8 @@ _HIGH_WATER = 2 * 1024 * 1024
 _LOW_WATER = 512 * 1024
 _LEN = struct.Struct("!H")
 _MAX_FRAME = 2 + 65535
-_BUFFER_MIN = 16 * 1024  # an idle connection holds no more than this
-_BUFFER_MAX = 1024 * 1024  # a busy one grows to this
+_BUFFER_MIN = 16 * 1024  # what an unproven connection reads into (it grows to fit a frame)
+_BUFFER_MAX = 1024 * 1024  # what a proven or dialed connection reads into
 _READ_SIZE = 256 * 1024
 #: a listener accepts at most this many connections at once
 MAX_CONNECTIONS = 1024
@@ -72,6 +72,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the bytes read so far
         self._need_preamble = self.preamble > 0
+        self._target = _BUFFER_MIN
         self.paused = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -84,15 +85,19 @@ class _FramedProtocol(asyncio.BufferedProtocol):
                 pass
         transport.set_write_buffer_limits(high=_HIGH_WATER, low=_LOW_WATER)
 
+    def enlarge(self) -> None:
+        """Read in large chunks from now on (a trusted, busy connection)."""
+        self._target = _BUFFER_MAX
+
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self._buf
-        if len(buf) - self._end < _READ_SIZE // 4:
+        if len(buf) - self._end < _READ_SIZE // 4 or len(buf) < self._target:
             pending = self._end - self._start
-            need = pending + _READ_SIZE // 4
+            need = max(self._target, pending + _READ_SIZE // 4)
             if pending >= 2:  # the partial frame must fit whole
-                need = max(need, 2 + ((buf[self._start] << 8) | buf[self._start + 1]))
-            if need > len(buf) and len(buf) < _BUFFER_MAX:
-                grown = bytearray(min(max(need, 2 * len(buf)), _BUFFER_MAX))
+                need = max(need, pending + 2 + ((buf[self._start] << 8) | buf[self._start + 1]))
+            if need > len(buf):
+                grown = bytearray(need)
                 grown[:pending] = self._view[self._start : self._end]
                 self._buf, self._view = grown, memoryview(grown)
             else:
@@ -224,6 +229,7 @@ class _ServerConn(_FramedProtocol):
 
     def prove(self) -> None:
         self.proven = True
+        self.enlarge()
         if self._timeout is not None:
             self._timeout.cancel()
 
@@ -294,6 +300,7 @@ class _TcpListener(Listener):
 class _ClientConn(_FramedProtocol):
     def __init__(self, path: _TcpDialPath) -> None:
         super().__init__()
+        self.enlarge()  # our own connection to a peer we chose
         self._path = path
         self.closed = asyncio.get_running_loop().create_future()
 

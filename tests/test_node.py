@@ -458,3 +458,30 @@ async def test_a_failed_connect_leaves_no_dialer_behind(ids):
             await client.connect("tcp://127.0.0.1:9?packet_size=100", node_id=ids[0].node_id)
     await asyncio.sleep(0.1)
     assert asyncio.all_tasks() - before == set()
+
+
+async def test_a_flood_of_handshakes_from_one_source_locks_nobody_out(ids):
+    from netchan.session import SessionCore
+
+    server_id, client_id = ids
+    async with netchan.Node(server_id, ["udp://127.0.0.1:0"], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        port = int(server.addresses[0].rsplit(":", 1)[1])
+        loop = asyncio.get_running_loop()
+        junk = netchan.Identity.generate()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for _ in range(300):  # more handshakes than the node keeps half-open
+                core = SessionCore(engine=get_engine(), identity=junk, is_client=True,
+                                   now=loop.time(), expected_peer=server_id.node_id)
+                for p in core.packets_to_send(loop.time()):
+                    sock.sendto(p, ("127.0.0.1", port))
+            await asyncio.sleep(0.3)
+            async with netchan.Node(client_id) as client:
+                peer = await client.connect(server.addresses[0], node_id=server.node_id, timeout=5)
+                async with await peer.open_stream("echo") as s:
+                    await s.send(b"let in")
+                    assert await s.receive() == b"let in"
+            assert server._half_open <= 256
+        finally:
+            sock.close()

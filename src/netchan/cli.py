@@ -17,13 +17,15 @@ from .identity import Identity
 from .node import ANY, PING_SERVICE, Node, echo_service
 
 
-def _run(coro) -> int:
-    try:
-        import uvloop  # optional: faster event loop
+def _run(coro, engine: str | None = None) -> int:
+    runner = asyncio.run
+    if (engine or DEFAULT_ENGINE) == "qh3":  # uvloop speeds qh3 up and slows aioquic down
+        try:
+            import uvloop  # optional
 
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
+            runner = uvloop.run
+        except ImportError:
+            pass
     try:
         return runner(coro) or 0
     except KeyboardInterrupt:
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="node id allowed to connect (repeatable; 'any' admits every key)")
     p.add_argument("--identity", metavar="PATH", help="key file (default: a throwaway key)")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: _run(_serve(a)))
+    p.set_defaults(func=lambda a: _run(_serve(a), a.engine))
 
     p = sub.add_parser("ping", help="authenticated round trips to a node")
     p.add_argument("url")
@@ -149,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between rounds")
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: _run(_ping(a)))
+    p.set_defaults(func=lambda a: _run(_ping(a), a.engine))
 
     p = sub.add_parser("demo", help="two nodes streaming through a proxy that cuts TCP every second")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to stream")
     p.add_argument("--cut-every", type=float, default=1.0, help="seconds between cuts")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: _run(_demo(a)))
+    p.set_defaults(func=lambda a: _run(_demo(a), a.engine))
 
     args = parser.parse_args(argv)
     logging.basicConfig(

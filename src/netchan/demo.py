@@ -187,10 +187,7 @@ async def _client(ident: Identity, server: str, addr: tuple[str, int], seconds: 
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
+    from .cli import _run
 
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
-    run(_serve(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
+    engine = sys.argv[3] if len(sys.argv) > 3 else None
+    sys.exit(_run(_serve(sys.argv[1], sys.argv[2], engine), engine))

@@ -482,6 +482,79 @@ async def test_a_flood_of_handshakes_from_one_source_locks_nobody_out(ids):
                 async with await peer.open_stream("echo") as s:
                     await s.send(b"let in")
                     assert await s.receive() == b"let in"
-            assert server._half_open <= 256
+            assert len(server._half_open) <= 256
         finally:
             sock.close()
+
+
+async def test_another_sessions_packets_on_a_stolen_token_move_nothing(ids):
+    from netchan.carriers import tcp
+
+    server_id, victim_id = ids
+    async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=netchan.ANY) as server:
+        server.serve("echo", echo)
+        port = int(server.addresses[0].rsplit(":", 1)[1])
+        async with netchan.Node(victim_id) as victim, netchan.Node() as attacker:
+            vpeer = await victim.connect(server.addresses[0], node_id=server.node_id)
+            vpath = vpeer._session.path
+            apeer = await attacker.connect(server.addresses[0], node_id=server.node_id)
+            asess = apeer._session
+            reply_path = server._listeners[0]._paths[vpath.token]
+            original = reply_path.conn
+            # the attacker sends its own, authentic packets on a connection
+            # that presents the victim's token (which travels in clear)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(tcp.MAGIC + vpath.token)
+            own = asess.path.send_packets
+            asess.path.send_packets = lambda packets: w.writelines(tcp._frame(packets))
+            for _ in range(5):
+                asess.core.probe(asess.loop.time())
+                asess._transmit()
+                await asyncio.sleep(0.05)
+            asess.path.send_packets = own
+            assert reply_path.conn is original and vpath.connects == 1
+            stream = await vpeer.open_stream("echo")
+            await stream.send(b"unharmed")
+            assert await asyncio.wait_for(stream.receive(), 5) == b"unharmed"
+            w.close()
+
+
+async def test_idle_tcp_connections_cannot_lock_out_a_listener(ids, monkeypatch):
+    from netchan.carriers import tcp
+
+    monkeypatch.setattr(tcp, "MAX_CONNECTIONS", 8)
+    server_id, client_id = ids
+    async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id]) as server:
+        server.serve("echo", echo)
+        port = int(server.addresses[0].rsplit(":", 1)[1])
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]
+        try:
+            async with netchan.Node(client_id) as client:
+                peer = await client.connect(server.addresses[0], node_id=server.node_id, timeout=5)
+                async with await peer.open_stream("echo") as s:
+                    await s.send(b"in")
+                    assert await s.receive() == b"in"
+        finally:
+            for _, w in idle:
+                w.close()
+
+
+async def test_closing_a_stream_wakes_a_sender_waiting_for_credit(memory_url, ids):
+    server_id, client_id = ids
+
+    async def never_reads(stream, peer):
+        await asyncio.sleep(3600)
+
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id],
+                            max_stream_data=1 << 20) as server:
+        server.serve("lazy", never_reads)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            stream = await peer.open_stream("lazy")
+            senders = [asyncio.ensure_future(stream.send(b"x" * (3 << 20))) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in senders)  # both wait for credit
+            await stream.aclose()
+            for t in senders:
+                with pytest.raises(netchan.ClosedError):
+                    await asyncio.wait_for(t, 5)

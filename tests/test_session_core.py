@@ -267,23 +267,47 @@ def test_a_server_stream_that_overtakes_the_verdict_waits_for_it(engine):
 
 
 def test_credit_limits_what_a_sender_may_queue(engine):
-    from netchan.session import INITIAL_CREDIT, CreditGranted
+    from netchan.session import CreditGranted
 
-    config = SessionConfig(max_stream_data=4 * INITIAL_CREDIT)
-    pair = established(engine, config=config)
+    window = 1 << 20
+    pair = established(engine, config=SessionConfig(max_stream_data=window))
     sid = open_accepted(pair)
-    assert pair.client.send_allowance(sid) == INITIAL_CREDIT
+    assert pair.client.send_allowance(sid) == window  # announced when the stream opened
     with pytest.raises(errors.LocalProtocolError, match="credit"):
-        pair.client.send_stream(sid, b"x" * (INITIAL_CREDIT + 1))
-    pair.client.send_stream(sid, b"x" * INITIAL_CREDIT)
+        pair.client.send_stream(sid, b"x" * (window + 1))
+    pair.client.send_stream(sid, b"x" * window)
     assert pair.client.send_allowance(sid) == 0
     for _ in range(20):
         pair.run()
         pair.advance(0.1)
     received = sum(len(e.data) for e in events_of(pair.server_events, StreamData))
-    assert received == INITIAL_CREDIT
+    assert received == window
     assert not events_of(pair.client_events, CreditGranted)  # nobody has read yet
-    assert pair.server.stream_consumed(sid, received)  # the application reads it all
+    assert not pair.server.stream_consumed(sid, window // 4)  # too little to bother
+    assert pair.server.stream_consumed(sid, window // 4)  # half the window read
     pair.run()
     assert CreditGranted(sid) in pair.client_events
-    assert pair.client.send_allowance(sid) == 4 * INITIAL_CREDIT
+    assert pair.client.send_allowance(sid) == window // 2
+
+
+def test_a_peer_sending_beyond_its_credit_is_cut_off(engine):
+    pair = established(engine, config=SessionConfig(max_stream_data=1 << 20))
+    sid = open_accepted(pair)
+    pair.client._quic.send_stream_data(sid, b"x" * ((1 << 20) + 1))  # ignoring the credit
+    for _ in range(20):
+        pair.run()
+        pair.advance(0.1)
+    term = events_of(pair.server_events, Terminated)
+    assert term and isinstance(term[0].error, errors.RemoteProtocolError)
+    assert "credit" in str(term[0].error)
+
+
+def test_streams_reset_before_their_header_leave_nothing_behind(engine):
+    pair = established(engine)
+    for _ in range(50):
+        sid = pair.client._quic.get_next_available_stream_id()
+        pair.client._quic.send_stream_data(sid, b"")  # open without a header
+        pair.client._quic.reset_stream(sid, 0)
+        pair.run()
+    open_accepted(pair)
+    assert len(pair.server._unseen_peer_streams) == 0

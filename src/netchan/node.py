@@ -195,8 +195,12 @@ class Stream:
             pass
         self._closed = True
         self._chunks.clear()
+        if self._send_error is None:
+            self._send_error = ClosedError("stream is closed")
         session.forget_stream(self)
         self._wake()
+        session._wake_credit(self)
+        session._wake_writers()
 
     async def __aenter__(self) -> Stream:
         return self
@@ -362,11 +366,14 @@ class _Session:
             return
         authentic = core.receive_packets(packets, self.loop.time())
         if authentic and not self.dialed:
-            # Forged or replayed packets are not authentic and move nothing.
-            path.confirm()
-            if path is not self.path:
-                # the peer moved (a new UDP source, say): answer there from now on
-                self.node._move_path(self, path)
+            # Forged or replayed packets are not authentic and move nothing,
+            # and a path another session owns is not ours to take.
+            owner = self.node._by_path.get(path)
+            if owner is None or owner is self:
+                path.confirm()
+                if path is not self.path:
+                    # the peer moved (a new UDP source, say): answer there from now on
+                    self.node._move_path(self, path)
         self._process_events()
         self._transmit()
 
@@ -440,12 +447,16 @@ class _Session:
         await self._wait_writer(self._credit_waiters, stream)
 
     async def _wait_writer(self, waiters: dict[Stream, asyncio.Future[None]], stream: Stream) -> None:
-        fut = self.loop.create_future()
-        waiters[stream] = fut
-        try:
-            await fut
-        finally:
-            waiters.pop(stream, None)
+        if stream._send_error is None:
+            # concurrent senders on one stream share one wake-up
+            fut = waiters.get(stream)
+            if fut is None or fut.done():
+                fut = waiters[stream] = self.loop.create_future()
+            try:
+                await asyncio.shield(fut)
+            finally:
+                if waiters.get(stream) is fut and fut.done():
+                    del waiters[stream]
         if stream._send_error is not None:
             raise stream._send_error.with_traceback(None)
 
@@ -610,7 +621,7 @@ class Node:
         self._sessions: dict[_Session, None] = {}  # ordered: oldest first
         self._by_cid: dict[bytes, _Session] = {}
         self._by_path: dict[PacketPath, _Session] = {}
-        self._half_open = 0
+        self._half_open: dict[_Session, None] = {}  # still authenticating, oldest first
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closed = False
@@ -832,15 +843,11 @@ class Node:
             or not 8 <= len(cid) <= 20
         ):
             return None
-        if self._half_open >= _MAX_HALF_OPEN:
+        if len(self._half_open) >= _MAX_HALF_OPEN:
             # evict the oldest session still authenticating rather than refuse
             # newcomers: a flood of Initials then cannot lock everyone out
-            oldest = next((s for s in self._sessions if not s.dialed and s.peer is None
-                           and not s.core.closed), None)
-            if oldest is None:
-                return None
             log.warning("too many sessions authenticating; evicting the oldest")
-            oldest.close(Timeout("evicted: too many sessions authenticating"))
+            next(iter(self._half_open)).close(Timeout("evicted: too many sessions authenticating"))
         session = _Session(self, dialed=False)
         session.path = path
         session.core = SessionCore(
@@ -853,8 +860,8 @@ class Node:
             original_destination_connection_id=cid,
         )
         self._sessions[session] = None
-        self._half_open += 1
-        self._by_path[path] = session
+        self._half_open[session] = None
+        self._by_path.setdefault(path, session)
         self._add_cid(session, cid)
         self._add_cid(session, session.core.host_connection_id)
         # a forged Initial makes a session that never answers: drop it soon
@@ -883,14 +890,12 @@ class Node:
         self._by_path[path] = session
 
     def _on_authenticated(self, session: _Session) -> None:
-        if not session.dialed:
-            self._half_open -= 1
+        self._half_open.pop(session, None)
         log.info("peer %s up via %s", session.peer_id, session.path.label)
 
     def _forget_session(self, session: _Session) -> None:
         self._sessions.pop(session, None)
-        if not session.dialed and session.peer is None:
-            self._half_open -= 1
+        self._half_open.pop(session, None)
         for cid in session.cids:
             if self._by_cid.get(cid) is session:
                 del self._by_cid[cid]

@@ -16,15 +16,17 @@ What it adds on top of QUIC:
   proves its own key on stream 0: the server sends a fresh random challenge and
   the client signs ``challenge || server key || client key``.  Nothing reaches a
   service, in either direction, before this completes.
-* **Named services.**  Each stream begins with a header naming its service;
-  the accepting side answers with one status byte (or an error), so an opener
-  learns at once that a service does not exist.  Datagrams carry a short
+* **Named services.**  Each stream begins with a header naming its service
+  and the opener's receive window; the accepting side answers with a status
+  byte and its own window (or an error), so an opener learns at once that a
+  service does not exist.  Datagrams carry a short
   service tag.
 * **Per-stream credit.**  QUIC engines grant flow-control credit as packets
   arrive, not as the application reads, so a slow reader would hold ever more
   data.  Each stream therefore also has an application-level window
-  (``max_stream_data``): the receiver grants credit on stream 0 as its
-  application consumes bytes, and the sender queues no more than granted.  A
+  (``max_stream_data``, announced when the stream opens): the receiver grants
+  more on stream 0 as its application consumes bytes, the sender queues no
+  more than granted, and a peer that sends beyond its credit is cut off.  A
   slow reader stalls only its own stream.
 * **Keepalives.**  A PING is sent when nothing has been received for
   ``keepalive_interval``, so a live session always has traffic and a dead path
@@ -75,15 +77,13 @@ __all__ = [
 ]
 
 AUTH_STREAM = 0
-#: what a sender may put on a new stream before the receiver grants more
-INITIAL_CREDIT = 1024 * 1024
 AUTH_CONTEXT = b"netchan client auth v1\x00"
 MAX_SERVICE_NAME = 255
 # short header (1) + connection id (8) + packet number (4) + AEAD tag (16)
 # + DATAGRAM frame type and length (3), with room to spare
 _DATAGRAM_OVERHEAD = 40
 
-_OK = b"\x00"
+_OK = 0
 _REFUSE_NOT_FOUND = 1
 _REFUSE_NOT_ALLOWED = 2
 _REFUSE_ERRORS: dict[int, type[NetchanError]] = {
@@ -223,6 +223,7 @@ class SessionConfig:
 # the core
 
 _U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 
 
 class _Frames:
@@ -313,6 +314,7 @@ class SessionCore:
         self._opening: dict[int, bytearray] = {}  # ours, waiting for the status reply
         self._incoming: dict[int, bytearray] = {}  # theirs, header not complete yet
         self._requested: dict[int, list[tuple[bytes, bool]]] = {}  # theirs, awaiting accept
+        self._peer_windows: dict[int, int] = {}  # theirs, awaiting accept: their window
         # the lowest stream id the peer has not opened yet (0 is the auth stream),
         # and ids below it that were skipped: streams may arrive out of order
         self._next_peer_stream = 1 if is_client else 4
@@ -323,6 +325,8 @@ class SessionCore:
         self._sent: dict[int, int] = {}
         self._consumed: dict[int, int] = {}
         self._granted: dict[int, int] = {}
+        self._received: dict[int, int] = {}
+        self._window = min(config.max_stream_data, 0xFFFFFFFF)
         self._deadline = now + config.handshake_timeout
         self._now = now
         self._rejected: NetchanError | None = None
@@ -429,11 +433,12 @@ class SessionCore:
             raise errors.WouldBlock("the peer's limit of open streams is reached")
         sid = self._quic.get_next_available_stream_id()
         try:
-            self._quic.send_stream_data(sid, bytes((len(name),)) + name)
+            self._quic.send_stream_data(
+                sid, bytes((len(name),)) + name + _U32.pack(self._window)
+            )
         except Exception as exc:
             raise BrokenError(f"cannot open a stream: {exc}") from None
         self._opening[sid] = bytearray()
-        self._start_credit(sid)
         return sid
 
     def can_open_stream(self) -> bool:
@@ -445,18 +450,27 @@ class SessionCore:
         pending = self._requested.pop(stream_id, None)
         if pending is None:
             return False
+        peer_window = self._peer_windows.pop(stream_id)
         self._open.add(stream_id)
-        self._start_credit(stream_id)
-        self._quic.send_stream_data(stream_id, _OK)
+        self._start_credit(stream_id, peer_window)
+        self._quic.send_stream_data(stream_id, bytes((_OK,)) + _U32.pack(self._window))
         for data, end in pending:
+            self._count_received(stream_id, len(data))
             self._events.append(StreamData(stream_id, data, end))
         return True
 
-    def _start_credit(self, sid: int) -> None:
-        self._send_limit[sid] = INITIAL_CREDIT
+    def _start_credit(self, sid: int, peer_window: int) -> None:
+        self._send_limit[sid] = peer_window
         self._sent[sid] = 0
         self._consumed[sid] = 0
-        self._granted[sid] = INITIAL_CREDIT
+        self._granted[sid] = self._window
+        self._received[sid] = 0
+
+    def _count_received(self, sid: int, n: int) -> None:
+        received = self._received[sid] + n
+        self._received[sid] = received
+        if received > self._granted[sid]:
+            raise RemoteProtocolError(f"the peer sent beyond its credit on stream {sid}")
 
     def send_allowance(self, stream_id: int) -> int:
         """How many more bytes the peer lets us queue on this stream now."""
@@ -510,7 +524,8 @@ class SessionCore:
         self._opening.pop(stream_id, None)
         self._requested.pop(stream_id, None)
         self._incoming.pop(stream_id, None)
-        for table in (self._send_limit, self._sent, self._consumed, self._granted):
+        self._peer_windows.pop(stream_id, None)
+        for table in (self._send_limit, self._sent, self._consumed, self._granted, self._received):
             table.pop(stream_id, None)
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
@@ -599,8 +614,16 @@ class SessionCore:
                 if type(event) is stream_data:
                     sid = event.stream_id
                     if sid in self._open:
-                        if event.data or event.end_stream:
-                            self._events.append(StreamData(sid, event.data, event.end_stream))
+                        data = event.data
+                        if data:
+                            received = self._received[sid] + len(data)
+                            self._received[sid] = received
+                            if received > self._granted[sid]:
+                                raise RemoteProtocolError(
+                                    f"the peer sent beyond its credit on stream {sid}"
+                                )
+                        if data or event.end_stream:
+                            self._events.append(StreamData(sid, data, event.end_stream))
                     else:
                         self._on_special_stream_data(sid, event.data, event.end_stream)
                 elif isinstance(event, ev.DatagramFrameReceived):
@@ -679,25 +702,34 @@ class SessionCore:
         elif sid in self._incoming:
             self._on_stream_header(sid, data, end)
         elif sid in self._requested:
-            self._requested[sid].append((data, end))
+            pending = self._requested[sid]
+            pending.append((data, end))
+            if sum(len(d) for d, _ in pending) > self._window:
+                raise RemoteProtocolError(f"the peer sent beyond its credit on stream {sid}")
         else:
             ours = (sid & 1) == (0 if self.is_client else 1)
             if ours:
                 return  # late data on a stream we already forgot
             if sid & 2:
                 raise RemoteProtocolError(f"unexpected unidirectional stream {sid}")
-            if sid >= self._next_peer_stream:
-                skipped = range(self._next_peer_stream, sid, 4)
-                if len(skipped) > 10_000:
-                    raise RemoteProtocolError(f"stream id {sid} skips too many streams")
-                self._unseen_peer_streams.update(skipped)
-                self._next_peer_stream = sid + 4
-            elif sid in self._unseen_peer_streams:
-                self._unseen_peer_streams.discard(sid)
-            else:
+            if not self._mark_peer_stream_seen(sid):
                 return  # late data on a stream we already forgot
             self._incoming[sid] = bytearray()
             self._on_stream_header(sid, data, end)
+
+    def _mark_peer_stream_seen(self, sid: int) -> bool:
+        """Record that the peer opened ``sid``; False if it was seen before."""
+        if sid >= self._next_peer_stream:
+            skipped = range(self._next_peer_stream, sid, 4)
+            if len(skipped) > 10_000:
+                raise RemoteProtocolError(f"stream id {sid} skips too many streams")
+            self._unseen_peer_streams.update(skipped)
+            self._next_peer_stream = sid + 4
+            return True
+        if sid in self._unseen_peer_streams:
+            self._unseen_peer_streams.discard(sid)
+            return True
+        return False
 
     def _on_stream_header(self, sid: int, data: bytes, end: bool) -> None:
         buf = self._incoming[sid]
@@ -707,9 +739,11 @@ class SessionCore:
                 del self._incoming[sid]
             return
         n = buf[0]
-        if len(buf) < 1 + n:
+        if len(buf) < 1 + n + 4:
             if end:
                 del self._incoming[sid]
+            elif len(buf) > 1 + MAX_SERVICE_NAME + 4:
+                raise RemoteProtocolError("malformed stream header")
             return
         del self._incoming[sid]
         try:
@@ -717,7 +751,10 @@ class SessionCore:
         except UnicodeDecodeError:
             self.reset_stream(sid, RemoteProtocolError.code)
             return
-        rest = bytes(buf[1 + n :])
+        (self._peer_windows[sid],) = _U32.unpack_from(buf, 1 + n)
+        rest = bytes(buf[1 + n + 4 :])
+        if len(rest) > self._window:
+            raise RemoteProtocolError(f"the peer sent beyond its credit on stream {sid}")
         pending: list[tuple[bytes, bool]] = []
         if rest or end:
             pending.append((rest, end))
@@ -732,12 +769,18 @@ class SessionCore:
                 self._refused(sid, BrokenError("stream closed unanswered"))
             return
         status = buf[0]
-        if status == 0:
+        if status == _OK:
+            if len(buf) < 5:
+                if end:
+                    self._refused(sid, RemoteProtocolError("truncated acceptance"))
+                return
             del self._opening[sid]
             self._open.add(sid)
+            self._start_credit(sid, _U32.unpack_from(buf, 1)[0])
             self._events.append(StreamAccepted(sid))
-            if len(buf) > 1 or end:
-                self._events.append(StreamData(sid, bytes(buf[1:]), end))
+            if len(buf) > 5 or end:
+                self._count_received(sid, len(buf) - 5)
+                self._events.append(StreamData(sid, bytes(buf[5:]), end))
             return
         if len(buf) < 3 or len(buf) < 3 + _U16.unpack_from(buf, 1)[0]:
             if end:
@@ -763,7 +806,10 @@ class SessionCore:
             self._refused(sid, BrokenError(f"stream reset by peer (code {code:#x})"))
             return
         self._incoming.pop(sid, None)
+        if not (sid & 1) == (0 if self.is_client else 1):
+            self._mark_peer_stream_seen(sid)
         if self._requested.pop(sid, None) is not None:
+            self._peer_windows.pop(sid, None)
             return  # never surfaced as a stream; nothing to tell
         if sid in self._open:
             self._events.append(kind(sid, code))

@@ -91,9 +91,10 @@ class _FramedProtocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self._buf
-        if len(buf) - self._end < _READ_SIZE // 4 or len(buf) < self._target:
+        room = min(_READ_SIZE // 4, self._target)  # free space we want before a read
+        if len(buf) - self._end < room or len(buf) < self._target:
             pending = self._end - self._start
-            need = max(self._target, pending + _READ_SIZE // 4)
+            need = max(self._target, pending + room)
             if pending >= 2:  # the partial frame must fit whole
                 need = max(need, pending + 2 + ((buf[self._start] << 8) | buf[self._start + 1]))
             if need > len(buf):
@@ -214,12 +215,21 @@ class _ServerConn(_FramedProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self._listener._conns) >= MAX_CONNECTIONS:
+        conns = self._listener._conns
+        if len(conns) >= MAX_CONNECTIONS:
+            # make room by dropping the oldest connection that proved nothing,
+            # so idle sockets cannot lock out redials of real sessions
+            victim = next((c for c in conns if not c.proven), None)
+            if victim is None:
+                self._listener.rejected += 1
+                self._timeout = None
+                transport.abort()
+                return
             self._listener.rejected += 1
-            self._timeout = None
-            transport.abort()
-            return
-        self._listener._conns.add(self)
+            conns.pop(victim, None)
+            if victim.transport is not None:
+                victim.transport.abort()
+        conns[self] = None
         # a dialer that never proves itself is not kept around
         self._timeout = asyncio.get_running_loop().call_later(UNPROVEN_TIMEOUT, self._unproven)
 
@@ -256,7 +266,7 @@ class _ServerConn(_FramedProtocol):
     def connection_lost(self, exc) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
-        self._listener._conns.discard(self)
+        self._listener._conns.pop(self, None)
         if self.path is not None and self.path.conn is self:
             self.path.conn = None
 
@@ -266,7 +276,7 @@ class _TcpListener(Listener):
         self._sink = sink
         self._packet_size = packet_size
         self._paths: dict[bytes, _TcpReplyPath] = {}
-        self._conns: set[_ServerConn] = set()
+        self._conns: dict[_ServerConn, None] = {}  # oldest first
         self._server: asyncio.base_events.Server | None = None
         self.rejected = 0
         self.url = ""

@@ -18,6 +18,11 @@ async def echo(stream, peer):
     await stream.send_eof()
 
 
+async def never_reads(stream, peer):
+    """A service whose application never reads (a stalled consumer)."""
+    await asyncio.sleep(3600)
+
+
 async def read_all(stream, max_bytes=1 << 20) -> bytes:
     parts = []
     while True:

@@ -12,7 +12,7 @@ import netchan
 from netchan.carriers import get_carrier, parse_url
 from netchan.engine import VIRTUAL_ADDRESS, get_engine
 
-from .helpers import echo, read_all, wait_for_condition
+from .helpers import echo, never_reads, read_all, wait_for_condition
 
 CARRIERS = ["udp://127.0.0.1:0", "tcp://127.0.0.1:0", "memory"]
 
@@ -341,10 +341,6 @@ async def test_connect_to_nothing_times_out_with_a_reason(ids):
 
 async def test_a_slow_reader_stalls_only_its_own_stream(memory_url, ids):
     server_id, client_id = ids
-
-    async def never_reads(stream, peer):
-        await asyncio.sleep(3600)
-
     async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id],
                             max_stream_data=1 << 20) as server:
         server.serve("lazy", never_reads)
@@ -541,10 +537,6 @@ async def test_idle_tcp_connections_cannot_lock_out_a_listener(ids, monkeypatch)
 
 async def test_closing_a_stream_wakes_a_sender_waiting_for_credit(memory_url, ids):
     server_id, client_id = ids
-
-    async def never_reads(stream, peer):
-        await asyncio.sleep(3600)
-
     async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id],
                             max_stream_data=1 << 20) as server:
         server.serve("lazy", never_reads)

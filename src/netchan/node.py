@@ -331,6 +331,12 @@ class Peer:
         await self.aclose()
 
 
+def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
+
+
 class _Session:
     """Drives one SessionCore over one path (the PacketSink of a dialed path)."""
 
@@ -348,8 +354,9 @@ class _Session:
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.cids: set[bytes] = set()
         self.high_water = node.engine_high_water
-        self._blocked: dict[Stream, asyncio.Future[None]] = {}  # waiting for the engine to send
-        self._credit_waiters: dict[Stream, asyncio.Future[None]] = {}  # waiting for the peer to read
+        # senders waiting, per stream (several tasks may send on one stream)
+        self._blocked: dict[Stream, list[asyncio.Future[None]]] = {}  # for the engine to send
+        self._credit_waiters: dict[Stream, list[asyncio.Future[None]]] = {}  # for the peer to read
         self._slot_waiters: list[asyncio.Future[None]] = []  # waiting to open a stream
         self.reaper: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -431,40 +438,35 @@ class _Session:
     def _wake_writers(self) -> None:
         core = self.core
         low = self.high_water // 2
-        for stream, fut in list(self._blocked.items()):
+        for stream in list(self._blocked):
             if core.closed or stream._send_error is not None or core.send_backlog(stream.stream_id) <= low:
-                del self._blocked[stream]
-                if not fut.done():
-                    fut.set_result(None)
+                _resolve(self._blocked.pop(stream))
 
     def _wake_credit(self, stream: Stream) -> None:
-        fut = self._credit_waiters.pop(stream, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        _resolve(self._credit_waiters.pop(stream, ()))
 
     async def wait_credit(self, stream: Stream) -> None:
         """Until the peer grants the stream more credit (or it breaks)."""
         await self._wait_writer(self._credit_waiters, stream)
 
-    async def _wait_writer(self, waiters: dict[Stream, asyncio.Future[None]], stream: Stream) -> None:
+    async def _wait_writer(self, waiters: dict[Stream, list[asyncio.Future[None]]], stream: Stream) -> None:
         if stream._send_error is None:
-            # concurrent senders on one stream share one wake-up
-            fut = waiters.get(stream)
-            if fut is None or fut.done():
-                fut = waiters[stream] = self.loop.create_future()
+            fut = self.loop.create_future()
+            waiters.setdefault(stream, []).append(fut)
             try:
-                await asyncio.shield(fut)
+                await fut
             finally:
-                if waiters.get(stream) is fut and fut.done():
-                    del waiters[stream]
+                pending = waiters.get(stream)
+                if pending is not None and fut in pending:
+                    pending.remove(fut)
+                    if not pending:
+                        del waiters[stream]
         if stream._send_error is not None:
             raise stream._send_error.with_traceback(None)
 
     def _wake_slot_waiters(self) -> None:
         waiters, self._slot_waiters = self._slot_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        _resolve(waiters)
 
     async def wait_stream_slot(self) -> None:
         fut = self.loop.create_future()
@@ -545,9 +547,9 @@ class _Session:
         for stream in list(self.streams.values()):
             stream._on_error(stream_error)
         for waiters in (self._blocked, self._credit_waiters):
-            for fut in waiters.values():
-                if not fut.done():
-                    fut.set_result(None)
+            for futs in waiters.values():
+                _resolve(futs)
+            waiters.clear()
         self._wake_slot_waiters()
         if not self.ready.done():
             self.ready.set_exception(error)

@@ -9,7 +9,6 @@ import signal
 import struct
 import sys
 import time
-from pathlib import Path
 
 from . import DEFAULT_ENGINE, ENGINES
 from .errors import NetchanError

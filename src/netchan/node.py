@@ -119,6 +119,8 @@ class Stream:
         session = self._session
         core = session.core
         sid = self.stream_id
+        if isinstance(data, memoryview) and data.itemsize != 1:
+            data = data.cast("B")  # lengths below count bytes
         allowance = core.send_allowance(sid)
         if len(data) > allowance:
             view = memoryview(data).cast("B")
@@ -363,7 +365,6 @@ class _Session:
         self._timer_at = 0.0
         self._tx_scheduled = False
         self._generation = 0
-        self.packets_dropped = 0
 
     # -- PacketSink -----------------------------------------------------------
 

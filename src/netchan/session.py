@@ -504,7 +504,7 @@ class SessionCore:
         except Exception:
             pass  # the peer already reset it
 
-    def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None:
+    def send_stream(self, stream_id: int, data: bytes | bytearray | memoryview, end: bool = False) -> None:
         """Queue ``data``; it must fit in :meth:`send_allowance`."""
         self._check_usable()
         n = len(data)

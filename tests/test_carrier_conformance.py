@@ -139,3 +139,20 @@ def test_unknown_scheme_is_a_clear_error():
 
 def test_quic_scheme_is_udp():
     assert parse_url("quic://127.0.0.1:5").scheme == "udp"
+
+
+async def test_a_batch_of_mixed_sizes_arrives_intact(listen_url):
+    """Carriers may send a batch in fewer system calls (UDP segmentation
+    offload); every packet must still arrive whole and separate."""
+    carrier, listener, path, server_sink, _ = await _pair(listen_url)
+    try:
+        await wait_for_condition(lambda: path.writable)
+        size = min(1200, path.packet_size)
+        sizes = [size] * 50 + [700] + [size] * 10 + [size + 100] + [size] * 3 + [1]
+        sent = [os.urandom(n) for n in sizes]
+        path.send_packets(sent)
+        await wait_for_condition(lambda: len(server_sink.packets) >= len(sent))
+        assert sorted(p for p, _ in server_sink.packets) == sorted(sent)
+    finally:
+        path.close()
+        await listener.aclose()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import struct
+import sys
 from collections import deque
 
 from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
@@ -19,6 +21,15 @@ __all__ = ["UdpCarrier", "DEFAULT_PACKET_SIZE"]
 #: fits a 1500-byte Ethernet MTU under IPv6 (1500 - 40 - 8)
 DEFAULT_PACKET_SIZE = 1452
 _BATCH = 128
+# Linux generic segmentation offload: one sendmsg carries up to 64 packets of
+# one size (the last may be shorter) and the kernel cuts them apart
+_UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+_GSO_MAX_SEGMENTS = 64
+_GSO_MAX_BYTES = 65000
+# and its receiving twin: the kernel hands over runs of same-size datagrams
+# from one source in one buffer, with the segment size alongside
+_UDP_GRO = getattr(socket, "UDP_GRO", 104)
+_CMSG_SPACE = socket.CMSG_SPACE(4)
 _SEND_QUEUE = 1024
 _RECV_BUFFER = 4 * 1024 * 1024
 
@@ -55,20 +66,46 @@ class _Socket:
         self._queue: deque[tuple[bytes, tuple | None]] = deque()
         self._closed = False
         self.dropped = 0
+        self.gso = sys.platform == "linux"
+        self.gro = False
+        if self.gso:
+            try:
+                sock.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                pass
         self.loop.add_reader(sock.fileno(), self._read_ready)
 
     def _read_ready(self) -> None:
-        recvfrom = self.sock.recvfrom
         batch: list[tuple[bytes, tuple]] = []
-        for _ in range(_BATCH):
-            try:
-                batch.append(recvfrom(65535))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                # ICMP errors (port unreachable...) surface here: ignore them,
-                # the session's keepalives judge whether the path works
-                break
+        if self.gro:
+            recvmsg = self.sock.recvmsg
+            for _ in range(_BATCH // 8):
+                try:
+                    data, ancdata, _, addr = recvmsg(65535, _CMSG_SPACE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # ICMP errors and the like: see below
+                size = 0
+                for level, kind, value in ancdata:
+                    if level == socket.SOL_UDP and kind == _UDP_GRO:
+                        size = int.from_bytes(value[:4], sys.byteorder)
+                if size and len(data) > size:
+                    batch.extend((data[i : i + size], addr) for i in range(0, len(data), size))
+                else:
+                    batch.append((data, addr))
+        else:
+            recvfrom = self.sock.recvfrom
+            for _ in range(_BATCH):
+                try:
+                    batch.append(recvfrom(65535))
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    # ICMP errors (port unreachable...) surface here: ignore them,
+                    # the session's keepalives judge whether the path works
+                    break
         if batch:
             self._on_batch(batch)
 
@@ -84,6 +121,48 @@ class _Socket:
         if not self._send_one(data, addr):
             self._queue.append((data, addr))
             self.loop.add_writer(self.sock.fileno(), self._write_ready)
+
+    def send_many(self, packets: list[bytes], addr: tuple | None) -> None:
+        """Send packets, several per system call where the kernel can segment them."""
+        if not self.gso or self._queue or len(packets) < 2:
+            for p in packets:
+                self.send(p, addr)
+            return
+        i, n = 0, len(packets)
+        while i < n:
+            size = len(packets[i])
+            limit = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
+            j = i + 1
+            while j < n and j - i < limit and len(packets[j]) == size:
+                j += 1
+            if j < n and j - i < limit and len(packets[j]) < size:
+                j += 1  # a shorter packet may close the group
+            if j - i == 1:
+                self.send(packets[i], addr)
+            elif not self._send_segments(packets[i:j], size, addr):
+                for p in packets[i:]:
+                    self.send(p, addr)
+                return
+            i = j
+
+    def _send_segments(self, group: list[bytes], size: int, addr: tuple | None) -> bool:
+        """One GSO send; False if the caller should send one by one instead."""
+        if self._closed or self._queue:
+            return False
+        ancillary = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))]
+        try:
+            if addr is None:
+                self.sock.sendmsg([b"".join(group)], ancillary)
+            else:
+                self.sock.sendmsg([b"".join(group)], ancillary, 0, addr)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                self.gso = False  # no offload on this path: plain sends from now on
+                return False
+            self.dropped += len(group)
+        return True
 
     def _send_one(self, data: bytes, addr: tuple | None) -> bool:
         """False if the socket buffer is full (try again when writable)."""
@@ -133,9 +212,7 @@ class _UdpReplyPath(PacketPath):
         return not self._listener.sock.congested
 
     def send_packets(self, packets: list[bytes]) -> None:
-        send = self._listener.sock.send
-        for p in packets:
-            send(p, self.addr)
+        self._listener.sock.send_many(packets, self.addr)
 
 
 class _UdpListener(Listener):
@@ -199,9 +276,7 @@ class _UdpDialPath(PacketPath):
         self._sink.packets_received([d for d, _ in batch], self)
 
     def send_packets(self, packets: list[bytes]) -> None:
-        send = self.sock.send
-        for p in packets:
-            send(p, None)
+        self.sock.send_many(packets, None)
 
     @property
     def packets_dropped(self) -> int:  # type: ignore[override]

@@ -311,3 +311,11 @@ def test_streams_reset_before_their_header_leave_nothing_behind(engine):
         pair.run()
     open_accepted(pair)
     assert len(pair.server._unseen_peer_streams) == 0
+
+
+def test_a_peer_close_is_reported_at_once(engine):
+    pair = established(engine)
+    pair.client.close(errors.NotAllowed("go away"))
+    pair.run()  # no clock advance: no waiting for the draining period
+    term = events_of(pair.server_events, Terminated)
+    assert term and isinstance(term[0].error, errors.NotAllowed) and "go away" in str(term[0].error)

@@ -97,6 +97,15 @@ class Engine:
         """Bytes of the stream not yet acknowledged or not yet sent (engine-specific)."""
         raise NotImplementedError
 
+    def peer_closed(self, conn: Any) -> Any:
+        """The ConnectionTerminated event of a close the peer just sent, if any.
+
+        Both engines report a peer's CONNECTION_CLOSE only once their draining
+        period is over, but record it at once; reading it lets sessions end
+        (and users learn why) without that delay.
+        """
+        return getattr(conn, "_close_event", None)
+
     def can_open_stream(self, conn: Any) -> bool:
         """False while the peer's limit on concurrent streams is reached."""
         return True

@@ -363,6 +363,10 @@ class SessionCore:
         if authentic or not self.authenticated:
             self._last_rx = now  # forged packets must not hold back keepalives
         self._process_quic_events(now)
+        if not self.closed:
+            closing = self.engine.peer_closed(self._quic)
+            if closing is not None:
+                self._on_terminated(closing)
         return authentic
 
     def packets_to_send(self, now: float) -> list[bytes]:

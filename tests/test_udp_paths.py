@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import netchan
@@ -88,7 +89,9 @@ async def _roundtrip(stream, msg):
     return got
 
 
-async def test_client_address_change_keeps_the_session(ids, engine):
+@contextlib.asynccontextmanager
+async def relayed_echo(ids, engine):
+    """A server with an echo service, a client, and a UdpRelay between them."""
     server_id, client_id = ids
     async with netchan.Node(server_id, ["udp://127.0.0.1:0"], allow=[client_id.node_id],
                             engine=engine) as server:
@@ -98,31 +101,24 @@ async def test_client_address_change_keeps_the_session(ids, engine):
         try:
             async with netchan.Node(client_id, engine=engine) as client:
                 peer = await client.connect(relay.url, node_id=server.node_id)
-                stream = await peer.open_stream("echo")
-                assert await _roundtrip(stream, b"before") == b"before"
-                relay.rebind()
-                assert await _roundtrip(stream, b"after the rebinding") == b"after the rebinding"
-                assert not peer.closed
+                yield relay, peer, await peer.open_stream("echo")
         finally:
             relay.close()
+
+
+async def test_client_address_change_keeps_the_session(ids, engine):
+    async with relayed_echo(ids, engine) as (relay, peer, stream):
+        assert await _roundtrip(stream, b"before") == b"before"
+        relay.rebind()
+        assert await _roundtrip(stream, b"after the rebinding") == b"after the rebinding"
+        assert not peer.closed
 
 
 async def test_replayed_packets_from_elsewhere_do_not_redirect_replies(ids, engine):
-    server_id, client_id = ids
-    async with netchan.Node(server_id, ["udp://127.0.0.1:0"], allow=[client_id.node_id],
-                            engine=engine) as server:
-        server.serve("echo", echo)
-        port = int(server.addresses[0].rsplit(":", 1)[1])
-        relay = UdpRelay(("127.0.0.1", port))
-        try:
-            async with netchan.Node(client_id, engine=engine) as client:
-                peer = await client.connect(relay.url, node_id=server.node_id)
-                stream = await peer.open_stream("echo")
-                relay.replay = True
-                for i in range(20):
-                    msg = b"round %d" % i
-                    assert await _roundtrip(stream, msg) == msg
-                assert relay.replayed > 20
-                assert relay.attacker_heard == 0  # no reply ever went to the replayer
-        finally:
-            relay.close()
+    async with relayed_echo(ids, engine) as (relay, peer, stream):
+        relay.replay = True
+        for i in range(20):
+            msg = b"round %d" % i
+            assert await _roundtrip(stream, msg) == msg
+        assert relay.replayed > 20
+        assert relay.attacker_heard == 0  # no reply ever went to the replayer

@@ -169,7 +169,7 @@ class _Qh3Engine(Engine):
             def _create_tls(self, remote_source_cid: bytes | None) -> Any:
                 bridge = Bridge(
                     self._configuration,
-                    version=self._version,
+                    version=self._version,  # type: ignore[arg-type]  # set before TLS starts
                     local_initial_source_connection_id=self.host_cid,
                     remote_initial_source_connection_id=remote_source_cid,
                     original_destination_connection_id=self._original_destination_connection_id,

@@ -494,47 +494,52 @@ class _Session:
         core = self.core
         streams = self.streams
         while (ev := core.next_event()) is not None:
-            kind = type(ev)
-            if kind is StreamData:
-                stream = streams.get(ev.stream_id)
-                if stream is not None:
-                    stream._on_data(ev.data, ev.end)
-            elif kind is StreamRequested:
-                self.node._on_stream_requested(self, ev.stream_id, ev.service)
-            elif kind is StreamAccepted:
-                fut = self.opening.pop(ev.stream_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            elif kind is StreamRefused:
-                fut = self.opening.pop(ev.stream_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(ev.error)
-            elif kind is StreamReset:
-                stream = streams.get(ev.stream_id)
-                if stream is not None:
-                    stream._on_reset(BrokenError(f"the peer abandoned the stream (code {ev.error_code:#x})"))
-            elif kind is StopSending:
-                stream = streams.get(ev.stream_id)
-                if stream is not None:
-                    stream._on_stop_sending(BrokenError(f"the peer stopped reading (code {ev.error_code:#x})"))
-            elif kind is CreditGranted:
-                stream = streams.get(ev.stream_id)
-                if stream is not None:
-                    self._wake_credit(stream)
-            elif kind is DatagramReceived:
-                self.node._on_datagram(self, ev.service, ev.data)
-            elif kind is Authenticated:
-                self.peer_id = ev.peer_id
-                self.peer = Peer(self, ev.peer_id)
-                self.node._on_authenticated(self)
-                if not self.ready.done():
-                    self.ready.set_result(self.peer)
-            elif kind is ConnectionIdIssued:
-                self.node._add_cid(self, ev.connection_id)
-            elif kind is ConnectionIdRetired:
-                self.node._remove_cid(self, ev.connection_id)
-            elif kind is Terminated:
-                self._on_terminated(ev.error)
+            # class patterns are isinstance checks: the hot one comes first
+            match ev:
+                case StreamData():
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None:
+                        stream._on_data(ev.data, ev.end)
+                case StreamRequested():
+                    self.node._on_stream_requested(self, ev.stream_id, ev.service)
+                case StreamAccepted():
+                    fut = self.opening.pop(ev.stream_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                case StreamRefused():
+                    fut = self.opening.pop(ev.stream_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(ev.error)
+                case StreamReset():
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None:
+                        stream._on_reset(
+                            BrokenError(f"the peer abandoned the stream (code {ev.error_code:#x})")
+                        )
+                case StopSending():
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None:
+                        stream._on_stop_sending(
+                            BrokenError(f"the peer stopped reading (code {ev.error_code:#x})")
+                        )
+                case CreditGranted():
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None:
+                        self._wake_credit(stream)
+                case DatagramReceived():
+                    self.node._on_datagram(self, ev.service, ev.data)
+                case Authenticated():
+                    self.peer_id = ev.peer_id
+                    self.peer = Peer(self, ev.peer_id)
+                    self.node._on_authenticated(self)
+                    if not self.ready.done():
+                        self.ready.set_result(self.peer)
+                case ConnectionIdIssued():
+                    self.node._add_cid(self, ev.connection_id)
+                case ConnectionIdRetired():
+                    self.node._remove_cid(self, ev.connection_id)
+                case Terminated():
+                    self._on_terminated(ev.error)
 
     def _on_terminated(self, error: NetchanError) -> None:
         if isinstance(error, ClosedError):
@@ -742,7 +747,7 @@ class Node:
 
     def _on_datagram(self, session: _Session, service: str, data: bytes) -> None:
         handler = self._dgram_services.get(service)
-        if handler is None:
+        if handler is None or session.peer is None:
             return  # like a datagram to a closed port
         try:
             result = handler(data, session.peer)

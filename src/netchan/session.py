@@ -879,10 +879,10 @@ class SessionCore:
                 AUTH_STREAM, _Frames.encode({"t": "challenge", "nonce": self._challenge})
             )
         elif kind == "proof" and self._challenge is not None and not self.authenticated and self._rejected is None:
-            sig = msg.get("sig")
+            proof: Any = msg.get("sig")
             assert self._peer_key is not None
             signed = AUTH_CONTEXT + self._challenge + self.identity.public_key + self._peer_key
-            if not isinstance(sig, bytes) or not verify_signature(self._peer_key, sig, signed):
+            if not isinstance(proof, bytes) or not verify_signature(self._peer_key, proof, signed):
                 self._reject("auth", AuthenticationError("client failed to prove its key"))
                 return
             peer_id = node_id_of(self._peer_key)

@@ -358,10 +358,12 @@ class _TcpDialPath(PacketPath):
         loop = asyncio.get_running_loop()
         backoff = _BACKOFF_MIN
         host = self._url.host or "localhost"
+        port = self._url.port
+        assert port is not None  # checked by TcpCarrier.dial
         while not self._closed:
             try:
                 transport, conn = await loop.create_connection(
-                    lambda: _ClientConn(self), host, self._url.port
+                    lambda: _ClientConn(self), host, port
                 )
             except OSError as exc:
                 self.last_error = f"cannot connect to {host}:{self._url.port}: {exc.strerror or exc}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import netchan
 
@@ -40,3 +41,16 @@ async def wait_for_condition(predicate, timeout=10.0, interval=0.01):
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def echo_session(url, ids, engine=None, server_options=None, **client_options):
+    """A server node with an echo service at ``url`` and a client connected to it:
+    yields (server, client, peer)."""
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [url], allow=[client_id.node_id], engine=engine,
+                            **(server_options or {})) as server:
+        server.serve("echo", echo)
+        async with netchan.Node(client_id, engine=engine, **client_options) as client:
+            peer = await client.connect(server.addresses[0], node_id=server.node_id)
+            yield server, client, peer

@@ -12,7 +12,7 @@ import netchan
 from netchan.carriers import get_carrier, parse_url
 from netchan.engine import VIRTUAL_ADDRESS, get_engine
 
-from .helpers import echo, never_reads, read_all, wait_for_condition
+from .helpers import echo, echo_session, never_reads, read_all, wait_for_condition
 
 CARRIERS = ["udp://127.0.0.1:0", "tcp://127.0.0.1:0", "memory"]
 
@@ -68,16 +68,12 @@ async def test_allow_any_admits_every_key(memory_url, ids):
 
 
 async def test_unknown_service_raises_on_the_opener(memory_url, ids):
-    server_id, client_id = ids
-    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
-        server.serve("echo", echo)
-        async with netchan.Node(client_id) as client:
-            peer = await client.connect(memory_url, node_id=server.node_id)
-            with pytest.raises(netchan.ServiceNotFound, match="no service 'nothing'"):
-                await peer.open_stream("nothing")
-            async with await peer.open_stream("echo") as s:  # the session is fine
-                await s.send(b"ok")
-                assert await s.receive() == b"ok"
+    async with echo_session(memory_url, ids) as (_, _, peer):
+        with pytest.raises(netchan.ServiceNotFound, match="no service 'nothing'"):
+            await peer.open_stream("nothing")
+        async with await peer.open_stream("echo") as s:  # the session is fine
+            await s.send(b"ok")
+            assert await s.receive() == b"ok"
 
 
 async def test_both_ends_can_open_streams(memory_url, ids):
@@ -256,37 +252,29 @@ async def test_send_applies_backpressure(memory_url, ids):
 
 
 async def test_session_breaks_after_linger_when_carrier_is_gone(memory_url, ids):
-    server_id, client_id = ids
-    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
-        server.serve("echo", echo)
-        async with netchan.Node(client_id, linger=2.0, keepalive=0.5) as client:
-            peer = await client.connect(memory_url, node_id=server.node_id)
-            stream = await peer.open_stream("echo")
-            name = parse_url(memory_url).host
-            netchan.carriers.memory.faults(name).cut = True
-            t0 = asyncio.get_running_loop().time()
-            with pytest.raises(netchan.BrokenError):
-                await stream.receive()
-            assert asyncio.get_running_loop().time() - t0 < 10
-            assert peer.closed and isinstance(peer.error, netchan.BrokenError)
-            with pytest.raises(netchan.BrokenError):
-                await peer.open_stream("echo")
+    async with echo_session(memory_url, ids, linger=2.0, keepalive=0.5) as (_, _, peer):
+        stream = await peer.open_stream("echo")
+        name = parse_url(memory_url).host
+        netchan.carriers.memory.faults(name).cut = True
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(netchan.BrokenError):
+            await stream.receive()
+        assert asyncio.get_running_loop().time() - t0 < 10
+        assert peer.closed and isinstance(peer.error, netchan.BrokenError)
+        with pytest.raises(netchan.BrokenError):
+            await peer.open_stream("echo")
 
 
 async def test_session_survives_a_cut_shorter_than_linger(memory_url, ids):
-    server_id, client_id = ids
-    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
-        server.serve("echo", echo)
-        async with netchan.Node(client_id, linger=5.0, keepalive=0.5) as client:
-            peer = await client.connect(memory_url, node_id=server.node_id)
-            stream = await peer.open_stream("echo")
-            faults = netchan.carriers.memory.faults(parse_url(memory_url).host)
-            faults.cut = True
-            await stream.send(b"sent during the cut")
-            await asyncio.sleep(2.0)
-            faults.cut = False
-            assert await asyncio.wait_for(stream.receive(), 10) == b"sent during the cut"
-            assert not peer.closed
+    async with echo_session(memory_url, ids, linger=5.0, keepalive=0.5) as (_, _, peer):
+        stream = await peer.open_stream("echo")
+        faults = netchan.carriers.memory.faults(parse_url(memory_url).host)
+        faults.cut = True
+        await stream.send(b"sent during the cut")
+        await asyncio.sleep(2.0)
+        faults.cut = False
+        assert await asyncio.wait_for(stream.receive(), 10) == b"sent during the cut"
+        assert not peer.closed
 
 
 async def test_closing_a_peer_breaks_its_streams_on_both_sides(memory_url, ids):
@@ -373,34 +361,26 @@ async def test_a_slow_reader_stalls_only_its_own_stream(memory_url, ids):
 
 
 async def test_more_concurrent_streams_than_the_peer_allows_wait_their_turn(memory_url, ids, engine):
-    server_id, client_id = ids
-    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], engine=engine) as server:
-        server.serve("echo", echo)
-        async with netchan.Node(client_id, engine=engine) as client:
-            peer = await client.connect(memory_url, node_id=server.node_id)
+    async with echo_session(memory_url, ids, engine) as (_, _, peer):
 
-            async def one(i):
-                async with await peer.open_stream("echo") as s:
-                    await s.send(b"%d" % i)
-                    await s.send_eof()
-                    return await read_all(s)
+        async def one(i):
+            async with await peer.open_stream("echo") as s:
+                await s.send(b"%d" % i)
+                await s.send_eof()
+                return await read_all(s)
 
-            results = await asyncio.gather(*(one(i) for i in range(250)))
-            assert results == [b"%d" % i for i in range(250)]
+        results = await asyncio.gather(*(one(i) for i in range(250)))
+        assert results == [b"%d" % i for i in range(250)]
 
 
 async def test_refusals_do_not_use_up_streams(memory_url, ids, engine):
-    server_id, client_id = ids
-    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], engine=engine) as server:
-        server.serve("echo", echo)
-        async with netchan.Node(client_id, engine=engine) as client:
-            peer = await client.connect(memory_url, node_id=server.node_id)
-            for _ in range(300):
-                with pytest.raises(netchan.ServiceNotFound):
-                    await peer.open_stream("missing")
-            async with await peer.open_stream("echo") as s:
-                await s.send(b"fine")
-                assert await s.receive() == b"fine"
+    async with echo_session(memory_url, ids, engine) as (_, _, peer):
+        for _ in range(300):
+            with pytest.raises(netchan.ServiceNotFound):
+                await peer.open_stream("missing")
+        async with await peer.open_stream("echo") as s:
+            await s.send(b"fine")
+            assert await s.receive() == b"fine"
 
 
 async def test_a_replayed_tcp_token_takes_over_nothing(ids):
@@ -428,23 +408,19 @@ async def test_a_replayed_tcp_token_takes_over_nothing(ids):
 
 
 async def test_errors_raised_again_do_not_pile_up_tracebacks(memory_url, ids):
-    server_id, client_id = ids
-    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
-        server.serve("echo", echo)
-        async with netchan.Node(client_id) as client:
-            peer = await client.connect(memory_url, node_id=server.node_id)
-            stream = await peer.open_stream("echo")
-            await peer.aclose()
-            depths = []
-            for _ in range(50):
-                try:
-                    await stream.send(b"x")
-                except netchan.NetchanError as exc:
-                    tb, depth = exc.__traceback__, 0
-                    while tb is not None:
-                        depth, tb = depth + 1, tb.tb_next
-                    depths.append(depth)
-            assert len(depths) == 50 and max(depths) < 10
+    async with echo_session(memory_url, ids) as (_, _, peer):
+        stream = await peer.open_stream("echo")
+        await peer.aclose()
+        depths = []
+        for _ in range(50):
+            try:
+                await stream.send(b"x")
+            except netchan.NetchanError as exc:
+                tb, depth = exc.__traceback__, 0
+                while tb is not None:
+                    depth, tb = depth + 1, tb.tb_next
+                depths.append(depth)
+        assert len(depths) == 50 and max(depths) < 10
 
 
 async def test_a_failed_connect_leaves_no_dialer_behind(ids):

@@ -8,6 +8,7 @@ packets as large as its declared packet size, and releases its sockets on close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -41,30 +42,33 @@ def listen_url(request, memory_url):
     return URLS[request.param] or memory_url
 
 
-async def _pair(listen_url):
+@contextlib.asynccontextmanager
+async def paired(listen_url):
+    """A listener and a path dialed to it: (listener, path, server_sink, client_sink)."""
     server_sink, client_sink = Sink(), Sink()
     url = parse_url(listen_url)
     carrier = get_carrier(url.scheme)
     listener = await carrier.listen(url, server_sink)
-    path = await carrier.dial(parse_url(listener.url), client_sink)
-    return carrier, listener, path, server_sink, client_sink
+    try:
+        path = await carrier.dial(parse_url(listener.url), client_sink)
+        try:
+            yield listener, path, server_sink, client_sink
+        finally:
+            path.close()
+    finally:
+        await listener.aclose()
 
 
 async def test_listener_reports_real_address(listen_url):
-    carrier, listener, path, *_ = await _pair(listen_url)
-    try:
+    async with paired(listen_url) as (listener, *_):
         url = parse_url(listener.url)
         assert url.scheme == parse_url(listen_url).scheme
         if url.scheme != "memory":
             assert url.port and url.port != 0
-    finally:
-        path.close()
-        await listener.aclose()
 
 
 async def test_packets_flow_both_ways(listen_url):
-    carrier, listener, path, server_sink, client_sink = await _pair(listen_url)
-    try:
+    async with paired(listen_url) as (listener, path, server_sink, client_sink):
         sent = [os.urandom(n) for n in (1, 100, 1200, path.packet_size)]
         await wait_for_condition(lambda: path.writable)
         path.send_packets(sent)
@@ -77,14 +81,10 @@ async def test_packets_flow_both_ways(listen_url):
         await wait_for_condition(lambda: len(client_sink.packets) >= len(back))
         assert [p for p, _ in client_sink.packets] == back
         assert all(p is path for _, p in client_sink.packets)
-    finally:
-        path.close()
-        await listener.aclose()
 
 
 async def test_many_packets_in_order_without_loss_on_a_quiet_link(listen_url):
-    carrier, listener, path, server_sink, _ = await _pair(listen_url)
-    try:
+    async with paired(listen_url) as (listener, path, server_sink, _):
         await wait_for_condition(lambda: path.writable)
         n = 500
         for i in range(n):
@@ -94,19 +94,15 @@ async def test_many_packets_in_order_without_loss_on_a_quiet_link(listen_url):
         await wait_for_condition(lambda: len(server_sink.packets) >= n)
         got = [int.from_bytes(p[:4], "big") for p, _ in server_sink.packets]
         assert sorted(got) == list(range(n))
-    finally:
-        path.close()
-        await listener.aclose()
 
 
 async def test_sending_after_close_drops_quietly(listen_url):
-    carrier, listener, path, server_sink, _ = await _pair(listen_url)
-    await wait_for_condition(lambda: path.writable)
-    path.close()
-    path.send_packets([b"late"])  # must not raise
-    await asyncio.sleep(0.05)
-    assert server_sink.packets == []
-    await listener.aclose()
+    async with paired(listen_url) as (listener, path, server_sink, _):
+        await wait_for_condition(lambda: path.writable)
+        path.close()
+        path.send_packets([b"late"])  # must not raise
+        await asyncio.sleep(0.05)
+        assert server_sink.packets == []
 
 
 async def test_dial_to_nowhere_does_not_raise_when_sending(listen_url):
@@ -144,8 +140,7 @@ def test_quic_scheme_is_udp():
 async def test_a_batch_of_mixed_sizes_arrives_intact(listen_url):
     """Carriers may send a batch in fewer system calls (UDP segmentation
     offload); every packet must still arrive whole and separate."""
-    carrier, listener, path, server_sink, _ = await _pair(listen_url)
-    try:
+    async with paired(listen_url) as (listener, path, server_sink, _):
         await wait_for_condition(lambda: path.writable)
         size = min(1200, path.packet_size)
         sizes = [size] * 50 + [700] + [size] * 10 + [size + 100] + [size] * 3 + [1]
@@ -153,6 +148,3 @@ async def test_a_batch_of_mixed_sizes_arrives_intact(listen_url):
         path.send_packets(sent)
         await wait_for_condition(lambda: len(server_sink.packets) >= len(sent))
         assert sorted(p for p, _ in server_sink.packets) == sorted(sent)
-    finally:
-        path.close()
-        await listener.aclose()

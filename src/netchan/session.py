@@ -358,11 +358,11 @@ class SessionCore:
         try:
             authentic = self.engine.receive_packets(self._quic, packets, now)
         except Exception as exc:  # the engine rejected the packets outright
-            self._fail(RemoteProtocolError(f"QUIC error: {exc}"))
+            self._close(RemoteProtocolError(f"QUIC error: {exc}"))
             return False
         if authentic or not self.authenticated:
             self._last_rx = now  # forged packets must not hold back keepalives
-        self._process_quic_events(now)
+        self._process_quic_events()
         if not self.closed:
             closing = self.engine.peer_closed(self._quic)
             if closing is not None:
@@ -373,7 +373,7 @@ class SessionCore:
         try:
             datagrams = self._quic.datagrams_to_send(now)
         except Exception as exc:
-            self._fail(LocalProtocolError(f"QUIC engine failure: {exc}"))
+            self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
             datagrams = []
         if datagrams:
             self.packets_sent += len(datagrams)
@@ -396,9 +396,9 @@ class SessionCore:
             if timer is not None and timer <= now:
                 self._quic.handle_timer(now)
         except Exception as exc:
-            self._fail(LocalProtocolError(f"QUIC engine failure: {exc}"))
+            self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
             return
-        self._process_quic_events(now)
+        self._process_quic_events()
         if self.closed:
             return
         if not self.authenticated:
@@ -407,9 +407,7 @@ class SessionCore:
             return
         interval = self.config.keepalive_interval
         if now >= self._last_rx + interval and now >= self._last_ping + interval:
-            self._last_ping = now
-            self._ping_uid += 1
-            self._quic.send_ping(self._ping_uid)
+            self.probe(now)
 
     def probe(self, now: float) -> None:
         """Elicit an acknowledgement now (after a carrier reconnects, say), so
@@ -422,7 +420,7 @@ class SessionCore:
         try:
             self._quic.send_ping(self._ping_uid)
         except Exception as exc:
-            self._fail(LocalProtocolError(f"QUIC engine failure: {exc}"))
+            self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
 
     def next_event(self) -> SessionEvent | None:
         return self._events.popleft() if self._events else None
@@ -565,7 +563,7 @@ class SessionCore:
     def send_datagram(self, service: str, data: bytes) -> None:
         self._check_usable()
         name = _service_bytes(service)
-        limit = self.packet_size - _DATAGRAM_OVERHEAD - 1 - len(name)
+        limit = self.max_datagram_payload(service)
         if len(data) > limit:
             raise DatagramTooLarge(
                 f"datagram of {len(data)} bytes exceeds the {limit}-byte limit "
@@ -589,9 +587,6 @@ class SessionCore:
             pass
         self._terminate(error)
 
-    def _fail(self, error: NetchanError) -> None:
-        self._close(error)
-
     def _terminate(self, error: NetchanError) -> None:
         if self.closed:
             return
@@ -609,7 +604,7 @@ class SessionCore:
 
     # -- QUIC events ----------------------------------------------------------
 
-    def _process_quic_events(self, now: float) -> None:
+    def _process_quic_events(self) -> None:
         quic = self._quic
         ev = self._ev
         stream_data = ev.StreamDataReceived
@@ -620,12 +615,7 @@ class SessionCore:
                     if sid in self._open:
                         data = event.data
                         if data:
-                            received = self._received[sid] + len(data)
-                            self._received[sid] = received
-                            if received > self._granted[sid]:
-                                raise RemoteProtocolError(
-                                    f"the peer sent beyond its credit on stream {sid}"
-                                )
+                            self._count_received(sid, len(data))
                         if data or event.end_stream:
                             self._events.append(StreamData(sid, data, event.end_stream))
                     else:

@@ -150,8 +150,14 @@ class _FramedProtocol(asyncio.BufferedProtocol):
     def on_writable(self) -> None:
         pass
 
+    @property
+    def open(self) -> bool:
+        """The connection is up and not closing."""
+        return self.transport is not None and not self.transport.is_closing()
+
     def write_packets(self, packets: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.open:
+            assert self.transport is not None
             # writelines hands the pieces to writev on uvloop: no copy of 60 kB
             # packets into one buffer (asyncio's own loop joins them)
             self.transport.writelines(_frame(packets))
@@ -194,11 +200,11 @@ class _TcpReplyPath(PacketPath):
     @property
     def writable(self) -> bool:  # type: ignore[override]
         conn = self.conn
-        return conn is not None and not conn.paused and conn.transport is not None and not conn.transport.is_closing()
+        return conn is not None and conn.open and not conn.paused
 
     def send_packets(self, packets: list[bytes]) -> None:
         conn = self.conn
-        if conn is None or conn.transport is None or conn.transport.is_closing():
+        if conn is None or not conn.open:
             self.packets_dropped += len(packets)
             return
         conn.write_packets(packets)
@@ -290,7 +296,7 @@ class _TcpListener(Listener):
             label = f"tcp {peer[0]}:{peer[1]}" if peer else "tcp"
             path = self._paths[token] = _TcpReplyPath(token, label, self._packet_size, self._sink)
         current = path.conn
-        if current is None or current.transport is None or current.transport.is_closing():
+        if current is None or not current.open:
             path.use(conn)  # nothing to protect: take it at once
         return path
 

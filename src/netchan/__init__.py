@@ -13,25 +13,42 @@ from .errors import (
     ClosedError,
     ConfigurationError,
     DatagramTooLarge,
+    DirectionError,
     EndOfChannel,
     EndOfStream,
     KeyFileError,
     LocalProtocolError,
+    MessageTooLarge,
     NetchanError,
     NotAllowed,
     ProtocolError,
     RemoteProtocolError,
+    SchemaMismatch,
     ServiceNotFound,
     Timeout,
     WouldBlock,
 )
+from .channels import Channel, ChannelView, LocalChannel, RemoteChannel, select
 from .identity import Identity
 from .node import ANY, Node, Peer, Stream
+from .topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ANY",
+    "Channel",
+    "ChannelView",
+    "LocalChannel",
+    "RemoteChannel",
+    "RemoteSubscription",
+    "RemoteTopic",
+    "Subscription",
+    "Topic",
+    "select",
+    "DirectionError",
+    "MessageTooLarge",
+    "SchemaMismatch",
     "DEFAULT_ENGINE",
     "ENGINES",
     "Identity",

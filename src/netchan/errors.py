@@ -13,6 +13,9 @@
      ├── NotAllowed             the peer (or we) refused by policy
      ├── ServiceNotFound        the peer has no such service
      ├── DatagramTooLarge       a datagram does not fit in one packet (also a ValueError)
+     ├── MessageTooLarge        a channel item is over the size limit (also a ValueError)
+     ├── SchemaMismatch         the two ends of a channel disagree on its item type
+     ├── DirectionError         a send-only handle asked to receive, or the reverse (also a TypeError)
      ├── KeyFileError           a key file is missing, malformed or readable by others
      ├── ConfigurationError     bad arguments (also a ValueError)
      └── ProtocolError          the wire protocol was violated
@@ -38,6 +41,9 @@ __all__ = [
     "NotAllowed",
     "ServiceNotFound",
     "DatagramTooLarge",
+    "MessageTooLarge",
+    "SchemaMismatch",
+    "DirectionError",
     "KeyFileError",
     "ConfigurationError",
     "ProtocolError",
@@ -102,6 +108,20 @@ class DatagramTooLarge(NetchanError, ValueError):
     """A datagram is larger than the session can carry in one packet."""
 
 
+class MessageTooLarge(NetchanError, ValueError):
+    """An item is larger than the channel's message size limit."""
+
+
+class SchemaMismatch(NetchanError):
+    """A channel handle's codec or item type differs from the owner's."""
+
+    code = 0x4E430006
+
+
+class DirectionError(NetchanError, TypeError):
+    """A send-only view was asked to receive, or a receive-only view to send."""
+
+
 class KeyFileError(NetchanError):
     """A key file cannot be used: missing, malformed, or readable by others."""
 
@@ -127,7 +147,7 @@ class RemoteProtocolError(ProtocolError):
 #: wire code -> exception class, for errors that close a session
 _BY_CODE: dict[int, type[NetchanError]] = {
     cls.code: cls
-    for cls in (BrokenError, AuthenticationError, NotAllowed, ServiceNotFound, ProtocolError)
+    for cls in (BrokenError, AuthenticationError, NotAllowed, ServiceNotFound, ProtocolError, SchemaMismatch)
 }
 
 

@@ -13,7 +13,7 @@ import inspect
 import logging
 from collections import deque
 from dataclasses import replace
-from typing import Any, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from . import carriers
 from .carriers.base import Listener, PacketPath
@@ -44,6 +44,10 @@ from .session import (
     StopSending,
     Terminated,
 )
+
+if TYPE_CHECKING:
+    from .channels import LocalChannel, RemoteChannel
+    from .topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 
 __all__ = ["Node", "Peer", "Stream", "ANY", "PING_SERVICE", "echo_service"]
 
@@ -310,6 +314,37 @@ class Peer:
             session.forget_stream(stream)
             raise
         return stream
+
+    async def channel(self, name: str, *, direction: str = "both", codec: str | None = None,
+                      type: Any = None, max_message: int = 1024 * 1024) -> RemoteChannel:
+        """A handle to the channel ``name`` owned by this peer.
+
+        Raises ServiceNotFound if it has none, NotAllowed if it refuses us,
+        SchemaMismatch if ``codec`` / ``type`` differ from the owner's.
+        """
+        from .channels import RemoteChannel
+
+        handle = RemoteChannel(self.node.hub, self.node_id, name, direction=direction, codec=codec,
+                               type=type, peer=self, max_message=max_message)
+        await handle._ready()
+        return handle
+
+    async def topic(self, name: str, *, codec: str | None = None, type: Any = None) -> RemoteTopic:
+        """A handle to publish on this peer's topic ``name``."""
+        from .topics import RemoteTopic
+
+        handle = RemoteTopic(self.node.hub, self, name, codec=codec, type=type)
+        await handle._ready()
+        return handle
+
+    async def subscribe(self, name: str, *, buffer: int = 64, codec: str | None = None,
+                        type: Any = None) -> RemoteSubscription:
+        """Subscribe to this peer's topic ``name``: an async iterator of its messages."""
+        from .topics import RemoteSubscription
+
+        sub = RemoteSubscription(self.node.hub, self, name, buffer=buffer, codec=codec, type=type)
+        await sub._ready()
+        return sub
 
     def send_datagram(self, service: str, data: bytes) -> None:
         """Send an unreliable datagram to ``service`` (DatagramTooLarge if it can't fit)."""
@@ -631,6 +666,10 @@ class Node:
         self._by_path: dict[PacketPath, _Session] = {}
         self._half_open: dict[_Session, None] = {}  # still authenticating, oldest first
         self._tasks: set[asyncio.Task[Any]] = set()
+        from .channels import ChannelHub
+
+        #: this node's channels and topics, and its handles to other nodes' ones
+        self.hub = ChannelHub(self)
         self._started = False
         self._closed = False
         self.packets_dropped = 0
@@ -688,6 +727,7 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        await self.hub.aclose()
         sessions = list(self._sessions)
         for session in sessions:
             session.close()
@@ -710,6 +750,52 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # -- channels and topics ---------------------------------------------------------
+
+    def channel(
+        self,
+        name: str | None = None,
+        capacity: int = 0,
+        *,
+        codec: str | None = None,
+        type: Any = None,
+        allow_send: Iterable[str] | None = None,
+        allow_recv: Iterable[str] | None = None,
+        max_message: int = 1024 * 1024,
+    ) -> LocalChannel:
+        """A channel owned by this node, offered to the peers we allow.
+
+        ``name=None`` makes an unguessable name.  ``capacity`` is exact (0 is a
+        rendezvous).  ``codec`` is "msgpack" (default), "raw" or "pickle";
+        ``type=T`` makes a typed channel.  ``allow_send`` / ``allow_recv``
+        restrict which peers may do what (default: every peer the node admits).
+        """
+        return self.hub.channel(
+            name, capacity, codec=codec, type=type, allow_send=allow_send,
+            allow_recv=allow_recv, max_message=max_message,
+        )
+
+    def topic(self, name: str, *, history: int = 0, policy: str = "block", buffer: int = 64,
+              codec: str | None = None, type: Any = None, allow_publish: Iterable[str] | None = None,
+              allow_subscribe: Iterable[str] | None = None, max_message: int = 1024 * 1024) -> Topic:
+        """A broadcast topic owned by this node (see :class:`netchan.topics.Topic`)."""
+        from .topics import Topic
+
+        topic = Topic(self.hub, name, history=history, policy=policy, buffer=buffer, codec=codec,
+                      type=type, allow_publish=allow_publish, allow_subscribe=allow_subscribe,
+                      max_message=max_message)
+        self.hub.add_topic(topic)
+        return topic
+
+    def subscribe(self, name: str, *, buffer: int | None = None) -> Subscription:
+        """Subscribe to one of this node's own topics."""
+        from .topics import Topic
+
+        topic = self.hub.owned(name)
+        if not isinstance(topic, Topic):
+            raise ServiceNotFound(f"this node has no topic {name!r}")
+        return topic.subscribe(buffer=buffer)
 
     # -- services -------------------------------------------------------------------
 

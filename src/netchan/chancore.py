@@ -1,0 +1,503 @@
+"""The owner's side of a channel, as a protocol core without I/O.
+
+A channel lives at its *owner*.  Everything that sends to it or receives from
+it is an *endpoint*: a remote handle (one stream per handle) or one pending
+local operation.  Endpoints are opaque to this core; it only needs them to be
+hashable.  Calls describe what an endpoint asked for; the core answers with
+events that the asyncio layer turns into frames or resolved futures.
+
+Rules kept here (and tested here, with no network):
+
+* **Exact capacity.**  ``len(queue) + owed + reserved <= capacity``: senders
+  send only with credit, and credit is granted only from free space.  Items
+  handed to a receiver but not yet acknowledged (``owed``) still take room, so
+  an item that comes back (its receiver failed or was lost) always fits.
+* **Rendezvous.**  With capacity 0, credit is granted only against receivers
+  that are waiting, and the sender's item is acknowledged only when a
+  receiver's application has taken it.
+* **Demand order.**  Receivers' requests queue in the order they arrive; each
+  item goes to the oldest one.
+* **Requeue at the head.**  A delivery that is given back (or whose receiver
+  is lost) returns to the front of the queue, in its original order.
+* **Close drains.**  After ``close`` no credit is granted, senders are told at
+  once, and receivers see ``End`` only when nothing is queued, owed or still
+  covered by credit granted before the close.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "ChannelCore",
+    "Item",
+    "Grant",
+    "Accepted",
+    "Deliver",
+    "Reclaim",
+    "Closed",
+    "End",
+]
+
+Endpoint = Hashable
+
+
+class Item:
+    """One item in a channel: its id (unique per sender), encoded bytes and,
+    when the owner already decoded it, the value."""
+
+    __slots__ = ("id", "data", "value", "sender", "seq")
+
+    def __init__(self, id: str, data: bytes, value: Any = None, sender: Endpoint | None = None, seq: int = 0):
+        self.id = id
+        self.data = data
+        self.value = value
+        #: the endpoint still waiting for "taken" (rendezvous only), else None
+        self.sender = sender
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"<Item {self.id}>"
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Grant:
+    """The sender may send ``n`` more items."""
+
+    endpoint: Endpoint
+    n: int
+
+
+@dataclass(slots=True)
+class Accepted:
+    """Every item of this sender up to ``seq`` is in the channel (or, with
+    capacity 0, taken by a receiver)."""
+
+    endpoint: Endpoint
+    seq: int
+
+
+@dataclass(slots=True)
+class Deliver:
+    """Hand ``item`` to a receiver; it is owed until ``done`` or ``requeue``."""
+
+    endpoint: Endpoint
+    dseq: int
+    item: Item
+
+
+@dataclass(slots=True)
+class Reclaim:
+    """Another sender is starved: give back the credit you are not using."""
+
+    endpoint: Endpoint
+
+
+@dataclass(slots=True)
+class Closed:
+    """The channel is closed: sending is over for this endpoint."""
+
+    endpoint: Endpoint
+
+
+@dataclass(slots=True)
+class End:
+    """The channel is closed and drained: this receiver's requests end."""
+
+    endpoint: Endpoint
+
+
+class _Sender:
+    __slots__ = ("origin", "credit", "desire", "next_seq", "reclaiming")
+
+    def __init__(self, origin: str, next_seq: int) -> None:
+        self.origin = origin
+        self.credit = 0  # granted and not yet used or released, as we count it
+        self.desire = 0  # standing request: keep my credit topped up to this
+        self.next_seq = next_seq
+        self.reclaiming = False
+
+
+class ChannelCore:
+    """Buffer, credit, demand and acknowledgement rules of one channel."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self.queue: deque[Item] = deque()
+        self.events: deque[Any] = deque()
+        self.closed = False
+        self.ended = False
+        self._senders: dict[Endpoint, _Sender] = {}
+        self._hungry: dict[Endpoint, None] = {}  # senders below their desire, oldest first
+        self._reserved = 0  # credit outstanding, all senders
+        self._demand: deque[list[Any]] = deque()  # [endpoint, units], oldest first
+        self._demand_total = 0
+        self._owed: dict[Endpoint, dict[int, Item]] = {}
+        self._owed_total = 0
+        self._taken: set[tuple[Endpoint, int]] = set()  # owed items already taken (process blocks)
+        self._next_dseq = 0
+        #: highest sequence accepted per origin, so that resent items are dropped
+        self._accepted_upto: dict[str, int] = {}
+        # counters for statistics()
+        self.items_in = 0
+        self.items_out = 0
+        self.requeued = 0
+        self.duplicates = 0
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        """Room for new items that no credit covers yet."""
+        if self.capacity == 0:
+            return self._demand_total - self._reserved - len(self.queue)
+        return self.capacity - len(self.queue) - self._owed_total - self._reserved
+
+    @property
+    def owed(self) -> int:
+        return self._owed_total
+
+    @property
+    def receivers_waiting(self) -> int:
+        return self._demand_total
+
+    @property
+    def senders_waiting(self) -> int:
+        return len(self._hungry)
+
+    def _next_event(self) -> Any:
+        return self.events.popleft() if self.events else None
+
+    # -- senders --------------------------------------------------------------------
+
+    def attach_sender(self, ep: Endpoint, origin: str, next_seq: int = 1) -> None:
+        """Register a sender whose items carry ids ``origin:seq``, seq from ``next_seq``."""
+        upto = self._accepted_upto.get(origin, 0)
+        self._senders[ep] = _Sender(origin, max(next_seq, 1))
+        self._accepted_upto.setdefault(origin, upto)
+        if self.closed:
+            self.events.append(Closed(ep))
+
+    def want(self, ep: Endpoint, desire: int) -> None:
+        """The sender would like to hold ``desire`` unused credits (a standing request)."""
+        s = self._senders[ep]
+        if self.closed:
+            self.events.append(Closed(ep))
+            return
+        s.desire = max(0, desire)
+        if s.credit < s.desire:
+            self._hungry[ep] = None
+            self._grant()
+            if ep in self._hungry and self.free <= 0:
+                self._reclaim_idle(ep)
+        else:
+            self._hungry.pop(ep, None)
+
+    def acquire(self, ep: Endpoint) -> bool:
+        """Take one credit at once if nobody waits ahead and there is room."""
+        if self.closed or self._hungry or self.free <= 0:
+            return False
+        s = self._senders[ep]
+        s.credit += 1
+        self._reserved += 1
+        return True
+
+    def release(self, ep: Endpoint, n: int) -> None:
+        """The sender gives back ``n`` credits it will not use."""
+        s = self._senders.get(ep)
+        if s is None:
+            return
+        if not 0 <= n <= s.credit:
+            raise RemoteProtocolError(f"released {n} credits, holds {s.credit}")
+        s.credit -= n
+        self._reserved -= n
+        s.reclaiming = False
+        if s.credit < s.desire and not self.closed:
+            self._hungry[ep] = None
+        self._grant()
+        self._check_end()
+
+    def items(self, ep: Endpoint, first_seq: int, items: list[Item]) -> None:
+        """Items from a sender, each using one credit, in sequence order.
+
+        Items whose sequence was already accepted (a resend) are dropped and
+        acknowledged again.
+        """
+        s = self._senders[ep]
+        if first_seq != s.next_seq:
+            raise RemoteProtocolError(f"items from sequence {first_seq}, expected {s.next_seq}")
+        upto = self._accepted_upto[s.origin]
+        fresh = [it for i, it in enumerate(items) if first_seq + i > upto]
+        dup = len(items) - len(fresh)
+        if len(fresh) > s.credit:
+            raise RemoteProtocolError(f"{len(fresh)} items sent with {s.credit} credits")
+        s.next_seq = first_seq + len(items)
+        self.duplicates += dup
+        if fresh:
+            s.credit -= len(fresh)
+            self._reserved -= len(fresh)
+            last = s.next_seq - 1
+            self._accepted_upto[s.origin] = last
+            rendezvous = self.capacity == 0
+            seq = s.next_seq - len(fresh)
+            for it in fresh:
+                it.seq = seq
+                seq += 1
+                if rendezvous:
+                    it.sender = ep
+                self.queue.append(it)
+            self.items_in += len(fresh)
+            if not rendezvous:
+                self.events.append(Accepted(ep, last))
+            if s.credit < s.desire and not self.closed:
+                self._hungry[ep] = None
+            if self._demand:
+                self._dispatch()
+        elif dup:
+            self.events.append(Accepted(ep, s.next_seq - 1))
+
+    def put(self, ep: Endpoint, item: Item) -> None:
+        """One item from a local sender, using one credit (no sequence checks)."""
+        s = self._senders[ep]
+        if s.credit < 1:
+            raise LocalProtocolError("put() without credit")
+        s.credit -= 1
+        self._reserved -= 1
+        self.items_in += 1
+        self.queue.append(item)
+        if self.capacity == 0:
+            item.sender = ep
+        else:
+            self.events.append(Accepted(ep, item.seq))
+        if self._demand:
+            self._dispatch()
+
+    def detach(self, ep: Endpoint) -> None:
+        """A local sender is finished (it holds no items)."""
+        s = self._senders.pop(ep, None)
+        if s is not None:
+            self._hungry.pop(ep, None)
+            if s.credit:
+                self._reserved -= s.credit
+                self._grant()
+                self._check_end()
+
+    def withdraw(self, ep: Endpoint, seq: int) -> bool:
+        """Take back a rendezvous item nobody has taken yet (its send was cancelled)."""
+        for it in self.queue:
+            if it.sender == ep and it.seq == seq:
+                self.queue.remove(it)
+                self._grant()
+                return True
+        return False
+
+    # -- receivers ------------------------------------------------------------------
+
+    def demand(self, ep: Endpoint, units: int = 1) -> None:
+        """The receiver asks for ``units`` more items."""
+        if units <= 0:
+            return
+        if self.ended:
+            self.events.append(End(ep))
+            return
+        tail = self._demand[-1] if self._demand else None
+        if tail is not None and tail[0] == ep:
+            tail[1] += units
+        else:
+            self._demand.append([ep, units])
+        self._demand_total += units
+        if self.queue:
+            self._dispatch()
+        elif self.capacity == 0:
+            self._grant()
+
+    def cancel_demand(self, ep: Endpoint, units: int = 1) -> int:
+        """Withdraw up to ``units`` of the receiver's outstanding requests (newest first)."""
+        removed = 0
+        for entry in reversed(self._demand):
+            if removed == units:
+                break
+            if entry[0] == ep:
+                take = min(entry[1], units - removed)
+                entry[1] -= take
+                removed += take
+        if removed:
+            self._demand_total -= removed
+            self._demand = deque(e for e in self._demand if e[1] > 0)
+        return removed
+
+    def take_nowait(self, ep: Endpoint | None = None, done: bool = True) -> tuple[int, Item] | None:
+        """Take the head item at once (a local receiver), if any.
+
+        With ``done=False`` the item stays owed by ``ep`` until ``done`` or
+        ``requeue`` (acknowledged processing).
+        """
+        if not self.queue:
+            return None
+        item = self.queue.popleft()
+        self._next_dseq += 1
+        dseq = self._next_dseq
+        self.items_out += 1
+        if not done:
+            self._owe(ep, dseq, item)
+            self._taken.add((ep, dseq))
+        self._on_taken(item)
+        if done:
+            self._grant()
+            self._check_end()
+        return dseq, item
+
+    def taken(self, ep: Endpoint, dseq: int) -> None:
+        """The receiver's application has the item (it may still requeue it)."""
+        owed = self._owed.get(ep)
+        item = owed.get(dseq) if owed else None
+        if item is None:
+            raise RemoteProtocolError(f"no item {dseq} was delivered to this receiver")
+        if (ep, dseq) not in self._taken:
+            self._taken.add((ep, dseq))
+            self._on_taken(item)
+
+    def done(self, ep: Endpoint, dseq: int) -> None:
+        """The receiver is finished with the item: it leaves the channel."""
+        item = self._unowe(ep, dseq)
+        if (ep, dseq) in self._taken:
+            self._taken.discard((ep, dseq))
+        else:
+            self._on_taken(item)
+        self._grant()
+        self._check_end()
+
+    def requeue(self, ep: Endpoint, dseq: int) -> None:
+        """Give the item back: it goes to the head of the queue."""
+        item = self._unowe(ep, dseq)
+        self._taken.discard((ep, dseq))
+        self.items_out -= 1
+        self.requeued += 1
+        self.queue.appendleft(item)
+        self._dispatch()
+
+    def _owe(self, ep: Endpoint, dseq: int, item: Item) -> None:
+        self._owed.setdefault(ep, {})[dseq] = item
+        self._owed_total += 1
+
+    def _unowe(self, ep: Endpoint, dseq: int) -> Item:
+        owed = self._owed.get(ep)
+        if not owed or dseq not in owed:
+            raise RemoteProtocolError(f"no item {dseq} is owed by this receiver")
+        item = owed.pop(dseq)
+        if not owed:
+            del self._owed[ep]
+        self._owed_total -= 1
+        return item
+
+    def _on_taken(self, item: Item) -> None:
+        sender = item.sender
+        if sender is not None:
+            item.sender = None
+            self.events.append(Accepted(sender, item.seq))
+
+    # -- endpoints going away -------------------------------------------------------
+
+    def lost(self, ep: Endpoint) -> None:
+        """The endpoint is gone (its stream or session broke, or it left).
+
+        Items owed by it return to the head of the queue in their order; its
+        requests and its unused credit are dropped.
+        """
+        s = self._senders.pop(ep, None)
+        if s is not None:
+            self._reserved -= s.credit
+            self._hungry.pop(ep, None)
+        self.cancel_demand(ep, self._demand_total)
+        owed = self._owed.pop(ep, None)
+        if owed:
+            self._owed_total -= len(owed)
+            for dseq in sorted(owed, reverse=True):
+                self._taken.discard((ep, dseq))
+                self.queue.appendleft(owed[dseq])
+                self.items_out -= 1
+                self.requeued += 1
+        if self.queue and self._demand:
+            self._dispatch()
+        self._grant()
+        self._check_end()
+
+    def close(self) -> None:
+        """Close the channel: no new items; receivers drain what is in it."""
+        if self.closed:
+            return
+        self.closed = True
+        self._hungry.clear()
+        for ep, s in self._senders.items():
+            s.desire = 0
+            self.events.append(Closed(ep))
+        self._check_end()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        queue, demand = self.queue, self._demand
+        while queue and demand:
+            entry = demand[0]
+            ep = entry[0]
+            entry[1] -= 1
+            if entry[1] == 0:
+                demand.popleft()
+            self._demand_total -= 1
+            item = queue.popleft()
+            self._next_dseq += 1
+            self._owe(ep, self._next_dseq, item)
+            self.items_out += 1
+            self.events.append(Deliver(ep, self._next_dseq, item))
+        if self.capacity == 0:
+            self._grant()
+
+    def _grant(self) -> None:
+        if not self._hungry or self.closed:
+            return
+        free = self.free
+        if free <= 0:
+            return
+        senders = self._senders
+        for ep in list(self._hungry):
+            s = senders[ep]
+            n = min(free, s.desire - s.credit)
+            if n > 0:
+                s.credit += n
+                self._reserved += n
+                free -= n
+                self.events.append(Grant(ep, n))
+            if s.credit >= s.desire:
+                del self._hungry[ep]
+            if free == 0:
+                break
+
+    def _reclaim_idle(self, starved: Endpoint) -> None:
+        for ep, s in self._senders.items():
+            if ep != starved and s.credit > 0 and ep not in self._hungry and not s.reclaiming:
+                s.reclaiming = True
+                s.desire = 0
+                self.events.append(Reclaim(ep))
+
+    def _check_end(self) -> None:
+        if (
+            self.closed
+            and not self.ended
+            and not self.queue
+            and self._owed_total == 0
+            and self._reserved == 0
+        ):
+            self.ended = True
+            for ep, _units in self._demand:
+                self.events.append(End(ep))
+            self._demand.clear()
+            self._demand_total = 0

@@ -1,0 +1,1413 @@
+"""Channels with Go semantics, local and across the network.
+
+A channel lives at its owner node (:class:`LocalChannel`, from
+``node.channel()``).  Other nodes reach it through a :class:`RemoteChannel`
+(``await peer.channel(name)``, or a reference received inside an item); both
+have the same API.  The rules (exact capacity, rendezvous, demand order,
+acknowledged processing, close-drains) are kept by one
+:class:`~netchan.chancore.ChannelCore` at the owner; this module only moves
+its requests and events between tasks and streams.
+
+Every operation is an *op*: it is armed (a request to the owner), then either
+claimed (it completes) or cancelled (what it reserved goes back).  ``select``
+arms several ops in one group, of which exactly one may claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections import deque
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Sequence
+
+from . import wire as w
+from .chancore import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim
+from .codec import DEFAULT_MAX_MESSAGE, Codec, make_codec
+from .errors import (
+    BrokenError,
+    ClosedError,
+    ConfigurationError,
+    DirectionError,
+    EndOfChannel,
+    EndOfStream,
+    NetchanError,
+    NotAllowed,
+    ProtocolError,
+    RemoteProtocolError,
+    SchemaMismatch,
+    ServiceNotFound,
+    Timeout,
+    WouldBlock,
+    error_from_code,
+)
+from .identity import check_node_id
+
+if TYPE_CHECKING:
+    from .node import Node, Peer, Stream
+
+__all__ = [
+    "Channel",
+    "LocalChannel",
+    "RemoteChannel",
+    "ChannelView",
+    "ChannelHub",
+    "select",
+    "SERVICE",
+]
+
+log = logging.getLogger("netchan.channels")
+
+SERVICE = "netchan.channel"
+#: unused credit a sending handle keeps asking for (bounded by the capacity)
+PREFETCH = 128
+#: items per ITEMS frame at most (frames stay well under the frame limit)
+_BATCH_BYTES = 256 * 1024
+_HANDSHAKE_TIMEOUT = 10.0
+
+_WAITING, _COMMITTED, _DONE, _CANCELLED = range(4)
+
+
+class _Group:
+    """The ops of one select: the first to claim wins, the others give back."""
+
+    __slots__ = ("winner", "fut")
+
+    def __init__(self) -> None:
+        self.winner: _Op | None = None
+        self.fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def claim(self, op: _Op) -> bool:
+        if self.winner is None:
+            self.winner = op
+            if not self.fut.done():
+                self.fut.set_result(None)
+            return True
+        return self.winner is op
+
+
+class _Op:
+    """One pending send or receive (for a LocalChannel, also a core endpoint)."""
+
+    __slots__ = ("group", "index", "state", "fut", "result", "error", "item", "data", "dseq", "seq", "process")
+
+    def __init__(self, group: _Group | None = None, index: int = 0) -> None:
+        self.group = group
+        self.index = index
+        self.state = _WAITING
+        self.fut: asyncio.Future[None] | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.item: Item | None = None
+        self.data: bytes = b""
+        self.dseq = 0
+        self.seq = 0
+        self.process = False
+
+    def claim(self) -> bool:
+        if self.state != _WAITING:
+            return False
+        return self.group is None or self.group.claim(self)
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.state = _DONE
+        self.result = result
+        self.error = error
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait(self) -> Any:
+        if self.state != _DONE:
+            self.fut = asyncio.get_running_loop().create_future()
+            await self.fut
+        if self.error is not None:
+            raise self.error.with_traceback(None)
+        return self.result
+
+
+# -- the public API, shared by every kind of handle -----------------------------------
+
+
+class Channel:
+    """A channel handle: the same API whether the channel is here or remote.
+
+    Owner: :class:`LocalChannel`; elsewhere: :class:`RemoteChannel`; a
+    direction-restricted view of either: :class:`ChannelView`.
+    """
+
+    _can_send = True
+    _can_recv = True
+    name: str
+    capacity: int
+
+    # subclasses implement these
+    def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
+        raise NotImplementedError
+
+    def _start_recv(self, group: _Group | None, index: int, process: bool) -> _Op:
+        raise NotImplementedError
+
+    def _cancel(self, op: _Op) -> None:
+        raise NotImplementedError
+
+    def _consumed(self, op: _Op) -> None:
+        """A delivered item reached the application (a plain receive): it is done."""
+        raise NotImplementedError
+
+    def _settle(self, op: _Op, ok: bool) -> None:
+        """A process() block ended: acknowledge (ok) or give the item back."""
+        raise NotImplementedError
+
+    async def _ready(self) -> None:
+        """Until the handle can be used (a remote handle opens here)."""
+
+    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+        raise NotImplementedError
+
+    def _check(self, direction: str) -> None:
+        if direction == "send" and not self._can_send:
+            raise DirectionError(f"{self!r} is receive-only: it cannot send")
+        if direction == "recv" and not self._can_recv:
+            raise DirectionError(f"{self!r} is send-only: it cannot receive")
+
+    # -- sending --------------------------------------------------------------------
+
+    async def send(self, value: Any) -> None:
+        """Put ``value`` in the channel; waits while it is full.
+
+        With capacity 0, returns only once a receiver's application has taken
+        it.  Raises ClosedError once the channel is closed.  A cancelled send
+        was not delivered.
+        """
+        self._check("send")
+        await self._ready()
+        op = self._start_send(value, None, 0)
+        await self._complete(op)
+
+    def send_nowait(self, value: Any) -> None:
+        """Put ``value`` in the channel at once, or raise WouldBlock."""
+        self._check("send")
+        group = _Group()
+        op = self._start_send(value, group, 0)
+        if op.state == _DONE:
+            if op.error is not None:
+                raise op.error
+            return
+        if op.state == _COMMITTED:
+            return  # a rendezvous handed to a waiting receiver
+        self._cancel(op)
+        raise WouldBlock("channel is full")
+
+    async def send_many(self, values: Iterable[Any]) -> None:
+        """Send every value in order (faster than one send() each).
+
+        Not atomic: if cancelled or failed midway, a prefix was sent.
+        """
+        for value in values:
+            await self.send(value)
+
+    # -- receiving ------------------------------------------------------------------
+
+    async def recv(self) -> Any:
+        """The next item; waits while the channel is empty.
+
+        Raises EndOfChannel once the channel is closed and drained.  A
+        cancelled receive leaves its item in the channel.
+        """
+        return (await self._recv_item())[1]
+
+    async def recv_with_id(self) -> tuple[str, Any]:
+        """``(item id, value)``: ids are unique per channel, so a receiver can drop duplicates."""
+        return await self._recv_item()
+
+    async def _recv_item(self) -> tuple[str, Any]:
+        self._check("recv")
+        await self._ready()
+        op = self._start_recv(None, 0, False)
+        return await self._complete(op)
+
+    def recv_nowait(self) -> Any:
+        """The next item at once, or raise WouldBlock (EndOfChannel when drained)."""
+        self._check("recv")
+        op = self._start_recv(_Group(), 0, False)
+        if op.state == _DONE:
+            if op.error is not None:
+                raise op.error
+            self._consumed(op)
+            return op.result[1]
+        self._cancel(op)
+        raise WouldBlock("channel is empty")
+
+    async def recv_many(self, max_items: int) -> list[Any]:
+        """Between 1 and ``max_items`` items: waits for the first, takes what else is ready."""
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        first = await self.recv()
+        out = [first]
+        while len(out) < max_items:
+            try:
+                out.append(self.recv_nowait())
+            except (WouldBlock, EndOfChannel):
+                break
+        return out
+
+    async def _complete(self, op: _Op) -> Any:
+        try:
+            result = await op.wait()
+        except BaseException:
+            self._cancel(op)
+            raise
+        if op.item is not None or op.dseq:
+            self._consumed(op)
+        return result
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                value = await self.recv()
+            except EndOfChannel:
+                return
+            yield value
+
+    def process(self) -> _Processing:
+        """``async with ch.process() as value:`` acknowledges the item only when
+        the block exits normally; on an exception, cancellation, or loss of
+        this receiver, the item goes back to the head of the queue.  The
+        context manager's ``id`` is the item's id."""
+        self._check("recv")
+        return _Processing(self)
+
+    # -- select cases ----------------------------------------------------------------
+
+    def recv_case(self) -> RecvCase:
+        self._check("recv")
+        return RecvCase(self)
+
+    def send_case(self, value: Any) -> SendCase:
+        self._check("send")
+        return SendCase(self, value)
+
+    # -- views ------------------------------------------------------------------------
+
+    def send_only(self) -> ChannelView:
+        """This channel, for sending only (also when sent inside a message)."""
+        self._check("send")
+        return ChannelView(self._target(), "send")
+
+    def recv_only(self) -> ChannelView:
+        """This channel, for receiving only (also when sent inside a message)."""
+        self._check("recv")
+        return ChannelView(self._target(), "recv")
+
+    def _target(self) -> Channel:
+        return self
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    def statistics(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _Processing:
+    __slots__ = ("_chan", "_op", "id")
+
+    def __init__(self, chan: Channel) -> None:
+        self._chan = chan
+        self._op: _Op | None = None
+        self.id: str | None = None
+
+    async def __aenter__(self) -> Any:
+        chan = self._chan
+        await chan._ready()
+        op = chan._start_recv(None, 0, True)
+        try:
+            item_id, value = await op.wait()
+        except BaseException:
+            chan._cancel(op)
+            raise
+        self._op = op
+        self.id = item_id
+        return value
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        op = self._op
+        if op is not None:
+            self._op = None
+            self._chan._settle(op, exc_type is None)
+
+
+class RecvCase:
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def _start(self, group: _Group, index: int) -> _Op:
+        return self.channel._start_recv(group, index, False)
+
+
+class SendCase:
+    __slots__ = ("channel", "value")
+
+    def __init__(self, channel: Channel, value: Any) -> None:
+        self.channel = channel
+        self.value = value
+
+    def _start(self, group: _Group, index: int) -> _Op:
+        return self.channel._start_send(self.value, group, index)
+
+
+async def select(
+    *cases: RecvCase | SendCase, timeout: float | None = None, default: bool = False
+) -> tuple[int | None, Any]:
+    """Complete exactly one of ``cases``: ``(index, value)`` (value is None for a send).
+
+    Cases are tried in random order, so none is favoured.  ``timeout`` raises
+    Timeout; ``default=True`` returns ``(None, None)`` at once when no case is
+    ready.  Whatever was reserved for cases that lost goes back to its
+    channel (received items to the head of their queue, in order).
+    """
+    if not cases:
+        raise ConfigurationError("select() needs at least one case")
+    for case in cases:
+        await case.channel._ready()
+    group = _Group()
+    order = list(range(len(cases)))
+    random.shuffle(order)
+    ops: list[tuple[Channel, _Op]] = []
+    winner: _Op | None = None
+    try:
+        for i in order:
+            chan = cases[i].channel
+            ops.append((chan, cases[i]._start(group, i)))
+            if group.winner is not None:
+                break
+        if group.winner is None:
+            if default:
+                return None, None
+            if timeout is None:
+                await group.fut
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(group.fut), timeout)
+                except asyncio.TimeoutError:
+                    raise Timeout(f"no case of select() was ready within {timeout:g} s") from None
+        winner = group.winner
+    finally:
+        for chan, op in ops:
+            if op is not group.winner:
+                chan._cancel(op)
+    assert winner is not None
+    win_chan = cases[winner.index].channel
+    result = await win_chan._complete(winner)
+    return winner.index, (result[1] if isinstance(cases[winner.index], RecvCase) else None)
+
+
+# -- the owner's channel --------------------------------------------------------------
+
+
+class LocalChannel(Channel):
+    """A channel owned by this node: its buffer and its rules live here."""
+
+    kind = "channel"
+
+    def __init__(
+        self,
+        hub: ChannelHub,
+        name: str,
+        capacity: int,
+        codec: Codec,
+        allow_send: set[str] | None,
+        allow_recv: set[str] | None,
+    ) -> None:
+        self._hub = hub
+        self.name = name
+        self.capacity = capacity
+        self.codec = codec
+        self.allow_send = allow_send
+        self.allow_recv = allow_recv
+        self.core = ChannelCore(capacity)
+        self._origin = "o" + secrets.token_hex(6)
+        self._seq = 0
+        self._endpoints: set[_Endpoint] = set()
+
+    def __repr__(self) -> str:
+        return f"<LocalChannel {self.name!r} capacity={self.capacity} on {self._hub.node.node_id[:8]}>"
+
+    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+        node = self._hub.node
+        return (node.node_id, self.name, "channel", "both", node.addresses)
+
+    @property
+    def closed(self) -> bool:
+        return self.core.closed
+
+    def _item(self, value: Any) -> Item:
+        data = self.codec.encode(value)
+        self._seq += 1
+        return Item(f"{self._origin}:{self._seq}", data, value, seq=self._seq)
+
+    # -- ops ------------------------------------------------------------------------
+
+    def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
+        core = self.core
+        if core.closed:
+            raise ClosedError(f"channel {self.name!r} is closed")
+        op = _Op(group, index)
+        op.item = self._item(value)
+        core.attach_sender(op, self._origin)
+        if core.acquire(op):
+            if op.claim():
+                op.state = _COMMITTED
+                core.put(op, op.item)
+            else:
+                core.detach(op)
+                op.state = _CANCELLED
+        else:
+            core.want(op, 1)
+        self._pump()
+        return op
+
+    def _start_recv(self, group: _Group | None, index: int, process: bool) -> _Op:
+        core = self.core
+        op = _Op(group, index)
+        op.process = process
+        if core.queue and not core.receivers_waiting:
+            if op.claim():
+                dseq, item = core.take_nowait(op, done=False)  # type: ignore[misc]
+                op.dseq, op.item = dseq, item
+                op.finish((item.id, item.value))
+                self._pump()
+            return op
+        if core.ended:
+            if op.claim():
+                op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
+            return op
+        core.demand(op, 1)
+        self._pump()
+        return op
+
+    def _cancel(self, op: _Op) -> None:
+        core = self.core
+        state = op.state
+        op.state = _CANCELLED
+        if op.item is not None and op.dseq:
+            # delivered but never reached the application: back to the head
+            core.requeue(op, op.dseq)
+            op.dseq = 0
+        elif state == _WAITING:
+            core.cancel_demand(op, 1)
+            core.detach(op)
+        elif state == _COMMITTED and op.item is not None:
+            core.withdraw(op, op.item.seq)  # a rendezvous nobody took yet
+            core.detach(op)
+        self._pump()
+
+    def _consumed(self, op: _Op) -> None:
+        if op.dseq and not op.process:
+            self.core.done(op, op.dseq)
+            op.dseq = 0
+            op.item = None
+            self._pump()
+
+    def _settle(self, op: _Op, ok: bool) -> None:
+        if op.dseq:
+            if ok:
+                self.core.done(op, op.dseq)
+            else:
+                self.core.requeue(op, op.dseq)
+            op.dseq = 0
+            self._pump()
+
+    def _pump(self) -> None:
+        """Route the core's events to local ops and remote endpoints."""
+        core = self.core
+        events = core.events
+        while events:
+            ev = events.popleft()
+            ep = ev.endpoint
+            if type(ep) is not _Op:
+                ep.on_event(ev)
+                continue
+            match ev:
+                case Deliver():
+                    if ep.claim():
+                        core.taken(ep, ev.dseq)
+                        ep.dseq, ep.item = ev.dseq, ev.item
+                        ep.finish((ev.item.id, ev.item.value))
+                    else:
+                        core.requeue(ep, ev.dseq)
+                case Grant():
+                    if ep.claim():
+                        ep.state = _COMMITTED
+                        core.put(ep, ep.item)  # type: ignore[arg-type]
+                    else:
+                        core.detach(ep)
+                case Accepted():
+                    core.detach(ep)
+                    if ep.state == _COMMITTED:
+                        ep.finish()
+                case Closed():
+                    if ep.state == _WAITING:
+                        core.detach(ep)
+                        if ep.claim():
+                            ep.finish(error=ClosedError(f"channel {self.name!r} is closed"))
+                case End():
+                    if ep.claim():
+                        ep.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
+                case Reclaim():
+                    core.detach(ep)
+        if core.ended and not self._endpoints:
+            self._hub._forget(self)
+
+    async def close(self) -> None:
+        """Close the channel: sends fail from now on; receivers drain, then EndOfChannel."""
+        self.core.close()
+        self._pump()
+
+    def statistics(self) -> dict[str, Any]:
+        core = self.core
+        return {
+            "name": self.name,
+            "capacity": self.capacity,
+            "buffered": len(core.queue),
+            "in_process": core.owed,
+            "senders_waiting": core.senders_waiting,
+            "receivers_waiting": core.receivers_waiting,
+            "remote_handles": len(self._endpoints),
+            "items_in": core.items_in,
+            "items_out": core.items_out,
+            "requeued": core.requeued,
+            "duplicates_dropped": core.duplicates,
+            "closed": core.closed,
+        }
+
+    # -- remote handles -------------------------------------------------------------
+
+    async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
+        ep = _Endpoint(self, wire, directions)
+        self._endpoints.add(ep)
+        core = self.core
+        if "send" in directions:
+            core.attach_sender(ep, str(hello.get("origin") or ep.origin), int(hello.get("next_seq") or 1))
+        wire.send({"ok": True, "dir": sorted(directions), "capacity": self.capacity,
+                   "codec": self.codec.name, "schema": self.codec.schema})
+        self._pump()
+        try:
+            while True:
+                frames = await wire.read_frames()
+                for frame in frames:
+                    ep.on_frame(frame)
+                self._pump()
+        except EndOfStream:
+            pass
+        except ProtocolError as exc:
+            log.warning("channel %r: handle from %s broke the protocol: %s", self.name, peer.node_id, exc)
+            wire.send([w.FAIL, exc.code, str(exc)])
+            wire.finish()
+        finally:
+            self._endpoints.discard(ep)
+            core.lost(ep)
+            self._pump()
+
+
+class _Endpoint:
+    """A remote handle, as the owner's core sees it."""
+
+    __slots__ = ("chan", "wire", "can_send", "can_recv", "origin", "_grant", "_ack", "_flush_scheduled")
+
+    def __init__(self, chan: LocalChannel, wire: w.Wire, directions: set[str]) -> None:
+        self.chan = chan
+        self.wire = wire
+        self.can_send = "send" in directions
+        self.can_recv = "recv" in directions
+        self.origin = "r" + secrets.token_hex(6)
+        self._grant = 0
+        self._ack = 0
+        self._flush_scheduled = False
+
+    # owner -> handle
+    def on_event(self, ev: Any) -> None:
+        match ev:
+            case Deliver():
+                self.wire.send([w.DELIVER, ev.dseq, ev.item.id, ev.item.data])
+            case Grant():
+                self._grant += ev.n
+                self._schedule()
+            case Accepted():
+                self._ack = max(self._ack, ev.seq)
+                self._schedule()
+            case Reclaim():
+                self.wire.send([w.RECLAIM])
+            case Closed():
+                self._flush()
+                self.wire.send([w.CLOSED])
+            case End():
+                self.wire.send([w.END])
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._ack:
+            self.wire.send([w.ACCEPTED, self._ack])
+            self._ack = 0
+        if self._grant:
+            self.wire.send([w.GRANT, self._grant])
+            self._grant = 0
+
+    # handle -> owner
+    def on_frame(self, frame: Any) -> None:
+        kind, f = w.check_frame(frame)
+        core = self.chan.core
+        try:
+            if kind in _SEND_FRAMES and not self.can_send:
+                raise RemoteProtocolError("this handle may not send")
+            if kind in _RECV_FRAMES and not self.can_recv:
+                raise RemoteProtocolError("this handle may not receive")
+            if kind == w.ITEMS:
+                first_seq, datas = f[1], f[2]
+                codec = self.chan.codec
+                origin = core._senders[self].origin
+                items = []
+                seq = first_seq
+                for data in datas:
+                    if not isinstance(data, bytes):
+                        raise RemoteProtocolError("an item is not bytes")
+                    if len(data) > codec.max_message:
+                        raise RemoteProtocolError(f"item of {len(data)} bytes is over the limit")
+                    # decoding here validates every item before it enters the channel
+                    items.append(Item(f"{origin}:{seq}", data, codec.decode(data)))
+                    seq += 1
+                core.items(self, first_seq, items)
+            elif kind == w.DEMAND:
+                core.demand(self, _count(f[1]))
+            elif kind == w.DONE:
+                core.done(self, f[1])
+            elif kind == w.TAKEN:
+                core.taken(self, f[1])
+            elif kind == w.REQUEUE:
+                core.requeue(self, f[1])
+            elif kind == w.CANCEL:
+                core.cancel_demand(self, _count(f[1]))
+            elif kind == w.WANT:
+                core.want(self, _count(f[1]))
+            elif kind == w.RELEASE:
+                core.release(self, _count(f[1]))
+            elif kind == w.WITHDRAW:
+                core.withdraw(self, f[1])
+            elif kind == w.CLOSE:
+                core.close()
+                self.wire.send([w.CLOSED])
+            else:
+                raise RemoteProtocolError(f"unknown frame kind {kind}")
+        except (IndexError, TypeError, KeyError, ValueError) as exc:
+            raise RemoteProtocolError(f"malformed frame {kind}: {exc}") from None
+
+
+_SEND_FRAMES = frozenset({w.WANT, w.ITEMS, w.RELEASE, w.CLOSE, w.WITHDRAW})
+_RECV_FRAMES = frozenset({w.DEMAND, w.CANCEL, w.TAKEN, w.DONE, w.REQUEUE})
+
+
+def _count(n: Any) -> int:
+    if not isinstance(n, int) or not 0 <= n < 1 << 32:
+        raise RemoteProtocolError(f"bad count {n!r}")
+    return n
+
+
+# -- a handle to a channel owned elsewhere -------------------------------------------
+
+
+class RemoteChannel(Channel):
+    """A handle to a channel owned by another node, over one stream.
+
+    It opens on first use (or by ``await peer.channel(name)``).  A sender
+    keeps every item until the owner has accepted it; if the stream breaks,
+    the items not yet accepted are sent again when the handle reopens, and the
+    owner drops any it already had (items carry ids).
+    """
+
+    def __init__(
+        self,
+        hub: ChannelHub,
+        owner: str,
+        name: str,
+        *,
+        direction: str = "both",
+        codec: str | None = None,
+        type: Any = None,
+        addresses: Sequence[str] = (),
+        peer: Peer | None = None,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        if direction not in ("both", "send", "recv"):
+            raise ConfigurationError("direction must be 'both', 'send' or 'recv'")
+        self._hub = hub
+        self.owner = owner
+        self.name = name
+        self.direction = direction
+        self._codec_name = codec
+        self._codec = make_codec(codec, type, hub.resolve, max_message)
+        self._explicit_codec = codec is not None or type is not None
+        self._addresses = list(addresses)
+        self._peer = peer
+        self.capacity = -1  # known once open
+        self._can_send = direction != "recv"
+        self._can_recv = direction != "send"
+        self._wire: w.Wire | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._error: NetchanError | None = None  # permanent (refused)
+        self._origin = "h" + secrets.token_hex(6)
+        self._next_seq = 1
+        self._unacked: deque[tuple[int, bytes]] = deque()
+        self._resend: deque[tuple[int, bytes]] = deque()
+        self._credit = 0
+        self._desire_sent = 0
+        self._blocked: deque[_Op] = deque()
+        self._rendezvous: dict[int, _Op] = {}
+        self._recv_ops: deque[_Op] = deque()
+        self._batch: list[bytes] = []
+        self._batch_seq = 0
+        self._batch_bytes = 0
+        self._flush_scheduled = False
+        self._closed = False  # the owner said so
+        self._ended = False
+        self._close_waiters: list[asyncio.Future[None]] = []
+        self.sent = 0
+        self.received = 0
+
+    def __repr__(self) -> str:
+        return f"<RemoteChannel {self.name!r} on {self.owner[:8]} ({self.direction})>"
+
+    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+        return (self.owner, self.name, "channel", self.direction, self._addresses)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- opening --------------------------------------------------------------------
+
+    async def _ready(self) -> None:
+        if self._wire is not None:
+            return
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        task = self._opening
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._opening = None
+
+    def _open_soon(self) -> None:
+        if self._wire is None and self._error is None and self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+            self._opening.add_done_callback(self._opened_in_background)
+
+    def _opened_in_background(self, task: asyncio.Task[None]) -> None:
+        if self._opening is task:
+            self._opening = None
+        if not task.cancelled():
+            task.exception()  # reported to the next caller instead
+
+    async def _open(self) -> None:
+        peer = await self._hub.peer_for(self.owner, self._addresses, self._peer)
+        self._peer = peer
+        stream = await peer.open_stream(SERVICE)
+        wire = w.Wire(stream, _max_frame(self._codec.max_message))
+        wire.start()
+        first_seq = self._unacked[0][0] if self._unacked else self._next_seq
+        wire.send({
+            "kind": "channel",
+            "name": self.name,
+            "dir": self.direction,
+            "codec": self._codec.name if self._explicit_codec else None,
+            "schema": self._codec.schema,
+            "origin": self._origin,
+            "next_seq": first_seq,
+        })
+        try:
+            reply = await w.read_one(wire, _HANDSHAKE_TIMEOUT)
+            if not isinstance(reply, dict):
+                raise RemoteProtocolError("malformed channel handshake reply")
+            if not reply.get("ok"):
+                error = error_from_code(int(reply.get("code", 0)), str(reply.get("reason", "")))
+                if isinstance(error, (NotAllowed, SchemaMismatch, ServiceNotFound)):
+                    self._error = error
+                raise error
+            self.capacity = int(reply["capacity"])
+            directions = set(reply["dir"])
+            self._can_send = self._can_send and "send" in directions
+            self._can_recv = self._can_recv and "recv" in directions
+            if self._codec.name != reply.get("codec") and not self._explicit_codec:
+                self._codec = make_codec(reply.get("codec"), None, self._hub.resolve, self._codec.max_message)
+        except BaseException:
+            await wire.aclose()
+            raise
+        self._wire = wire
+        self._desire_sent = 0
+        self._credit = 0
+        # items the owner may not have: send them again, in order, as credit comes
+        self._resend = deque(self._unacked)
+        self._reader = asyncio.ensure_future(self._read_loop(wire))
+        if self._resend or self._blocked:
+            self._want()
+
+    async def _read_loop(self, wire: w.Wire) -> None:
+        error: NetchanError
+        try:
+            while True:
+                for frame in await wire.read_frames():
+                    self._on_frame(frame)
+        except EndOfStream:
+            error = BrokenError(f"channel {self.name!r}: the owner ended the handle")
+        except ProtocolError as exc:
+            log.warning("channel %r: owner %s broke the protocol: %s", self.name, self.owner, exc)
+            error = exc
+        except NetchanError as exc:
+            error = BrokenError(f"channel {self.name!r}: {exc}")
+        except asyncio.CancelledError:
+            error = ClosedError(f"channel handle {self.name!r} closed")
+        if self._wire is wire:
+            self._broken(error)
+        await wire.aclose()
+
+    def _broken(self, error: NetchanError) -> None:
+        self._wire = None
+        self._credit = 0
+        for op in [*self._blocked, *self._recv_ops, *self._rendezvous.values()]:
+            if op.state in (_WAITING, _COMMITTED):
+                op.finish(error=error)
+        self._blocked.clear()
+        self._recv_ops.clear()
+        self._rendezvous.clear()
+        self._batch.clear()
+        self._batch_bytes = 0
+        _wake_all(self._close_waiters)
+
+    # -- frames from the owner ------------------------------------------------------
+
+    def _on_frame(self, frame: Any) -> None:
+        kind, f = w.check_frame(frame)
+        try:
+            if kind == w.DELIVER:
+                self._on_deliver(f[1], f[2], f[3])
+            elif kind == w.GRANT:
+                self._credit += _count(f[1])
+                self._use_credit()
+            elif kind == w.ACCEPTED:
+                upto = f[1]
+                unacked = self._unacked
+                while unacked and unacked[0][0] <= upto:
+                    seq = unacked.popleft()[0]
+                    op = self._rendezvous.pop(seq, None)
+                    if op is not None and op.state == _COMMITTED:
+                        op.finish()
+                if self._close_waiters:
+                    _wake_all(self._close_waiters)
+            elif kind == w.RECLAIM:
+                if self._credit:
+                    self._emit([w.RELEASE, self._credit])
+                    self._credit = 0
+                self._desire_sent = 0
+                if self._blocked or self._resend:
+                    self._want()
+            elif kind == w.CLOSED:
+                self._closed = True
+                for op in self._blocked:
+                    if op.state == _WAITING and op.claim():
+                        op.finish(error=ClosedError(f"channel {self.name!r} is closed"))
+                self._blocked.clear()
+                if self._credit and not self._resend:
+                    self._emit([w.RELEASE, self._credit])
+                    self._credit = 0
+                _wake_all(self._close_waiters)
+            elif kind == w.END:
+                self._ended = True
+                for op in self._recv_ops:
+                    if op.state == _WAITING and op.claim():
+                        op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
+                self._recv_ops.clear()
+            elif kind == w.FAIL:
+                raise error_from_code(int(f[1]), str(f[2]))
+            else:
+                raise RemoteProtocolError(f"unknown frame kind {kind}")
+        except (IndexError, TypeError, ValueError) as exc:
+            raise RemoteProtocolError(f"malformed frame {kind}: {exc}") from None
+
+    def _on_deliver(self, dseq: int, item_id: str, data: bytes) -> None:
+        ops = self._recv_ops
+        while ops:
+            op = ops.popleft()
+            if op.claim():
+                break
+        else:
+            self._emit([w.REQUEUE, dseq])  # its receive was cancelled meanwhile
+            return
+        op.dseq = dseq
+        self.received += 1
+        try:
+            value = self._codec.decode(data)
+        except ProtocolError as exc:
+            self._emit([w.DONE, dseq])  # a bad item is not retried forever
+            op.dseq = 0
+            op.finish(error=exc)
+            return
+        if op.process:
+            self._emit([w.TAKEN, dseq])
+        op.finish((item_id, value))
+
+    def _use_credit(self) -> None:
+        if self._closed and not self._resend:
+            if self._credit:
+                self._emit([w.RELEASE, self._credit])
+                self._credit = 0
+            return
+        while self._credit and self._resend:
+            seq, data = self._resend.popleft()
+            self._credit -= 1
+            self._push(seq, data)
+        blocked = self._blocked
+        while self._credit and blocked:
+            op = blocked.popleft()
+            if op.claim():
+                self._commit(op)
+
+    def _commit(self, op: _Op) -> None:
+        self._credit -= 1
+        seq = self._next_seq
+        self._next_seq += 1
+        self._unacked.append((seq, op.data))
+        self._push(seq, op.data)
+        self.sent += 1
+        if self.capacity == 0:
+            op.state = _COMMITTED
+            op.seq = seq
+            self._rendezvous[seq] = op
+        else:
+            op.finish()
+
+    # -- frames to the owner --------------------------------------------------------
+
+    def _push(self, seq: int, data: bytes) -> None:
+        if not self._batch:
+            self._batch_seq = seq
+        elif seq != self._batch_seq + len(self._batch):
+            self._flush_batch()
+            self._batch_seq = seq
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= _BATCH_BYTES:
+            self._flush_batch()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        self._flush_scheduled = False
+        if self._batch and self._wire is not None:
+            self._wire.send([w.ITEMS, self._batch_seq, self._batch])
+        self._batch = []
+        self._batch_bytes = 0
+
+    def _emit(self, frame: list[Any]) -> None:
+        if self._batch:
+            self._flush_batch()
+        if self._wire is not None:
+            self._wire.send(frame)
+
+    def _want(self) -> None:
+        desire = len(self._blocked) + len(self._resend)
+        if self.capacity > 0:
+            desire += min(self.capacity, PREFETCH)
+        if desire != self._desire_sent:
+            self._desire_sent = desire
+            self._emit([w.WANT, desire])
+
+    # -- ops ------------------------------------------------------------------------
+
+    def _usable(self) -> None:
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        if self._wire is None:
+            self._open_soon()
+            raise WouldBlock(f"channel {self.name!r} is not open yet")
+
+    def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
+        self._usable()
+        if self._closed:
+            raise ClosedError(f"channel {self.name!r} is closed")
+        op = _Op(group, index)
+        op.data = self._codec.encode(value)
+        if self._credit and not self._blocked and not self._resend:
+            if op.claim():
+                self._commit(op)
+            return op
+        self._blocked.append(op)
+        self._want()
+        return op
+
+    def _start_recv(self, group: _Group | None, index: int, process: bool) -> _Op:
+        self._usable()
+        op = _Op(group, index)
+        op.process = process
+        if self._ended:
+            if op.claim():
+                op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
+            return op
+        self._recv_ops.append(op)
+        self._emit([w.DEMAND, 1])
+        return op
+
+    def _cancel(self, op: _Op) -> None:
+        state = op.state
+        op.state = _CANCELLED
+        if op.dseq:
+            self._emit([w.REQUEUE, op.dseq])  # delivered, never reached the application
+            op.dseq = 0
+        elif state == _WAITING:
+            if op in self._recv_ops:
+                self._recv_ops.remove(op)
+                self._emit([w.CANCEL, 1])
+            elif op in self._blocked:
+                self._blocked.remove(op)
+                if self.capacity == 0:
+                    self._want()
+        elif state == _COMMITTED:
+            self._rendezvous.pop(op.seq, None)
+            self._emit([w.WITHDRAW, op.seq])
+
+    def _consumed(self, op: _Op) -> None:
+        if op.dseq and not op.process:
+            self._emit([w.DONE, op.dseq])
+            op.dseq = 0
+
+    def _settle(self, op: _Op, ok: bool) -> None:
+        if op.dseq:
+            self._emit([w.DONE if ok else w.REQUEUE, op.dseq])
+            op.dseq = 0
+
+    async def send_many(self, values: Iterable[Any]) -> None:
+        self._check("send")
+        await self._ready()
+        for value in values:
+            if self._credit and not self._blocked and not self._resend and not self._closed:
+                op = _Op()
+                op.data = self._codec.encode(value)
+                self._commit(op)
+                if self.capacity:
+                    continue
+                await self._complete(op)
+            else:
+                await self.send(value)
+
+    async def flush(self) -> None:
+        """Until the owner has accepted every item sent so far (BrokenError if the handle broke)."""
+        while self._unacked:
+            if self._wire is None:
+                raise BrokenError(f"channel {self.name!r}: {len(self._unacked)} items not yet accepted")
+            fut = asyncio.get_running_loop().create_future()
+            self._close_waiters.append(fut)
+            await fut
+
+    async def close(self) -> None:
+        """Close the channel at its owner (after every item sent so far)."""
+        self._check("send")
+        await self._ready()
+        if self._closed:
+            return
+        self._emit([w.CLOSE])
+        while not self._closed:
+            if self._wire is None:
+                raise BrokenError(f"channel {self.name!r}: lost before the close was confirmed")
+            fut = asyncio.get_running_loop().create_future()
+            self._close_waiters.append(fut)
+            await fut
+
+    async def aclose(self) -> None:
+        """Let go of this handle (the channel itself stays open)."""
+        self._error = ClosedError(f"channel handle {self.name!r} closed")
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            self._broken(self._error)
+            wire.finish()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "owner": self.owner,
+            "capacity": self.capacity,
+            "credit": self._credit,
+            "unconfirmed": len(self._unacked),
+            "senders_waiting": len(self._blocked),
+            "receivers_waiting": len(self._recv_ops),
+            "sent": self.sent,
+            "received": self.received,
+            "closed": self._closed,
+            "open": self._wire is not None,
+        }
+
+
+def _wake_all(futs: list[asyncio.Future[None]]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
+    futs.clear()
+
+
+def _max_frame(max_message: int) -> int:
+    return max(max_message, _BATCH_BYTES) * 2 + 4096
+
+
+# -- direction-restricted views -------------------------------------------------------
+
+
+class ChannelView(Channel):
+    """A send-only or receive-only view of a channel handle."""
+
+    def __init__(self, target: Channel, direction: str) -> None:
+        self._t = target
+        self.direction = direction
+        self._can_send = direction == "send"
+        self._can_recv = direction == "recv"
+        self.name = target.name
+
+    def __repr__(self) -> str:
+        return f"<{self.direction}-only view of {self._t!r}>"
+
+    @property
+    def capacity(self) -> int:  # type: ignore[override]
+        return self._t.capacity
+
+    def _target(self) -> Channel:
+        return self._t
+
+    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+        owner, name, kind, _direction, addresses = self._t._reference()
+        return (owner, name, kind, self.direction, addresses)
+
+    async def _ready(self) -> None:
+        await self._t._ready()
+
+    def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
+        return self._t._start_send(value, group, index)
+
+    def _start_recv(self, group: _Group | None, index: int, process: bool) -> _Op:
+        return self._t._start_recv(group, index, process)
+
+    def _cancel(self, op: _Op) -> None:
+        self._t._cancel(op)
+
+    def _consumed(self, op: _Op) -> None:
+        self._t._consumed(op)
+
+    def _settle(self, op: _Op, ok: bool) -> None:
+        self._t._settle(op, ok)
+
+    async def send_many(self, values: Iterable[Any]) -> None:
+        self._check("send")
+        await self._t.send_many(values)
+
+    async def close(self) -> None:
+        self._check("send")
+        await self._t.close()
+
+    def statistics(self) -> dict[str, Any]:
+        return self._t.statistics()
+
+
+# -- the node's channel service -------------------------------------------------------
+
+
+class ChannelHub:
+    """A node's channels and topics: owned ones by name, handles to remote ones."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._owned: dict[str, Any] = {}  # name -> LocalChannel | Topic
+        self._refs: dict[tuple[str, str, str, str], Channel] = {}
+        node.serve(SERVICE, self._serve)
+
+    def channel(
+        self,
+        name: str | None = None,
+        capacity: int = 0,
+        *,
+        codec: str | None = None,
+        type: Any = None,
+        allow_send: Iterable[str] | None = None,
+        allow_recv: Iterable[str] | None = None,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> LocalChannel:
+        if name is None:
+            name = "~" + secrets.token_urlsafe(18)
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError("a channel name is a non-empty string")
+        if name in self._owned:
+            raise ConfigurationError(f"this node already has a channel or topic named {name!r}")
+        if not isinstance(capacity, int) or capacity < 0:
+            raise ConfigurationError("capacity must be an int >= 0")
+        chan = LocalChannel(
+            self,
+            name,
+            capacity,
+            make_codec(codec, type, self.resolve, max_message),
+            _id_set(allow_send),
+            _id_set(allow_recv),
+        )
+        self._owned[name] = chan
+        return chan
+
+    def add_topic(self, topic: Any) -> None:
+        if topic.name in self._owned:
+            raise ConfigurationError(f"this node already has a channel or topic named {topic.name!r}")
+        self._owned[topic.name] = topic
+
+    def owned(self, name: str) -> Any:
+        return self._owned.get(name)
+
+    def _forget(self, obj: Any) -> None:
+        name = obj.name
+        if self._owned.get(name) is obj:
+            del self._owned[name]
+
+    # -- handles to channels elsewhere ----------------------------------------------
+
+    def resolve(self, owner: str, name: str, kind: str, direction: str, addresses: list[str]) -> Any:
+        """The handle a channel reference received in an item stands for."""
+        check_node_id(owner)
+        if direction not in ("both", "send", "recv"):
+            raise RemoteProtocolError(f"bad direction {direction!r} in a channel reference")
+        if kind != "channel":
+            raise RemoteProtocolError(f"unknown kind {kind!r} in a reference")
+        if owner == self.node.node_id:
+            chan = self._owned.get(name)
+            if not isinstance(chan, LocalChannel):
+                chan = _Missing(self, name)
+            return chan if direction == "both" else ChannelView(chan, direction)
+        key = (owner, name, kind, direction)
+        handle = self._refs.get(key)
+        if handle is None or (isinstance(handle, RemoteChannel) and handle._error is not None):
+            handle = RemoteChannel(self, owner, name, direction=direction, addresses=addresses)
+            self._refs[key] = handle
+        return handle
+
+    async def peer_for(self, owner: str, addresses: Sequence[str], hint: Peer | None) -> Peer:
+        """A session with ``owner``: the one we have (either direction), or a new one."""
+        if hint is not None and not hint.closed:
+            return hint
+        for peer in self.node.peers:
+            if peer.node_id == owner:
+                return peer
+        errors = []
+        for url in addresses:
+            try:
+                return await self.node.connect(url, owner)
+            except NetchanError as exc:
+                errors.append(f"{url}: {exc}")
+        detail = "; ".join(errors) if errors else "no address known"
+        raise BrokenError(f"cannot reach channel owner {owner} ({detail})")
+
+    # -- the service ------------------------------------------------------------------
+
+    async def _serve(self, stream: Stream, peer: Peer) -> None:
+        wire = w.Wire(stream, _max_frame(DEFAULT_MAX_MESSAGE))
+        wire.start()
+        try:
+            hello = await w.read_one(wire, _HANDSHAKE_TIMEOUT)
+            if not isinstance(hello, dict) or not isinstance(hello.get("name"), str):
+                raise RemoteProtocolError("malformed channel handshake")
+            obj = self._owned.get(hello["name"])
+            kind = hello.get("kind")
+            try:
+                if obj is None or obj.kind != kind:
+                    raise ServiceNotFound(f"node {self.node.node_id} has no {kind} {hello['name']!r}")
+                directions = _admit(obj, peer.node_id, hello)
+            except (ServiceNotFound, NotAllowed, SchemaMismatch) as exc:
+                wire.send({"ok": False, "code": exc.code, "reason": str(exc)})
+                wire.finish()
+                await asyncio.sleep(0)
+                await stream.receive(1)  # until the handle goes (or the node closes)
+                return
+            wire.max_frame = _max_frame(obj.codec.max_message)
+            await obj._serve(wire, peer, hello, directions)
+        except (EndOfStream, BrokenError, ClosedError):
+            pass
+        except ProtocolError as exc:
+            log.warning("channel service: %s from %s", exc, peer.node_id)
+        finally:
+            await wire.aclose()
+
+    async def aclose(self) -> None:
+        for handle in list(self._refs.values()):
+            if isinstance(handle, RemoteChannel):
+                await handle.aclose()
+        self._refs.clear()
+
+
+def _admit(chan: Any, node_id: str, hello: dict[str, Any]) -> set[str]:
+    """Which directions ``node_id`` may use; NotAllowed / SchemaMismatch otherwise."""
+    asked = hello.get("dir", "both")
+    wanted = {"send", "recv"} if asked == "both" else {asked}
+    allowed = set()
+    if chan.allow_send is None or node_id in chan.allow_send:
+        allowed.add("send")
+    if chan.allow_recv is None or node_id in chan.allow_recv:
+        allowed.add("recv")
+    granted = wanted & allowed
+    if not granted or (asked != "both" and granted != wanted):
+        raise NotAllowed(f"node {node_id} may not {'use' if asked == 'both' else asked} {chan.kind} {chan.name!r}")
+    codec = chan.codec
+    if hello.get("schema") != codec.schema and (hello.get("schema") is not None or codec.schema is not None):
+        if codec.schema is not None and hello.get("schema") is None:
+            raise SchemaMismatch(f"{chan.kind} {chan.name!r} carries typed items: open it with type=...")
+        raise SchemaMismatch(f"{chan.kind} {chan.name!r}: the item type differs from the owner's")
+    if hello.get("codec") not in (None, codec.name):
+        raise SchemaMismatch(f"{chan.kind} {chan.name!r} uses the {codec.name} codec, not {hello.get('codec')}")
+    return granted
+
+
+def _id_set(ids: Iterable[str] | None) -> set[str] | None:
+    if ids is None:
+        return None
+    if isinstance(ids, str):
+        ids = [ids]
+    return {check_node_id(i) for i in ids}
+
+
+class _Missing(Channel):
+    """A reference to a channel of ours that no longer exists."""
+
+    def __init__(self, hub: ChannelHub, name: str) -> None:
+        self._hub = hub
+        self.name = name
+        self.capacity = 0
+
+    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+        return (self._hub.node.node_id, self.name, "channel", "both", self._hub.node.addresses)
+
+    async def _ready(self) -> None:
+        raise ServiceNotFound(f"this node has no channel {self.name!r} any more")
+
+    def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
+        raise ServiceNotFound(f"this node has no channel {self.name!r} any more")
+
+    _start_recv = _start_send  # type: ignore[assignment]
+
+    async def close(self) -> None:
+        pass

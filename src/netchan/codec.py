@@ -1,0 +1,183 @@
+"""How channel items become bytes, and back.
+
+* ``"msgpack"`` (the default): None, bool, int, float, str, bytes, lists,
+  dicts, and channel handles anywhere inside (as MessagePack extension 1).
+* ``"raw"``: bytes only, passed through untouched.
+* ``type=T``: typed items (msgspec structs, dataclasses, or any type msgspec
+  can validate), checked on both ends; the type's schema fingerprint is
+  compared when a handle opens, so two ends that disagree fail early with
+  SchemaMismatch instead of mid-stream.
+* ``"pickle"``: only when asked for by name, and only between nodes that
+  trust each other with code execution.
+
+A channel reference travels as ``[owner node id, name, kind, direction,
+[owner addresses]]``; the receiving node turns it into a working handle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
+
+from .errors import ConfigurationError, MessageTooLarge, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from .channels import Channel
+
+__all__ = ["Codec", "make_codec", "CHANNEL_EXT", "DEFAULT_MAX_MESSAGE"]
+
+#: MessagePack extension code of a channel reference
+CHANNEL_EXT = 1
+#: largest encoded item, by default (a channel option)
+DEFAULT_MAX_MESSAGE = 1024 * 1024
+
+#: (owner, name, kind, direction, addresses) -> a handle on this node
+RefResolver = Callable[[str, str, str, str, list[str]], "Channel"]
+
+_ref_encoder = msgspec.msgpack.Encoder()
+_ref_decoder = msgspec.msgpack.Decoder(tuple[str, str, str, str, list[str]])
+
+
+def _enc_hook(obj: Any) -> Any:
+    from .channels import Channel
+
+    if isinstance(obj, Channel):
+        return msgspec.msgpack.Ext(CHANNEL_EXT, _ref_encoder.encode(obj._reference()))
+    raise NotImplementedError(f"cannot send a {type(obj).__name__} in a channel item")
+
+
+class Codec:
+    """Encodes and decodes the items of one channel handle."""
+
+    name = "msgpack"
+
+    def __init__(self, resolver: RefResolver | None, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._resolver = resolver
+        self.schema: str | None = None
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+        self._decoder = self._make_decoder()
+
+    def _make_decoder(self) -> msgspec.msgpack.Decoder[Any]:
+        return msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
+
+    def _ext_hook(self, code: int, data: memoryview) -> Any:
+        if code != CHANNEL_EXT:
+            raise RemoteProtocolError(f"unknown extension {code} in an item")
+        if self._resolver is None:
+            raise RemoteProtocolError("channel references cannot be received here")
+        owner, name, kind, direction, addresses = _ref_decoder.decode(data)
+        return self._resolver(owner, name, kind, direction, addresses)
+
+    def encode(self, value: Any) -> bytes:
+        """Bytes of ``value``; MessageTooLarge over the limit, TypeError if not encodable."""
+        try:
+            data = self._encoder.encode(value)
+        except (NotImplementedError, TypeError, OverflowError) as exc:
+            raise TypeError(f"cannot encode item with {self.name}: {exc}") from None
+        if len(data) > self.max_message:
+            raise MessageTooLarge(f"item of {len(data)} bytes is over the limit of {self.max_message}")
+        return data
+
+    def decode(self, data: bytes | memoryview) -> Any:
+        """The value in ``data``; RemoteProtocolError if it is malformed."""
+        try:
+            return self._decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise RemoteProtocolError(f"malformed item: {exc}") from None
+
+
+class RawCodec(Codec):
+    name = "raw"
+
+    def encode(self, value: Any) -> bytes:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a raw channel carries bytes, not {type(value).__name__}")
+        data = bytes(value)
+        if len(data) > self.max_message:
+            raise MessageTooLarge(f"item of {len(data)} bytes is over the limit of {self.max_message}")
+        return data
+
+    def decode(self, data: bytes | memoryview) -> Any:
+        return bytes(data)
+
+
+class PickleCodec(Codec):
+    name = "pickle"
+
+    def encode(self, value: Any) -> bytes:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > self.max_message:
+            raise MessageTooLarge(f"item of {len(data)} bytes is over the limit of {self.max_message}")
+        return data
+
+    def decode(self, data: bytes | memoryview) -> Any:
+        try:
+            return pickle.loads(data)
+        except Exception as exc:
+            raise RemoteProtocolError(f"malformed pickled item: {exc}") from None
+
+
+class TypedCodec(Codec):
+    name = "typed"
+
+    def __init__(self, type_: Any, resolver: RefResolver | None, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.type = type_
+        super().__init__(resolver, max_message)
+        self.schema = schema_fingerprint(type_)
+
+    def _make_decoder(self) -> msgspec.msgpack.Decoder[Any]:
+        return msgspec.msgpack.Decoder(self.type, ext_hook=self._ext_hook, dec_hook=_dec_hook)
+
+    def encode(self, value: Any) -> bytes:
+        if isinstance(self.type, type) and not isinstance(value, self.type):
+            raise TypeError(f"this channel carries {self.type.__name__}, not {type(value).__name__}")
+        return super().encode(value)
+
+
+def _dec_hook(type_: Any, obj: Any) -> Any:
+    if isinstance(type_, type) and isinstance(obj, type_):
+        return obj  # a channel handle made by the extension hook
+    raise NotImplementedError
+
+
+def _schema_hook(type_: Any) -> dict[str, Any]:
+    from .channels import Channel
+
+    if isinstance(type_, type) and issubclass(type_, Channel):
+        return {"type": "netchan-channel"}
+    raise NotImplementedError
+
+
+def schema_fingerprint(type_: Any) -> str:
+    """A short hash of ``type_``'s JSON schema: equal types, equal fingerprints."""
+    try:
+        schema = msgspec.json.schema(type_, schema_hook=_schema_hook)
+    except (TypeError, NotImplementedError) as exc:
+        raise ConfigurationError(f"cannot use {type_!r} as a channel item type: {exc}") from None
+    text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def make_codec(
+    codec: str | None,
+    type_: Any,
+    resolver: RefResolver | None,
+    max_message: int = DEFAULT_MAX_MESSAGE,
+) -> Codec:
+    """The codec named ``codec`` (or typed by ``type_``)."""
+    if type_ is not None:
+        if codec not in (None, "msgpack", "typed"):
+            raise ConfigurationError("type= works with the msgpack codec only")
+        return TypedCodec(type_, resolver, max_message)
+    if codec in (None, "msgpack"):
+        return Codec(resolver, max_message)
+    if codec == "raw":
+        return RawCodec(resolver, max_message)
+    if codec == "pickle":
+        return PickleCodec(resolver, max_message)
+    raise ConfigurationError(f"unknown codec {codec!r} (msgpack, raw, pickle, or type=...)")

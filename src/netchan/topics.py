@@ -1,0 +1,599 @@
+"""Topics: broadcast, with an explicit policy for slow subscribers.
+
+Every subscriber gets every message published after it subscribed (plus the
+last ``history`` ones), in publication order.  Each subscriber has its own
+buffer at the owner; when it is full the topic's policy decides:
+
+* ``block``: publish waits until that subscriber has room (the default;
+  nothing is ever dropped);
+* ``drop_oldest``: the oldest buffered message makes room (counted);
+* ``drop_newest``: the new message is not buffered for it (counted);
+* ``disconnect``: the subscriber is cut off with BrokenError.
+
+A remote subscriber's handle takes messages from its owner-side buffer as
+its application reads them (a small credit window), so the policy sees a
+slow remote reader exactly like a slow local one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
+
+from . import wire as w
+from .channels import _HANDSHAKE_TIMEOUT, _count, _id_set, _max_frame, _wake_all
+from .codec import DEFAULT_MAX_MESSAGE, make_codec
+from .errors import (
+    BrokenError,
+    ClosedError,
+    ConfigurationError,
+    EndOfChannel,
+    EndOfStream,
+    NetchanError,
+    NotAllowed,
+    ProtocolError,
+    RemoteProtocolError,
+    SchemaMismatch,
+    ServiceNotFound,
+    WouldBlock,
+    error_from_code,
+)
+
+if TYPE_CHECKING:
+    from .channels import ChannelHub
+    from .node import Peer
+
+__all__ = ["Topic", "Subscription", "RemoteTopic", "RemoteSubscription", "POLICIES"]
+
+log = logging.getLogger("netchan.topics")
+
+POLICIES = ("block", "drop_oldest", "drop_newest", "disconnect")
+#: messages a publishing handle may have unconfirmed before publish() waits
+PUBLISH_WINDOW = 256
+
+
+class _Message:
+    __slots__ = ("id", "data", "value")
+
+    def __init__(self, id: str, data: bytes, value: Any) -> None:
+        self.id = id
+        self.data = data
+        self.value = value
+
+
+class Subscription:
+    """One subscriber's buffer at the owner; iterate it with ``async for``."""
+
+    def __init__(self, topic: Topic, buffer: int) -> None:
+        self.topic = topic
+        self.buffer = buffer
+        self._queue: deque[_Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._space: list[asyncio.Future[None]] = []
+        self.dropped = 0
+        self.received = 0
+        self._error: NetchanError | None = None
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"<Subscription to {self.topic.name!r} ({len(self._queue)} buffered)>"
+
+    @property
+    def full(self) -> bool:
+        return len(self._queue) >= self.buffer
+
+    def _offer(self, msg: _Message) -> bool:
+        """Buffer ``msg`` under the topic's policy; False: a blocking subscriber is full."""
+        if self._error is not None:
+            return True
+        if len(self._queue) >= self.buffer:
+            policy = self.topic.policy
+            if policy == "block":
+                return False
+            self.dropped += 1
+            if policy == "drop_newest":
+                return True
+            if policy == "disconnect":
+                self._fail(BrokenError(f"subscriber to {self.topic.name!r} too slow: disconnected by policy"))
+                return True
+            self._queue.popleft()  # drop_oldest
+        self._queue.append(msg)
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        w_ = self._waiter
+        if w_ is not None and not w_.done():
+            w_.set_result(None)
+
+    def _fail(self, error: NetchanError) -> None:
+        self._error = error
+        self._queue.clear()
+        self.topic._unsubscribe(self)
+        self._wake()
+        _wake_all(self._space)
+
+    def _end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    async def _next_message(self) -> _Message:
+        while not self._queue:
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            if self._ended:
+                raise EndOfChannel(f"topic {self.topic.name!r} is closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        msg = self._queue.popleft()
+        self.received += 1
+        if self._space:
+            _wake_all(self._space)
+        return msg
+
+    async def recv(self) -> Any:
+        """The next message (EndOfChannel when the topic closed and this buffer is drained)."""
+        return (await self._next_message()).value
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.recv()
+            except EndOfChannel:
+                return
+
+    async def _wait_space(self) -> None:
+        if self.full and self._error is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._space.append(fut)
+            await fut
+
+    async def aclose(self) -> None:
+        """Unsubscribe."""
+        if self._error is None:
+            self._fail(ClosedError("unsubscribed"))
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Topic:
+    """A broadcast topic owned by this node (``node.topic(name, ...)``)."""
+
+    kind = "topic"
+
+    def __init__(
+        self,
+        hub: ChannelHub,
+        name: str,
+        *,
+        history: int = 0,
+        policy: str = "block",
+        buffer: int = 64,
+        codec: str | None = None,
+        type: Any = None,
+        allow_publish: Iterable[str] | None = None,
+        allow_subscribe: Iterable[str] | None = None,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ConfigurationError(f"policy must be one of {', '.join(POLICIES)}")
+        if history < 0 or buffer < 1:
+            raise ConfigurationError("history must be >= 0 and buffer >= 1")
+        self._hub = hub
+        self.name = name
+        self.policy = policy
+        self.buffer = buffer
+        self.history = history
+        self.codec = make_codec(codec, type, hub.resolve, max_message)
+        self.allow_send = _id_set(allow_publish)
+        self.allow_recv = _id_set(allow_subscribe)
+        self._recent: deque[_Message] = deque(maxlen=history)
+        self._subs: dict[Subscription, None] = {}
+        self._lock = asyncio.Lock()
+        self._origin = "t" + secrets.token_hex(6)
+        self._seq = 0
+        self.closed = False
+        self.published = 0
+
+    def __repr__(self) -> str:
+        return f"<Topic {self.name!r} policy={self.policy} subscribers={len(self._subs)}>"
+
+    def subscribe(self, buffer: int | None = None) -> Subscription:
+        """A local subscription (its buffer defaults to the topic's)."""
+        if self.closed:
+            raise ClosedError(f"topic {self.name!r} is closed")
+        sub = Subscription(self, buffer or self.buffer)
+        for msg in self._recent:
+            sub._queue.append(msg)
+        self._subs[sub] = None
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        self._subs.pop(sub, None)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    async def publish(self, value: Any) -> None:
+        """Send ``value`` to every subscriber (waits for blocking ones with no room)."""
+        if self.closed:
+            raise ClosedError(f"topic {self.name!r} is closed")
+        await self._publish(self.codec.encode(value), value)
+
+    def publish_nowait(self, value: Any) -> None:
+        """Publish at once, or raise WouldBlock if a blocking subscriber is full."""
+        if self.closed:
+            raise ClosedError(f"topic {self.name!r} is closed")
+        if self._lock.locked() or (
+            self.policy == "block" and any(sub.full for sub in self._subs)
+        ):
+            raise WouldBlock(f"a subscriber of {self.name!r} is full")
+        self._deliver(self._message(self.codec.encode(value), value), list(self._subs))
+        self.published += 1
+
+    def _message(self, data: bytes, value: Any) -> _Message:
+        self._seq += 1
+        msg = _Message(f"{self._origin}:{self._seq}", data, value)
+        if self.history:
+            self._recent.append(msg)
+        return msg
+
+    async def _publish(self, data: bytes, value: Any) -> None:
+        async with self._lock:  # publications are totally ordered
+            msg = self._message(data, value)
+            pending = list(self._subs)
+            while pending:
+                pending = self._deliver(msg, pending)
+                if pending:
+                    await pending[0]._wait_space()
+            self.published += 1
+
+    def _deliver(self, msg: _Message, subs: list[Subscription]) -> list[Subscription]:
+        return [sub for sub in subs if not sub._offer(msg)]
+
+    async def close(self) -> None:
+        """No more publications; subscribers drain their buffers, then end."""
+        self.closed = True
+        for sub in list(self._subs):
+            sub._end()
+        self._hub._forget(self)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "policy": self.policy,
+            "subscribers": len(self._subs),
+            "published": self.published,
+            "dropped": sum(sub.dropped for sub in self._subs),
+            "closed": self.closed,
+        }
+
+    # -- remote publishers and subscribers -------------------------------------------
+
+    async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
+        if "recv" in directions:
+            window = _count(hello.get("window", 16))
+            sub = self.subscribe(_count(hello.get("buffer") or self.buffer) or self.buffer)
+            wire.send({"ok": True, "dir": ["recv"], "codec": self.codec.name, "schema": self.codec.schema})
+            await self._push(wire, sub, window)
+        else:
+            wire.send({"ok": True, "dir": ["send"], "codec": self.codec.name, "schema": self.codec.schema})
+            await self._take_publications(wire, peer)
+
+    async def _push(self, wire: w.Wire, sub: Subscription, window: int) -> None:
+        credit = [window]
+        more: list[asyncio.Future[None]] = []
+
+        async def read_credit() -> None:
+            while True:
+                for frame in await wire.read_frames():
+                    kind, f = w.check_frame(frame)
+                    if kind != w.DEMAND:
+                        raise RemoteProtocolError(f"unexpected frame {kind} from a subscriber")
+                    credit[0] += _count(f[1])
+                    _wake_all(more)
+
+        reader = asyncio.ensure_future(read_credit())
+        try:
+            while True:
+                while credit[0] <= 0:
+                    if reader.done():
+                        reader.result()
+                    fut = asyncio.get_running_loop().create_future()
+                    more.append(fut)
+                    await asyncio.wait([fut, reader], return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    msg = await _first(sub._next_message(), reader)
+                except EndOfChannel:
+                    wire.send([w.END])
+                    wire.finish()
+                    return
+                except BrokenError as exc:
+                    if not isinstance(exc, EndOfStream):
+                        wire.send([w.FAIL, exc.code, str(exc)])
+                        wire.finish()
+                    return
+                credit[0] -= 1
+                wire.send([w.DELIVER, 0, msg.id, msg.data])
+        finally:
+            reader.cancel()
+            await sub.aclose()
+
+    async def _take_publications(self, wire: w.Wire, peer: Peer) -> None:
+        codec = self.codec
+        while True:
+            try:
+                frames = await wire.read_frames()
+            except EndOfStream:
+                return
+            for frame in frames:
+                kind, f = w.check_frame(frame)
+                if kind != w.PUBLISH or len(f) != 3 or not isinstance(f[2], bytes):
+                    raise RemoteProtocolError(f"unexpected frame {kind} from a publisher")
+                if self.closed:
+                    wire.send([w.CLOSED])
+                    continue
+                await self._publish(f[2], codec.decode(f[2]))
+                wire.send([w.ACCEPTED, f[1]])
+
+
+async def _first(coro: Any, reader: asyncio.Task[None]) -> Any:
+    """``await coro``, unless ``reader`` fails first (its error is raised)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.wait([task, reader], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        reader.result()
+    except EndOfStream:
+        raise BrokenError("the subscriber left") from None
+    raise BrokenError("the subscriber left")
+
+
+class _TopicHandle:
+    """What RemoteTopic and RemoteSubscription share: opening a topic stream."""
+
+    _direction = "send"
+
+    def __init__(self, hub: ChannelHub, peer: Peer, name: str, codec: str | None, type: Any) -> None:
+        self._hub = hub
+        self._peer = peer
+        self.name = name
+        self._codec = make_codec(codec, type, hub.resolve)
+        self._explicit = codec is not None or type is not None
+        self._wire: w.Wire | None = None
+        self._error: NetchanError | None = None
+
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "kind": "topic",
+            "name": self.name,
+            "dir": self._direction,
+            "codec": self._codec.name if self._explicit else None,
+            "schema": self._codec.schema,
+        }
+
+    async def _ready(self) -> None:
+        if self._wire is not None:
+            return
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        stream = await self._peer.open_stream("netchan.channel")
+        wire = w.Wire(stream, _max_frame(self._codec.max_message))
+        wire.start()
+        wire.send(self._hello())
+        try:
+            reply = await w.read_one(wire, _HANDSHAKE_TIMEOUT)
+            if not isinstance(reply, dict):
+                raise RemoteProtocolError("malformed topic handshake reply")
+            if not reply.get("ok"):
+                error = error_from_code(int(reply.get("code", 0)), str(reply.get("reason", "")))
+                if isinstance(error, (NotAllowed, SchemaMismatch, ServiceNotFound)):
+                    self._error = error
+                raise error
+            if not self._explicit and reply.get("codec") != self._codec.name:
+                self._codec = make_codec(reply.get("codec"), None, self._hub.resolve)
+        except BaseException:
+            await wire.aclose()
+            raise
+        self._wire = wire
+        self._started(wire)
+
+    def _started(self, wire: w.Wire) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        wire, self._wire = self._wire, None
+        if self._error is None:
+            self._error = ClosedError(f"handle to topic {self.name!r} closed")
+        if wire is not None:
+            wire.finish()
+            await asyncio.sleep(0)
+            await wire.aclose()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class RemoteTopic(_TopicHandle):
+    """A handle for publishing on another node's topic (``await peer.topic(name)``)."""
+
+    def __init__(self, hub: ChannelHub, peer: Peer, name: str, codec: str | None = None, type: Any = None):
+        super().__init__(hub, peer, name, codec, type)
+        self._seq = 0
+        self._acked = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._reader: asyncio.Task[None] | None = None
+
+    def _started(self, wire: w.Wire) -> None:
+        self._reader = asyncio.ensure_future(self._read(wire))
+
+    async def _read(self, wire: w.Wire) -> None:
+        try:
+            while True:
+                for frame in await wire.read_frames():
+                    kind, f = w.check_frame(frame)
+                    if kind == w.ACCEPTED:
+                        self._acked = max(self._acked, int(f[1]))
+                    elif kind == w.CLOSED:
+                        self._closed = True
+                    elif kind == w.FAIL:
+                        raise error_from_code(int(f[1]), str(f[2]))
+                _wake_all(self._waiters)
+        except (NetchanError, asyncio.CancelledError) as exc:
+            if self._error is None:
+                self._error = exc if isinstance(exc, NetchanError) else ClosedError("closed")
+                if not isinstance(exc, ClosedError):
+                    self._error = BrokenError(f"topic {self.name!r}: {exc}")
+            self._wire = None
+            _wake_all(self._waiters)
+
+    async def publish(self, value: Any) -> None:
+        """Publish ``value``; waits when too many publications are unconfirmed."""
+        await self._ready()
+        if self._closed:
+            raise ClosedError(f"topic {self.name!r} is closed")
+        data = self._codec.encode(value)
+        while self._seq - self._acked >= PUBLISH_WINDOW:
+            await self._wait()
+        assert self._wire is not None
+        self._seq += 1
+        self._wire.send([w.PUBLISH, self._seq, data])
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+
+    async def flush(self) -> None:
+        """Until the owner has taken every publication so far."""
+        while self._acked < self._seq and not self._closed:
+            await self._wait()
+
+    async def aclose(self) -> None:
+        if self._wire is not None and self._error is None:
+            try:
+                await self.flush()
+            except NetchanError:
+                pass
+        if self._reader is not None:
+            self._reader.cancel()
+        await super().aclose()
+
+
+class RemoteSubscription(_TopicHandle):
+    """A subscription to another node's topic: ``async for message in sub``."""
+
+    _direction = "recv"
+
+    def __init__(self, hub: ChannelHub, peer: Peer, name: str, *, buffer: int = 64,
+                 codec: str | None = None, type: Any = None):
+        super().__init__(hub, peer, name, codec, type)
+        self.window = max(1, buffer)
+        self._pending: deque[Any] = deque()  # frames received, not yet read
+        self._ended = False
+        self._consumed = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.received = 0
+
+    def _hello(self) -> dict[str, Any]:
+        hello = super()._hello()
+        hello["window"] = self.window
+        return hello
+
+    def _started(self, wire: w.Wire) -> None:
+        self._reader = asyncio.ensure_future(self._read(wire))
+
+    async def _read(self, wire: w.Wire) -> None:
+        try:
+            while True:
+                frames = await wire.read_frames()
+                for frame in frames:
+                    kind, f = w.check_frame(frame)
+                    if kind == w.DELIVER:
+                        self._pending.append(f[3])
+                    elif kind == w.END:
+                        self._ended = True
+                    elif kind == w.FAIL:
+                        raise error_from_code(int(f[1]), str(f[2]))
+                    else:
+                        raise RemoteProtocolError(f"unexpected frame {kind} from a topic")
+                self._wake()
+        except EndOfStream:
+            self._ended = True
+        except (NetchanError, asyncio.CancelledError) as exc:
+            if self._error is None:
+                self._error = (
+                    BrokenError(f"subscription to {self.name!r}: {exc}")
+                    if not isinstance(exc, (BrokenError, ClosedError))
+                    else exc
+                ) if isinstance(exc, NetchanError) else ClosedError("unsubscribed")
+        self._wake()
+
+    def _wake(self) -> None:
+        w_ = self._waiter
+        if w_ is not None and not w_.done():
+            w_.set_result(None)
+
+    async def recv(self) -> Any:
+        """The next message (EndOfChannel once the topic closed and everything was read)."""
+        while not self._pending:
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            if self._ended:
+                raise EndOfChannel(f"topic {self.name!r} is closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._pending.popleft()
+        self.received += 1
+        self._consumed += 1
+        if self._consumed >= max(1, self.window // 2) and self._wire is not None:
+            self._wire.send([w.DEMAND, self._consumed])
+            self._consumed = 0
+        return self._codec.decode(data)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.recv()
+            except EndOfChannel:
+                return
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        await super().aclose()

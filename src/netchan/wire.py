@@ -1,0 +1,139 @@
+"""Framing for channel and topic streams: length-prefixed MessagePack arrays.
+
+Each frame is a big-endian u32 length and a MessagePack value.  Frames queued
+in one event-loop turn leave in one stream write; a reader returns every
+complete frame that arrived in one read.  A frame over the limit or one that
+does not decode ends the stream with RemoteProtocolError: one bad handle never
+disturbs the session or any other channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from .errors import EndOfStream, NetchanError, RemoteProtocolError
+from .node import Stream
+
+__all__ = ["Wire"]
+
+# handle -> owner
+WANT, ITEMS, RELEASE, DEMAND, CANCEL, TAKEN, DONE, REQUEUE, CLOSE, WITHDRAW, PUBLISH = range(1, 12)
+# owner -> handle
+GRANT, ACCEPTED, DELIVER, RECLAIM, CLOSED, END, FAIL = range(20, 27)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+def encode_frame(obj: Any) -> bytes:
+    body = _encoder.encode(obj)
+    return len(body).to_bytes(4, "big") + body
+
+
+class Wire:
+    """Frames in and out of one stream."""
+
+    def __init__(self, stream: Stream, max_frame: int) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._wakeup: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self.error: NetchanError | None = None
+        self.closing = False
+
+    def start(self) -> None:
+        self._writer = asyncio.ensure_future(self._write_loop())
+
+    def send(self, obj: Any) -> None:
+        """Queue one frame (sent with everything else queued this turn)."""
+        if self.error is not None or self.closing:
+            return
+        self._out.append(encode_frame(obj))
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while not self._out:
+                    if self.closing:
+                        await self.stream.send_eof()
+                        return
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    self._wakeup = None
+                data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+                self._out.clear()
+                await self.stream.send(data)
+        except NetchanError as exc:
+            if self.error is None:
+                self.error = exc
+
+    async def read_frames(self) -> list[Any]:
+        """Every complete frame available (at least one); EndOfStream at a clean end."""
+        buf = self._buf
+        while True:
+            frames = []
+            pos = 0
+            end = len(buf)
+            while end - pos >= 4:
+                n = int.from_bytes(buf[pos : pos + 4], "big")
+                if n > self.max_frame:
+                    raise RemoteProtocolError(f"frame of {n} bytes is over the limit of {self.max_frame}")
+                if end - pos - 4 < n:
+                    break
+                try:
+                    frames.append(_decoder.decode(bytes(buf[pos + 4 : pos + 4 + n])))
+                except msgspec.DecodeError as exc:
+                    raise RemoteProtocolError(f"malformed frame: {exc}") from None
+                pos += 4 + n
+            if pos:
+                del buf[:pos]
+            if frames:
+                return frames
+            buf += await self.stream.receive(1 << 20)
+
+    def finish(self) -> None:
+        """Send what is queued, then end the stream."""
+        self.closing = True
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def aclose(self, error: NetchanError | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            try:
+                await self._writer
+            except (asyncio.CancelledError, NetchanError):
+                pass
+        await self.stream.aclose()
+
+
+def check_frame(frame: Any) -> tuple[int, list[Any]]:
+    """(kind, arguments) of a frame; RemoteProtocolError if it is not a frame."""
+    if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
+        raise RemoteProtocolError(f"not a frame: {frame!r:.60}")
+    return frame[0], frame
+
+
+async def read_one(wire: Wire, timeout: float) -> Any:
+    """The next single frame (used for the open handshake)."""
+    try:
+        frames = await asyncio.wait_for(wire.read_frames(), timeout)
+    except asyncio.TimeoutError:
+        raise RemoteProtocolError("no answer to the channel handshake") from None
+    except EndOfStream:
+        raise RemoteProtocolError("stream ended during the channel handshake") from None
+    if len(frames) != 1:
+        raise RemoteProtocolError("unexpected frames during the channel handshake")
+    return frames[0]

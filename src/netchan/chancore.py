@@ -197,8 +197,6 @@ class ChannelCore:
         if s.credit < s.desire:
             self._hungry[ep] = None
             self._grant()
-            if ep in self._hungry and self.free <= 0:
-                self._reclaim_idle(ep)
         else:
             self._hungry.pop(ep, None)
 
@@ -466,6 +464,9 @@ class ChannelCore:
             return
         free = self.free
         if free <= 0:
+            if self._reserved > 0:
+                # senders are starved while others hold credit they may not use
+                self._reclaim_idle()
             return
         senders = self._senders
         for ep in list(self._hungry):
@@ -480,10 +481,13 @@ class ChannelCore:
                 del self._hungry[ep]
             if free == 0:
                 break
+        if self._hungry and free == 0:
+            # others still wait: whoever got credit keeps only what it can use now
+            self._reclaim_idle()
 
-    def _reclaim_idle(self, starved: Endpoint) -> None:
+    def _reclaim_idle(self) -> None:
         for ep, s in self._senders.items():
-            if ep != starved and s.credit > 0 and ep not in self._hungry and not s.reclaiming:
+            if s.credit > 0 and not s.reclaiming:
                 s.reclaiming = True
                 s.desire = 0
                 self.events.append(Reclaim(ep))

@@ -72,19 +72,35 @@ _WAITING, _COMMITTED, _DONE, _CANCELLED = range(4)
 class _Group:
     """The ops of one select: the first to claim wins, the others give back."""
 
-    __slots__ = ("winner", "fut")
+    __slots__ = ("winner", "fut", "_candidates")
 
     def __init__(self) -> None:
         self.winner: _Op | None = None
         self.fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._candidates: list[_Op] = []
 
-    def claim(self, op: _Op) -> bool:
-        if self.winner is None:
-            self.winner = op
-            if not self.fut.done():
-                self.fut.set_result(None)
+    def claim(self, op: _Op, defer: bool = False) -> bool:
+        """May ``op`` complete?  A delivery (``defer``) may: items that arrive in
+        the same loop turn are candidates, and one of them wins at random, so
+        that arrival order between channels does not favour any."""
+        if self.winner is not None:
+            return self.winner is op
+        if not defer:
+            self._win(op)
             return True
-        return self.winner is op
+        self._candidates.append(op)
+        if len(self._candidates) == 1:
+            asyncio.get_running_loop().call_soon(self._pick)
+        return True
+
+    def _pick(self) -> None:
+        if self.winner is None and self._candidates:
+            self._win(random.choice(self._candidates))
+
+    def _win(self, op: _Op) -> None:
+        self.winner = op
+        if not self.fut.done():
+            self.fut.set_result(None)
 
 
 class _Op:
@@ -105,10 +121,10 @@ class _Op:
         self.seq = 0
         self.process = False
 
-    def claim(self) -> bool:
+    def claim(self, defer: bool = False) -> bool:
         if self.state != _WAITING:
             return False
-        return self.group is None or self.group.claim(self)
+        return self.group is None or self.group.claim(self, defer)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.state = _DONE
@@ -537,7 +553,7 @@ class LocalChannel(Channel):
                 continue
             match ev:
                 case Deliver():
-                    if ep.claim():
+                    if ep.claim(defer=True):
                         core.taken(ep, ev.dseq)
                         ep.dseq, ep.item = ev.dseq, ev.item
                         ep.finish((ev.item.id, ev.item.value))
@@ -644,6 +660,7 @@ class _Endpoint:
                 self._ack = max(self._ack, ev.seq)
                 self._schedule()
             case Reclaim():
+                self._flush()  # grants first, so the handle can give them back
                 self.wire.send([w.RECLAIM])
             case Closed():
                 self._flush()
@@ -767,6 +784,7 @@ class RemoteChannel(Channel):
         self._opening: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._error: NetchanError | None = None  # permanent (refused)
+        self._refused: set[str] = set()
         self._origin = "h" + secrets.token_hex(6)
         self._next_seq = 1
         self._unacked: deque[tuple[int, bytes]] = deque()
@@ -791,6 +809,11 @@ class RemoteChannel(Channel):
 
     def _reference(self) -> tuple[str, str, str, str, list[str]]:
         return (self.owner, self.name, "channel", self.direction, self._addresses)
+
+    def _check(self, direction: str) -> None:
+        if direction in self._refused:
+            raise NotAllowed(f"the owner of channel {self.name!r} does not let this node {direction}")
+        super()._check(direction)
 
     @property
     def closed(self) -> bool:
@@ -850,6 +873,9 @@ class RemoteChannel(Channel):
                 raise error
             self.capacity = int(reply["capacity"])
             directions = set(reply["dir"])
+            for d in ("send", "recv"):
+                if d not in directions and self.direction in ("both", d):
+                    self._refused.add(d)  # the owner's policy, not this handle's direction
             self._can_send = self._can_send and "send" in directions
             self._can_recv = self._can_recv and "recv" in directions
             if self._codec.name != reply.get("codec") and not self._explicit_codec:
@@ -919,9 +945,8 @@ class RemoteChannel(Channel):
                 if self._close_waiters:
                     _wake_all(self._close_waiters)
             elif kind == w.RECLAIM:
-                if self._credit:
-                    self._emit([w.RELEASE, self._credit])
-                    self._credit = 0
+                self._emit([w.RELEASE, self._credit])  # even 0: the owner waits for an answer
+                self._credit = 0
                 self._desire_sent = 0
                 if self._blocked or self._resend:
                     self._want()
@@ -952,7 +977,7 @@ class RemoteChannel(Channel):
         ops = self._recv_ops
         while ops:
             op = ops.popleft()
-            if op.claim():
+            if op.claim(defer=True):
                 break
         else:
             self._emit([w.REQUEUE, dseq])  # its receive was cancelled meanwhile

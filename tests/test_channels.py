@@ -1,0 +1,476 @@
+"""Channel semantics, each checked on the owner's own handle and on a remote
+handle across two nodes (memory carrier)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+import msgspec
+import pytest
+
+import netchan
+from netchan import wire as w
+
+from .helpers import wait_for_condition
+
+
+@pytest.fixture(params=["local", "remote"])
+def where(request):
+    return request.param
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(url, **owner_options):
+    a, b = netchan.Identity.generate(), netchan.Identity.generate()
+    async with netchan.Node(a, [url], allow=netchan.ANY, **owner_options) as owner, netchan.Node(b) as client:
+        peer = await client.connect(owner.addresses[0], owner.node_id)
+        yield owner, client, peer
+
+
+async def handle(where, owner, peer, name, **options):
+    """The channel as a user of ``where`` sees it."""
+    if where == "local":
+        return owner.hub.owned(name)
+    return await peer.channel(name, **options)
+
+
+def owner_stats(owner, name):
+    return owner.hub.owned(name).statistics()
+
+
+# -- capacity ----------------------------------------------------------------------------
+
+
+async def test_exact_capacity_with_many_senders(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=3)
+        handles = [await handle(where, owner, peer, "c") for _ in range(8)]
+        done = []
+        worst = 0
+
+        async def sender(h, k):
+            for i in range(10):
+                await h.send((k, i))
+                done.append((k, i))
+
+        tasks = [asyncio.create_task(sender(h, k)) for k, h in enumerate(handles)]
+        # with nobody receiving, exactly `capacity` sends complete and the rest wait
+        await wait_for_condition(lambda: owner_stats(owner, "c")["buffered"] == 3)
+        await wait_for_condition(lambda: owner_stats(owner, "c")["senders_waiting"] > 0)
+        assert len(done) == 3
+        got = []
+        while len(got) < 80:
+            s = chan.statistics()
+            worst = max(worst, s["buffered"] + s["in_process"])
+            got.append(tuple(await chan.recv()))  # tuples travel as lists
+        await asyncio.gather(*tasks)
+        assert worst <= 3
+        assert sorted(got) == sorted((k, i) for k in range(8) for i in range(10))
+        for k in range(8):  # each sender's items arrive in its order
+            assert [i for kk, i in got if kk == k] == list(range(10))
+
+
+async def test_full_channel_send_nowait_would_block(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        owner.channel("c", capacity=2)
+        h = await handle(where, owner, peer, "c")
+        await h.send(1)
+        await h.send(2)
+        await wait_for_condition(lambda: owner_stats(owner, "c")["buffered"] == 2)
+        with pytest.raises(netchan.WouldBlock):
+            h.send_nowait(3)
+        assert owner_stats(owner, "c")["buffered"] == 2
+        assert await h.recv() == 1
+
+
+async def test_rendezvous_send_returns_after_the_receiver_took_it(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        local = owner.channel("r", capacity=0)
+        sender = await handle(where, owner, peer, "r")
+        receiver = local if where == "remote" else await peer.channel("r")
+        order = []
+
+        async def send():
+            await sender.send("x")
+            order.append("sent")
+
+        task = asyncio.create_task(send())
+        await wait_for_condition(lambda: owner_stats(owner, "r")["senders_waiting"] == 1)
+        assert not task.done() and owner_stats(owner, "r")["buffered"] == 0
+        assert await receiver.recv() == "x"
+        order.append("received")
+        await task
+        assert order == ["received", "sent"]
+
+
+# -- demand ------------------------------------------------------------------------------
+
+
+async def test_items_go_to_the_receiver_that_asked_first(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("d", capacity=10)
+        receivers = [await handle(where, owner, peer, "d") for _ in range(3)]
+        tasks = []
+        for i, r in enumerate(receivers):
+            tasks.append(asyncio.create_task(r.recv()))
+            await wait_for_condition(lambda i=i: owner_stats(owner, "d")["receivers_waiting"] == i + 1)
+        for v in ("a", "b", "c"):
+            await chan.send(v)
+        assert [await t for t in tasks] == ["a", "b", "c"]
+        # receiver 0 is busy (not asking): the next items go to those that ask
+        t2 = asyncio.create_task(receivers[2].recv())
+        await wait_for_condition(lambda: owner_stats(owner, "d")["receivers_waiting"] == 1)
+        t1 = asyncio.create_task(receivers[1].recv())
+        await wait_for_condition(lambda: owner_stats(owner, "d")["receivers_waiting"] == 2)
+        await chan.send("d")
+        await chan.send("e")
+        assert (await t2, await t1) == ("d", "e")
+
+
+# -- acknowledged processing -------------------------------------------------------------
+
+
+async def test_process_requeues_on_exception(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("p", capacity=5)
+        h = await handle(where, owner, peer, "p")
+        for v in (1, 2, 3):
+            await chan.send(v)
+        proc = h.process()
+        with pytest.raises(RuntimeError):
+            async with proc as v:
+                assert v == 1
+                raise RuntimeError("worker failed")
+        first_id = proc.id
+        proc = h.process()
+        async with proc as v:
+            assert v == 1  # back at the head
+        assert proc.id == first_id  # same item id: a receiver can drop duplicates
+        assert await h.recv() == 2
+        await wait_for_condition(lambda: owner_stats(owner, "p")["in_process"] == 0)
+        assert owner_stats(owner, "p")["requeued"] == 1
+
+
+async def test_process_requeues_on_cancel(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("p", capacity=5)
+        h = await handle(where, owner, peer, "p")
+        await chan.send("job")
+        entered = asyncio.Event()
+
+        async def worker():
+            async with h.process():
+                entered.set()
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(worker())
+        await asyncio.wait_for(entered.wait(), 5)
+        assert owner_stats(owner, "p")["in_process"] == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.wait_for(h.recv(), 5) == "job"
+
+
+async def test_items_in_process_at_a_lost_receiver_go_back(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("p", capacity=5)
+        for v in range(3):
+            await chan.send(v)
+        async with netchan.Node(netchan.Identity.generate()) as worker_node:
+            wpeer = await worker_node.connect(owner.addresses[0], owner.node_id)
+            wch = await wpeer.channel("p")
+            proc = wch.process()
+            assert await proc.__aenter__() == 0
+            await wait_for_condition(lambda: owner_stats(owner, "p")["in_process"] == 1)
+            await wpeer.aclose()  # the worker's session ends with the item unacknowledged
+        await wait_for_condition(lambda: owner_stats(owner, "p")["in_process"] == 0)
+        assert [await chan.recv() for _ in range(3)] == [0, 1, 2]
+
+
+# -- close -------------------------------------------------------------------------------
+
+
+async def test_close_drains_then_ends(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        owner.channel("c", capacity=10)
+        h = await handle(where, owner, peer, "c")
+        other = await peer.channel("c")
+        for v in range(5):
+            await h.send(v)
+        await h.close()
+        with pytest.raises(netchan.ClosedError):
+            await h.send(99)
+        await wait_for_condition(lambda: other.closed)
+        with pytest.raises(netchan.ClosedError):
+            await other.send(99)
+        assert [v async for v in h] == [0, 1, 2, 3, 4]
+        with pytest.raises(netchan.EndOfChannel):
+            await other.recv()
+        with pytest.raises(netchan.EndOfChannel):
+            h.recv_nowait()
+
+
+async def test_close_fails_blocked_senders_at_once(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=1)
+        h = await handle(where, owner, peer, "c")
+        await h.send("kept")
+        blocked = asyncio.create_task(h.send("refused"))
+        await wait_for_condition(lambda: owner_stats(owner, "c")["senders_waiting"] >= 1)
+        await chan.close()
+        with pytest.raises(netchan.ClosedError):
+            await asyncio.wait_for(blocked, 5)
+        assert [v async for v in h] == ["kept"]
+
+
+# -- cancellation ------------------------------------------------------------------------
+
+
+async def test_cancelled_send_was_not_delivered(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=1)
+        h = await handle(where, owner, peer, "c")
+        await h.send("first")
+        task = asyncio.create_task(h.send("cancelled"))
+        await wait_for_condition(lambda: owner_stats(owner, "c")["senders_waiting"] >= 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await chan.recv() == "first"
+        await h.send("last")
+        assert await chan.recv() == "last"
+
+
+async def test_cancelled_recv_leaves_its_item(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=100)
+        h = await handle(where, owner, peer, "c")
+        task = asyncio.create_task(h.recv())
+        await wait_for_condition(lambda: owner_stats(owner, "c")["receivers_waiting"] == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await chan.send("item")
+        assert await h.recv() == "item"
+
+
+async def test_no_item_lost_to_a_storm_of_cancelled_receives(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=4)
+        h = await handle(where, owner, peer, "c")
+        n = 300
+
+        async def produce():
+            for i in range(n):
+                await chan.send(i)
+
+        producer = asyncio.create_task(produce())
+        got = []
+        while len(got) < n:
+            try:
+                got.append(await asyncio.wait_for(h.recv(), 0.0005))
+            except asyncio.TimeoutError:
+                pass
+        await producer
+        assert sorted(got) == list(range(n))
+
+
+# -- select ------------------------------------------------------------------------------
+
+
+async def test_select_is_fair_and_exact(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        a, b = owner.channel("a", capacity=1000), owner.channel("b", capacity=1000)
+        for i in range(300):
+            await a.send(("a", i))
+            await b.send(("b", i))
+        ha, hb = await handle(where, owner, peer, "a"), await handle(where, owner, peer, "b")
+        picks = []
+        for _ in range(300):
+            index, value = await netchan.select(ha.recv_case(), hb.recv_case(), timeout=5)
+            value = tuple(value)
+            picks.append(index)
+            assert value[0] == "ab"[index]
+        assert 100 < picks.count(0) < 200
+        # exactly one item per select left its channel, and order is kept
+        await wait_for_condition(lambda: a.statistics()["buffered"] + b.statistics()["buffered"] == 300)
+        rest_a = [a.recv_nowait() for _ in range(300 - picks.count(0))]
+        rest_b = [b.recv_nowait() for _ in range(300 - picks.count(1))]
+        assert [tuple(v)[1] for v in rest_a] == list(range(picks.count(0), 300))
+        assert [tuple(v)[1] for v in rest_b] == list(range(picks.count(1), 300))
+
+
+async def test_select_timeout_default_and_send_case(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        full = owner.channel("full", capacity=1)
+        empty = owner.channel("empty", capacity=1)
+        hf, he = await handle(where, owner, peer, "full"), await handle(where, owner, peer, "empty")
+        await full.send("occupant")
+        with pytest.raises(netchan.Timeout):
+            await netchan.select(he.recv_case(), hf.send_case("no room"), timeout=0.2)
+        assert await netchan.select(he.recv_case(), default=True) == (None, None)
+        index, value = await netchan.select(he.send_case("fits"), hf.send_case("no room"), timeout=5)
+        assert (index, value) == (0, None)
+        assert await empty.recv() == "fits"
+        assert await full.recv() == "occupant"
+        assert full.statistics()["buffered"] == 0  # "no room" was never delivered
+
+
+async def test_select_returns_items_of_cases_that_lost(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chans = [owner.channel(f"c{i}", capacity=10) for i in range(4)]
+        handles = [await peer.channel(f"c{i}") for i in range(4)]
+        for c in chans:
+            for v in range(3):
+                await c.send(v)
+        index, value = await netchan.select(*(h.recv_case() for h in handles), timeout=5)
+        assert value == 0
+        # every other channel still has all of its items, in order
+        for i, c in enumerate(chans):
+            if i != index:
+                await wait_for_condition(lambda c=c: c.statistics()["buffered"] == 3)
+                assert [c.recv_nowait() for _ in range(3)] == [0, 1, 2]
+
+
+# -- batches -----------------------------------------------------------------------------
+
+
+async def test_send_many_and_recv_many(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=64)
+        h = await handle(where, owner, peer, "c")
+        task = asyncio.create_task(h.send_many(range(1000)))
+        got = []
+        while len(got) < 1000:
+            got.extend(await chan.recv_many(100))
+        await task
+        assert got == list(range(1000))
+
+
+# -- codecs, types, limits ---------------------------------------------------------------
+
+
+class Job(msgspec.Struct):
+    n: int
+    text: str
+
+
+@dataclasses.dataclass
+class OtherJob:
+    n: int
+
+
+async def test_typed_channels_and_schema_mismatch(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("typed", capacity=4, type=Job)
+        h = await peer.channel("typed", type=Job)
+        await h.send(Job(1, "one"))
+        assert await chan.recv() == Job(1, "one")
+        with pytest.raises(TypeError):
+            await h.send({"n": 1})
+        with pytest.raises(netchan.SchemaMismatch):
+            await peer.channel("typed", type=OtherJob)
+        with pytest.raises(netchan.SchemaMismatch):
+            await peer.channel("typed")
+        with pytest.raises(netchan.SchemaMismatch):
+            await peer.channel("typed", codec="raw")
+        owner.channel("plain", capacity=1)
+        with pytest.raises(netchan.SchemaMismatch):
+            await peer.channel("plain", type=Job)
+        dc = owner.channel("dc", capacity=1, type=OtherJob)
+        hd = await peer.channel("dc", type=OtherJob)
+        await hd.send(OtherJob(5))
+        assert await dc.recv() == OtherJob(5)
+
+
+async def test_raw_codec_and_msgpack_values(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        raw = owner.channel("raw", capacity=2, codec="raw")
+        h = await peer.channel("raw")
+        await h.send(b"\x00\xff")
+        assert await raw.recv() == b"\x00\xff"
+        with pytest.raises(TypeError):
+            await h.send("text")
+        mp = owner.channel("mp", capacity=2)
+        hm = await peer.channel("mp")
+        value = {"none": None, "t": True, "i": -(2**40), "f": 1.5, "s": "é", "b": b"x", "l": [1, [2]]}
+        await hm.send(value)
+        assert await mp.recv() == value
+        with pytest.raises(TypeError):
+            await hm.send(object())
+
+
+async def test_oversized_items_fail_clearly_and_disturb_nothing(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=4, max_message=1000)
+        h = await handle(where, owner, peer, "c", max_message=1000)
+        with pytest.raises(netchan.MessageTooLarge):
+            await h.send(b"x" * 2000)
+        await h.send(b"y" * 900)
+        assert await chan.recv() == b"y" * 900
+
+
+async def test_malformed_frames_end_only_that_handle(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=4)
+        good = await peer.channel("c")
+        # a raw stream that speaks nonsense after a valid handshake
+        stream = await peer.open_stream("netchan.channel")
+        await stream.send(w.encode_frame({"kind": "channel", "name": "c", "dir": "both", "origin": "x",
+                                          "next_seq": 1, "codec": None, "schema": None}))
+        await stream.send(w.encode_frame([w.ITEMS, 1, [b"\xc1"]]))  # no credit, and not msgpack
+        with pytest.raises(netchan.EndOfStream):
+            while True:
+                await asyncio.wait_for(stream.receive(), 5)
+        # a frame longer than any limit
+        stream2 = await peer.open_stream("netchan.channel")
+        await stream2.send((1 << 31).to_bytes(4, "big"))
+        with pytest.raises(netchan.EndOfStream):
+            while True:
+                await asyncio.wait_for(stream2.receive(), 5)
+        await good.send("still fine")
+        assert await chan.recv() == "still fine"
+        assert not peer.closed
+
+
+async def test_a_malformed_item_from_a_sender_is_refused_before_it_enters(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=4)
+        bad = await peer.channel("c")
+        await bad.send(1)
+        bad._push(bad._next_seq, b"\xc1")  # bypass the codec: not MessagePack
+        bad._next_seq += 1
+        await wait_for_condition(lambda: bad._wire is None)
+        assert chan.statistics()["buffered"] == 1
+        assert await chan.recv() == 1
+
+
+# -- authorisation and names --------------------------------------------------------------
+
+
+async def test_allow_send_and_allow_recv(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        owner.channel("in", capacity=1, allow_send=[client.node_id], allow_recv=[owner.node_id])
+        owner.channel("none", capacity=1, allow_send=[owner.node_id], allow_recv=[owner.node_id])
+        h = await peer.channel("in", direction="send")
+        await h.send(1)
+        with pytest.raises(netchan.NotAllowed):
+            await peer.channel("in", direction="recv")
+        both = await peer.channel("in")  # only what is allowed
+        with pytest.raises(netchan.NotAllowed):
+            await both.recv()
+        with pytest.raises(netchan.NotAllowed):
+            await peer.channel("none")
+        with pytest.raises(netchan.ServiceNotFound):
+            await peer.channel("missing")
+
+
+async def test_unnamed_channels_get_unguessable_distinct_names(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        names = {owner.channel().name for _ in range(50)}
+        assert len(names) == 50 and all(len(n) >= 20 for n in names)
+        with pytest.raises(netchan.ConfigurationError):
+            owner.channel(next(iter(names)))

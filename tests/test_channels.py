@@ -474,3 +474,44 @@ async def test_unnamed_channels_get_unguessable_distinct_names(memory_url):
         assert len(names) == 50 and all(len(n) >= 20 for n in names)
         with pytest.raises(netchan.ConfigurationError):
             owner.channel(next(iter(names)))
+
+
+# -- channels inside messages -----------------------------------------------------------
+
+
+async def test_channel_references_across_three_nodes(memory_url):
+    a, b, c = (netchan.Identity.generate() for _ in range(3))
+    async with (
+        netchan.Node(a, [memory_url], allow=netchan.ANY) as hub_node,
+        netchan.Node(b, [memory_url + "b"], allow=netchan.ANY) as producer,
+        netchan.Node(c) as worker,
+    ):
+        hub_node.channel("jobs", capacity=10)
+        replies = producer.channel("replies", capacity=10)
+        to_hub = await producer.connect(hub_node.addresses[0], hub_node.node_id)
+        jobs = await to_hub.channel("jobs")
+        for n in range(3):
+            await jobs.send({"n": n, "reply": replies.send_only(), "nested": [{"log": replies.send_only()}]})
+        await jobs.send({"n": -1, "inbox": replies.recv_only()})
+        # the worker has no session with the producer: it dials the address in the reference
+        w_hub = await worker.connect(hub_node.addresses[0], hub_node.node_id)
+        w_jobs = await w_hub.channel("jobs")
+        for _ in range(3):
+            job = await w_jobs.recv()
+            assert isinstance(job["reply"], netchan.Channel)
+            await job["reply"].send(job["n"] * 10)
+            assert job["nested"][0]["log"] is job["reply"]  # one handle per reference
+            with pytest.raises(netchan.DirectionError):
+                await job["reply"].recv()
+        job = await w_jobs.recv()
+        with pytest.raises(netchan.DirectionError):
+            await job["inbox"].send("no")
+        assert sorted([await replies.recv() for _ in range(3)]) == [0, 10, 20]
+        assert [p.node_id for p in worker.peers].count(producer.node_id) == 1
+        # a reference that comes home is the owner's own channel again
+        await jobs.send({"self": replies})
+        back = await hub_node.hub.owned("jobs").recv()
+        assert isinstance(back["self"], netchan.RemoteChannel)
+        await w_jobs.send({"home": replies.send_only()})
+        home = (await jobs.recv())["home"]
+        assert isinstance(home, netchan.ChannelView) and home._target() is replies

@@ -110,10 +110,14 @@ class Wire:
     async def aclose(self, error: NetchanError | None = None) -> None:
         if error is not None and self.error is None:
             self.error = error
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
+        writer = self._writer
+        if writer is not None and not writer.done() and self.closing and self.error is None:
+            # finish() was called: let the last frames (an error, say) leave first
+            await asyncio.wait([writer], timeout=5.0)
+        if writer is not None and not writer.done():
+            writer.cancel()
             try:
-                await self._writer
+                await writer
             except (asyncio.CancelledError, NetchanError):
                 pass
         await self.stream.aclose()

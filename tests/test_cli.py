@@ -85,10 +85,20 @@ def test_ping_the_wrong_node_id_is_refused(keys):
 
 def test_demo_runs_and_verifies(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "netchan", "demo", "--seconds", "2.5", "--cut-every", "0.5"],
+        [sys.executable, "-m", "netchan", "demo", "--streams", "--seconds", "2.5", "--cut-every", "0.5"],
         capture_output=True, text=True, timeout=120, env={**os.environ},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified" in result.stdout
     cuts = int(re.search(r"cuts survived\s+(\d+)", result.stdout.split("\n\n")[-1]).group(1))
     assert cuts >= 3
+
+
+def test_work_queue_demo_loses_nothing():
+    result = subprocess.run(
+        [sys.executable, "-m", "netchan", "demo", "--jobs", "300", "--cut-every", "0.5"],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "jobs lost          0" in result.stdout
+    assert "OK: nothing lost" in result.stdout

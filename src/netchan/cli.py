@@ -152,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: _run(_ping(a), a.engine))
 
-    p = sub.add_parser("demo", help="two nodes streaming through a proxy that cuts TCP every second")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to stream")
+    p = sub.add_parser("demo", help="a work queue across processes, through a proxy that cuts TCP every second")
+    p.add_argument("--jobs", type=int, default=2000, help="jobs in the work queue")
+    p.add_argument("--workers", type=int, default=3, help="worker processes (the last one is killed)")
+    p.add_argument("--kill-at", type=float, default=0.3, help="fraction of jobs done when a worker is killed")
     p.add_argument("--cut-every", type=float, default=1.0, help="seconds between cuts")
+    p.add_argument("--streams", action="store_true",
+                   help="instead: two nodes streaming bytes both ways for --seconds")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to stream (with --streams)")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: _run(_demo(a), a.engine))
 
@@ -170,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    if args.streams:
+        from .demo import run_demo
 
-    return await run_demo(seconds=args.seconds, cut_every=args.cut_every, engine=args.engine)
+        return await run_demo(seconds=args.seconds, cut_every=args.cut_every, engine=args.engine)
+    from .workqueue import run_workqueue
+
+    return await run_workqueue(jobs=args.jobs, workers=args.workers, cut_every=args.cut_every,
+                               kill_at=args.kill_at, engine=args.engine)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""``netchan demo``: a work queue across processes, through a proxy that cuts TCP.
+
+This process is the producer: its node owns a ``jobs`` channel and a
+``results`` channel.  Worker processes connect through a
+:class:`~netchan.chaos.TcpCutter` that terminates every TCP connection each
+``cut_every`` seconds, take jobs with ``async with jobs.process()``, and send
+each result on the reply channel that travels inside the job.  One worker is
+killed (SIGKILL) partway through: the job it held goes back to the queue when
+its session is declared lost, another worker does it, and the producer drops
+the duplicate result (if the dead worker's result got out) by job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+from .channels import RemoteChannel
+from .chaos import TcpCutter
+from .errors import BrokenError, EndOfChannel, NetchanError
+from .identity import Identity
+from .node import Node
+
+#: workers declare a silent peer lost after this long (the QUIC idle timeout)
+WORKER_LINGER = 3.0
+
+
+def work(payload: bytes, rounds: int) -> str:
+    """The job: a chain of hashes (the producer checks every answer)."""
+    digest = payload
+    for _ in range(rounds):
+        digest = hashlib.sha256(digest).digest()
+    return digest.hex()[:16]
+
+
+async def run_worker(key_path: str, owner: str, url: str, number: int, engine: str | None = None) -> None:
+    """A worker process: take jobs until the channel ends, reconnecting if the session is lost."""
+    async with Node(Identity.load(key_path), linger=WORKER_LINGER, engine=engine) as node:
+        announced = False
+        while True:
+            try:
+                peer = await node.connect(url, owner, timeout=10)
+                jobs = await peer.channel("jobs", direction="recv")
+                if not announced:
+                    print("ready", flush=True)
+                    announced = True
+                while True:
+                    async with jobs.process() as job:
+                        result = work(job["payload"], job["rounds"])
+                        if job["pause"]:
+                            await asyncio.sleep(job["pause"])
+                        await job["reply"].send({"id": job["id"], "worker": number, "result": result})
+            except EndOfChannel:
+                return
+            except BrokenError:
+                await asyncio.sleep(0.1)  # the session was lost: dial again
+
+
+class _Progress:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done: dict[int, str] = {}
+        self.duplicates = 0
+        self.wrong = 0
+        self.by_worker: dict[int, int] = {}
+        self.killed_at: int | None = None
+
+
+async def run_workqueue(
+    jobs: int = 2000,
+    workers: int = 3,
+    cut_every: float = 1.0,
+    rounds: int = 200,
+    pause: float = 0.002,
+    kill_at: float = 0.3,
+    engine: str | None = None,
+    deadline: float = 120.0,
+) -> int:
+    print(f"netchan demo: a work queue of {jobs} jobs, {workers} worker processes,")
+    print(f"every TCP connection cut every {cut_every:g} s, one worker killed "
+          f"(SIGKILL) at {kill_at:.0%}.\n")
+    producer_id = Identity.generate()
+    worker_ids = [Identity.generate() for _ in range(workers)]
+    progress = _Progress(jobs)
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = []
+        for i, ident in enumerate(worker_ids):
+            keys.append(os.path.join(tmp, f"worker{i}.key"))
+            ident.save(keys[-1])
+        node = Node(producer_id, ["tcp://127.0.0.1:0"], allow=[i.node_id for i in worker_ids], engine=engine)
+        async with node:
+            host, port = node.addresses[0].removeprefix("tcp://").rsplit(":", 1)
+            async with TcpCutter((host, int(port)), cut_every=cut_every) as cutter:
+                job_chan = node.channel("jobs", capacity=16)
+                results = node.channel("results", capacity=64, allow_recv=[node.node_id])
+                procs = []
+                try:
+                    for i in range(workers):
+                        args = [sys.executable, "-m", "netchan.workqueue", keys[i], node.node_id, cutter.url, str(i)]
+                        if engine:
+                            args.append(engine)
+                        procs.append(await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE))
+                    for proc in procs:
+                        assert proc.stdout is not None
+                        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+                        if line.strip() != b"ready":
+                            raise BrokenError("a worker did not start")
+                    print(f"  producer {node.node_id[:12]}, {workers} workers up via {cutter.url}")
+                    start = time.perf_counter()
+                    expected = {}
+
+                    async def produce() -> None:
+                        reply = results.send_only()
+                        for i in range(jobs):
+                            payload = i.to_bytes(4, "big") * 8
+                            expected[i] = work(payload, rounds)
+                            await job_chan.send({"id": i, "payload": payload, "rounds": rounds,
+                                                 "pause": pause, "reply": reply})
+                        await job_chan.close()
+
+                    async def collect() -> None:
+                        while len(progress.done) < jobs:
+                            r = await results.recv()
+                            job_id = r["id"]
+                            if job_id in progress.done:
+                                progress.duplicates += 1  # a requeued job done twice: dropped
+                                continue
+                            if r["result"] != expected.get(job_id):
+                                progress.wrong += 1
+                            progress.done[job_id] = r["result"]
+                            progress.by_worker[r["worker"]] = progress.by_worker.get(r["worker"], 0) + 1
+                            if progress.killed_at is None and len(progress.done) >= jobs * kill_at:
+                                procs[-1].send_signal(signal.SIGKILL)
+                                progress.killed_at = len(progress.done)
+
+                    tasks = [asyncio.ensure_future(produce()), asyncio.ensure_future(collect())]
+                    finished = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*tasks), deadline))
+                    while not finished.done():
+                        await asyncio.wait([finished], timeout=0.25)
+                        _line(progress, cutter, time.perf_counter() - start, job_chan.statistics())
+                    elapsed = time.perf_counter() - start
+                    try:
+                        finished.result()
+                    except (asyncio.TimeoutError, NetchanError) as exc:
+                        print(f"\n  stopped: {exc or 'deadline passed'}")
+                    return _summary(progress, cutter, elapsed, job_chan.statistics())
+                finally:
+                    await _stop(procs)
+
+
+def _line(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, Any]) -> None:
+    sys.stdout.write(
+        f"\r  {elapsed:5.1f} s  jobs done {len(p.done):5d}/{p.total}  "
+        f"queued {stats['buffered']:3d}  in process {stats['in_process']:2d}  "
+        f"requeued {stats['requeued']:2d}  duplicates dropped {p.duplicates:2d}  "
+        f"cuts {cutter.cuts:3d}  "
+    )
+    sys.stdout.flush()
+
+
+def _summary(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, Any]) -> int:
+    lost = p.total - len(p.done)
+    print("\n")
+    print(f"  jobs done          {len(p.done)} of {p.total} ({len(p.done) / elapsed:.0f} jobs/s over {elapsed:.1f} s)")
+    print(f"  jobs lost          {lost}")
+    print(f"  results checked    {len(p.done) - p.wrong} correct, {p.wrong} wrong")
+    print(f"  worker killed      at {p.killed_at} jobs done; its job in process went back to the queue "
+          f"({stats['requeued']} requeued)")
+    print(f"  duplicates dropped {p.duplicates} (by job id)")
+    print("  jobs per worker    " + ", ".join(f"#{w}: {n}" for w, n in sorted(p.by_worker.items())))
+    print(f"  TCP cuts survived  {cutter.cuts} (connections made: {cutter.connections})")
+    ok = lost == 0 and p.wrong == 0 and p.killed_at is not None
+    print(f"\n  {'OK: nothing lost' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)  # the jobs channel ended: they exit
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+if __name__ == "__main__":
+    from .cli import _run
+
+    engine = sys.argv[5] if len(sys.argv) > 5 else None
+    sys.exit(_run(run_worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), engine), engine))

@@ -13,7 +13,7 @@ def events(core):
 
 
 def items(n, start=1, origin="s"):
-    return [Item(f"{origin}:{start + i}", b"%d" % (start + i)) for i in range(n)]
+    return [Item(origin, start + i, b"%d" % (start + i)) for i in range(n)]
 
 
 def occupancy(core):

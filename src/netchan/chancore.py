@@ -47,18 +47,23 @@ Endpoint = Hashable
 
 
 class Item:
-    """One item in a channel: its id (unique per sender), encoded bytes and,
-    when the owner already decoded it, the value."""
+    """One item in a channel: its origin (one per sender) and sequence number
+    there, its encoded bytes and, when the owner already decoded it, its value."""
 
-    __slots__ = ("id", "data", "value", "sender", "seq")
+    __slots__ = ("origin", "seq", "data", "value", "sender")
 
-    def __init__(self, id: str, data: bytes, value: Any = None, sender: Endpoint | None = None, seq: int = 0):
-        self.id = id
+    def __init__(self, origin: str, seq: int, data: bytes, value: Any = None) -> None:
+        self.origin = origin
+        self.seq = seq
         self.data = data
         self.value = value
         #: the endpoint still waiting for "taken" (rendezvous only), else None
-        self.sender = sender
-        self.seq = seq
+        self.sender: Endpoint | None = None
+
+    @property
+    def id(self) -> str:
+        """Unique per channel: receivers drop duplicates by it."""
+        return f"{self.origin}:{self.seq}"
 
     def __repr__(self) -> str:
         return f"<Item {self.id}>"
@@ -234,7 +239,7 @@ class ChannelCore:
         if first_seq != s.next_seq:
             raise RemoteProtocolError(f"items from sequence {first_seq}, expected {s.next_seq}")
         upto = self._accepted_upto[s.origin]
-        fresh = [it for i, it in enumerate(items) if first_seq + i > upto]
+        fresh = items if first_seq > upto else [it for it in items if it.seq > upto]
         dup = len(items) - len(fresh)
         if len(fresh) > s.credit:
             raise RemoteProtocolError(f"{len(fresh)} items sent with {s.credit} credits")
@@ -245,16 +250,12 @@ class ChannelCore:
             self._reserved -= len(fresh)
             last = s.next_seq - 1
             self._accepted_upto[s.origin] = last
-            rendezvous = self.capacity == 0
-            seq = s.next_seq - len(fresh)
-            for it in fresh:
-                it.seq = seq
-                seq += 1
-                if rendezvous:
+            if self.capacity == 0:
+                for it in fresh:
                     it.sender = ep
-                self.queue.append(it)
+            self.queue.extend(fresh)
             self.items_in += len(fresh)
-            if not rendezvous:
+            if self.capacity:
                 self.events.append(Accepted(ep, last))
             if s.credit < s.desire and not self.closed:
                 self._hungry[ep] = None
@@ -353,6 +354,20 @@ class ChannelCore:
             self._grant()
             self._check_end()
         return dseq, item
+
+    def take_many(self, n: int) -> list[Item]:
+        """Up to ``n`` head items at once, for a local receiver (nobody waits ahead)."""
+        queue = self.queue
+        k = min(n, len(queue))
+        out = [queue.popleft() for _ in range(k)]
+        self._next_dseq += k
+        self.items_out += k
+        if self.capacity == 0:
+            for item in out:
+                self._on_taken(item)
+        self._grant()
+        self._check_end()
+        return out
 
     def taken(self, ep: Endpoint, dseq: int) -> None:
         """The receiver's application has the item (it may still requeue it)."""
@@ -486,8 +501,10 @@ class ChannelCore:
             self._reclaim_idle()
 
     def _reclaim_idle(self) -> None:
+        # a starved sender's own credit is not reclaimed for itself
+        only = next(iter(self._hungry)) if len(self._hungry) == 1 else None
         for ep, s in self._senders.items():
-            if s.credit > 0 and not s.reclaiming:
+            if s.credit > 0 and not s.reclaiming and ep != only:
                 s.reclaiming = True
                 s.desire = 0
                 self.events.append(Reclaim(ep))

@@ -60,8 +60,9 @@ __all__ = [
 log = logging.getLogger("netchan.channels")
 
 SERVICE = "netchan.channel"
-#: unused credit a sending handle keeps asking for (bounded by the capacity)
-PREFETCH = 128
+#: unused credit a sending handle keeps asking for (bounded by the capacity; the
+#: owner reclaims what an idle handle holds as soon as another sender starves)
+PREFETCH = 4096
 #: items per ITEMS frame at most (frames stay well under the frame limit)
 _BATCH_BYTES = 256 * 1024
 _HANDSHAKE_TIMEOUT = 10.0
@@ -464,10 +465,30 @@ class LocalChannel(Channel):
     def closed(self) -> bool:
         return self.core.closed
 
+    async def recv(self) -> Any:
+        core = self.core
+        if core.queue and not core.receivers_waiting:  # the common case, without an op
+            item = core.take_many(1)[0]
+            if core.events:
+                self._pump()
+            return item.value
+        return await Channel.recv(self)
+
+    async def recv_many(self, max_items: int) -> list[Any]:
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        core = self.core
+        if not core.queue or core.receivers_waiting:
+            return await Channel.recv_many(self, max_items)
+        items = core.take_many(max_items)
+        if core.events:
+            self._pump()
+        return [item.value for item in items]
+
     def _item(self, value: Any) -> Item:
         data = self.codec.encode(value)
         self._seq += 1
-        return Item(f"{self._origin}:{self._seq}", data, value, seq=self._seq)
+        return Item(self._origin, self._seq, data, value)
 
     # -- ops ------------------------------------------------------------------------
 
@@ -615,22 +636,32 @@ class LocalChannel(Channel):
         wire.send({"ok": True, "dir": sorted(directions), "capacity": self.capacity,
                    "codec": self.codec.name, "schema": self.codec.schema})
         self._pump()
-        try:
-            while True:
-                frames = await wire.read_frames()
+        ended: asyncio.Future[NetchanError] = asyncio.get_running_loop().create_future()
+
+        def on_frames(frames: list[Any]) -> None:
+            try:
                 for frame in frames:
                     ep.on_frame(frame)
+            finally:
                 self._pump()
-        except EndOfStream:
-            pass
+
+        def on_end(error: NetchanError) -> None:
+            if not ended.done():
+                ended.set_result(error)
+
+        try:
+            wire.attach(on_frames, on_end)
+            error = await ended
         except ProtocolError as exc:
-            log.warning("channel %r: handle from %s broke the protocol: %s", self.name, peer.node_id, exc)
-            wire.send([w.FAIL, exc.code, str(exc)])
-            wire.finish()
+            error = exc
         finally:
             self._endpoints.discard(ep)
             core.lost(ep)
             self._pump()
+        if isinstance(error, ProtocolError):
+            log.warning("channel %r: handle from %s broke the protocol: %s", self.name, peer.node_id, error)
+            wire.send([w.FAIL, error.code, str(error)])
+            wire.finish()
 
 
 class _Endpoint:
@@ -695,15 +726,15 @@ class _Endpoint:
                 first_seq, datas = f[1], f[2]
                 codec = self.chan.codec
                 origin = core._senders[self].origin
+                limit = codec.max_message
+                decode = None if codec.name == "raw" else codec.decode
                 items = []
                 seq = first_seq
                 for data in datas:
-                    if not isinstance(data, bytes):
-                        raise RemoteProtocolError("an item is not bytes")
-                    if len(data) > codec.max_message:
-                        raise RemoteProtocolError(f"item of {len(data)} bytes is over the limit")
+                    if type(data) is not bytes or len(data) > limit:
+                        raise RemoteProtocolError("an item is not bytes, or over the size limit")
                     # decoding here validates every item before it enters the channel
-                    items.append(Item(f"{origin}:{seq}", data, codec.decode(data)))
+                    items.append(Item(origin, seq, data, data if decode is None else decode(data)))
                     seq += 1
                 core.items(self, first_seq, items)
             elif kind == w.DEMAND:
@@ -782,7 +813,6 @@ class RemoteChannel(Channel):
         self._can_recv = direction != "send"
         self._wire: w.Wire | None = None
         self._opening: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._error: NetchanError | None = None  # permanent (refused)
         self._refused: set[str] = set()
         self._origin = "h" + secrets.token_hex(6)
@@ -818,6 +848,20 @@ class RemoteChannel(Channel):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    async def send(self, value: Any) -> None:
+        if self._credit and self._can_send and self.capacity > 0 and not self._blocked and not self._resend \
+                and not self._closed and self._wire is not None:
+            # credit in hand: the item is the owner's to accept; no op, no wait
+            data = self._codec.encode(value)
+            self._credit -= 1
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._unacked.append((seq, data))
+            self._push(seq, data)
+            self.sent += 1
+            return
+        await Channel.send(self, value)
 
     # -- opening --------------------------------------------------------------------
 
@@ -888,28 +932,24 @@ class RemoteChannel(Channel):
         self._credit = 0
         # items the owner may not have: send them again, in order, as credit comes
         self._resend = deque(self._unacked)
-        self._reader = asyncio.ensure_future(self._read_loop(wire))
+        wire.attach(self._on_frames, lambda error: self._on_wire_end(wire, error))
         if self._resend or self._blocked:
             self._want()
 
-    async def _read_loop(self, wire: w.Wire) -> None:
-        error: NetchanError
-        try:
-            while True:
-                for frame in await wire.read_frames():
-                    self._on_frame(frame)
-        except EndOfStream:
+    def _on_frames(self, frames: list[Any]) -> None:
+        for frame in frames:
+            self._on_frame(frame)
+
+    def _on_wire_end(self, wire: w.Wire, error: NetchanError) -> None:
+        if isinstance(error, EndOfStream):
             error = BrokenError(f"channel {self.name!r}: the owner ended the handle")
-        except ProtocolError as exc:
-            log.warning("channel %r: owner %s broke the protocol: %s", self.name, self.owner, exc)
-            error = exc
-        except NetchanError as exc:
-            error = BrokenError(f"channel {self.name!r}: {exc}")
-        except asyncio.CancelledError:
-            error = ClosedError(f"channel handle {self.name!r} closed")
+        elif isinstance(error, ProtocolError):
+            log.warning("channel %r: owner %s: %s", self.name, self.owner, error)
+        elif not isinstance(error, (BrokenError, ClosedError)):
+            error = BrokenError(f"channel {self.name!r}: {error}")
         if self._wire is wire:
             self._broken(error)
-        await wire.aclose()
+        self._hub.node._spawn(wire.aclose(), f"close channel handle {self.name}")
 
     def _broken(self, error: NetchanError) -> None:
         self._wire = None
@@ -1128,16 +1168,20 @@ class RemoteChannel(Channel):
     async def send_many(self, values: Iterable[Any]) -> None:
         self._check("send")
         await self._ready()
+        encode = self._codec.encode
+        unacked = self._unacked
         for value in values:
-            if self._credit and not self._blocked and not self._resend and not self._closed:
-                op = _Op()
-                op.data = self._codec.encode(value)
-                self._commit(op)
-                if self.capacity:
-                    continue
-                await self._complete(op)
+            if self._credit and self.capacity > 0 and not self._blocked and not self._resend \
+                    and not self._closed and self._wire is not None:
+                data = encode(value)
+                self._credit -= 1
+                seq = self._next_seq
+                self._next_seq = seq + 1
+                unacked.append((seq, data))
+                self._push(seq, data)
+                self.sent += 1
             else:
-                await self.send(value)
+                await Channel.send(self, value)
 
     async def flush(self) -> None:
         """Until the owner has accepted every item sent so far (BrokenError if the handle broke)."""
@@ -1169,8 +1213,7 @@ class RemoteChannel(Channel):
         if wire is not None:
             self._broken(self._error)
             wire.finish()
-        if self._reader is not None:
-            self._reader.cancel()
+            await wire.aclose()
 
     def statistics(self) -> dict[str, Any]:
         return {

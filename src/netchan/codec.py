@@ -97,7 +97,7 @@ class RawCodec(Codec):
     def encode(self, value: Any) -> bytes:
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError(f"a raw channel carries bytes, not {type(value).__name__}")
-        data = bytes(value)
+        data = value if type(value) is bytes else bytes(value)
         if len(data) > self.max_message:
             raise MessageTooLarge(f"item of {len(data)} bytes is over the limit of {self.max_message}")
         return data

@@ -23,6 +23,7 @@ from .errors import (
     ClosedError,
     ConfigurationError,
     EndOfStream,
+    LocalProtocolError,
     NetchanError,
     ServiceNotFound,
     Timeout,
@@ -100,6 +101,8 @@ class Stream:
         self._waiter: asyncio.Future[None] | None = None
         self._send_closed = False
         self._closed = False
+        #: (on_data, on_end) when data is handed over as it arrives (see _consume)
+        self._consumer: tuple[Callable[[bytes], None], Callable[[NetchanError], None]] | None = None
 
     @property
     def peer(self) -> Peer:
@@ -140,6 +143,50 @@ class Stream:
         session.schedule_transmit()
         if core.send_backlog(sid) > session.high_water:
             await session.wait_drained(self)
+
+    def _write_nowait(self, data: bytes) -> bool:
+        """Queue ``data`` at once if credit and the backlog allow (else False: use send())."""
+        if self._send_closed or self._send_error is not None:
+            return False
+        session = self._session
+        core = session.core
+        sid = self.stream_id
+        if len(data) > core.send_allowance(sid) or core.send_backlog(sid) > session.high_water:
+            return False
+        core.send_stream(sid, data)
+        session.schedule_transmit()
+        return True
+
+    def _consume(self, on_data: Callable[[bytes], None], on_end: Callable[[NetchanError], None]) -> None:
+        """Hand every chunk to ``on_data`` as it arrives (from the session's event
+        processing, with no task switch); ``on_end`` gets EndOfStream or the error
+        that ended the stream.  Protocol layers on streams use this."""
+        self._consumer = (on_data, on_end)
+        chunks, self._chunks = list(self._chunks), deque()
+        for chunk in chunks:
+            self._feed(chunk)
+        if self._eof:
+            self._end(EndOfStream("the peer finished sending"))
+        elif self._error is not None:
+            self._end(self._error)
+
+    def _feed(self, data: bytes) -> None:
+        assert self._consumer is not None
+        session = self._session
+        if session.core.stream_consumed(self.stream_id, len(data)):
+            session.schedule_transmit()
+        try:
+            self._consumer[0](data)
+        except NetchanError as exc:
+            self._end(exc)
+        except Exception as exc:  # a bug above must not break the session
+            log.exception("stream %s (%s): consumer failed", self.stream_id, self.service)
+            self._end(LocalProtocolError(f"stream consumer failed: {exc!r}"))
+
+    def _end(self, error: NetchanError) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer[1](error)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """Bytes from the peer (at most ``max_bytes``); EndOfStream after its EOF."""
@@ -200,6 +247,7 @@ class Stream:
         except NetchanError:
             pass
         self._closed = True
+        self._consumer = None
         self._chunks.clear()
         if self._send_error is None:
             self._send_error = ClosedError("stream is closed")
@@ -222,6 +270,13 @@ class Stream:
             w.set_result(None)
 
     def _on_data(self, data: bytes, end: bool) -> None:
+        if self._consumer is not None:
+            if data:
+                self._feed(data)
+            if end:
+                self._eof = True
+                self._end(EndOfStream("the peer finished sending"))
+            return
         if data:
             self._chunks.append(data)
         if end:
@@ -234,11 +289,13 @@ class Stream:
             self._error = error
         if self._send_error is None:
             self._send_error = error
+        self._end(error)
         self._wake()
 
     def _on_reset(self, error: NetchanError) -> None:
         if self._error is None and not self._eof:
             self._error = error
+            self._end(error)
         self._wake()
 
     def _on_stop_sending(self, error: NetchanError) -> None:

@@ -10,7 +10,7 @@ disturbs the session or any other channel.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
@@ -45,18 +45,49 @@ class Wire:
         self._writer: asyncio.Task[None] | None = None
         self.error: NetchanError | None = None
         self.closing = False
+        self._sending = False
+        self._on_frames: Callable[[list[Any]], None] | None = None
+        self._on_end: Callable[[NetchanError], None] | None = None
+        self._early: list[Any] = []  # frames that came with the handshake
 
     def start(self) -> None:
         self._writer = asyncio.ensure_future(self._write_loop())
 
     def send(self, obj: Any) -> None:
-        """Queue one frame (sent with everything else queued this turn)."""
+        """Queue one frame: straight to the stream when it has room, else
+        behind what the writer still holds (order is always kept)."""
         if self.error is not None or self.closing:
             return
-        self._out.append(encode_frame(obj))
+        frame = encode_frame(obj)
+        if not self._out and not self._sending and self.stream._write_nowait(frame):
+            return
+        self._out.append(frame)
         w = self._wakeup
         if w is not None and not w.done():
             w.set_result(None)
+
+    def attach(self, on_frames: Callable[[list[Any]], None], on_end: Callable[[NetchanError], None]) -> None:
+        """From now on, frames are handed to ``on_frames`` as they arrive (no
+        reader task); ``on_end`` gets EndOfStream, the stream's error, or the
+        RemoteProtocolError of a bad frame (the stream is then abandoned)."""
+        self._on_frames = on_frames
+        self._on_end = on_end
+        early, self._early = self._early, []
+        if early:
+            on_frames(early)
+        self.stream._consume(self._feed, self._ended)
+
+    def _feed(self, data: bytes) -> None:
+        self._buf += data
+        frames = self._parse()
+        if frames:
+            self._on_frames(frames)
+
+    def _ended(self, error: NetchanError) -> None:
+        on_end = self._on_end
+        if on_end is not None:
+            self._on_end = None
+            on_end(error)
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -71,34 +102,40 @@ class Wire:
                     self._wakeup = None
                 data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
                 self._out.clear()
+                self._sending = True
                 await self.stream.send(data)
+                self._sending = False
         except NetchanError as exc:
             if self.error is None:
                 self.error = exc
 
+    def _parse(self) -> list[Any]:
+        buf = self._buf
+        frames = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            n = int.from_bytes(buf[pos : pos + 4], "big")
+            if n > self.max_frame:
+                raise RemoteProtocolError(f"frame of {n} bytes is over the limit of {self.max_frame}")
+            if end - pos - 4 < n:
+                break
+            try:
+                frames.append(_decoder.decode(buf[pos + 4 : pos + 4 + n]))
+            except msgspec.DecodeError as exc:
+                raise RemoteProtocolError(f"malformed frame: {exc}") from None
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return frames
+
     async def read_frames(self) -> list[Any]:
         """Every complete frame available (at least one); EndOfStream at a clean end."""
-        buf = self._buf
         while True:
-            frames = []
-            pos = 0
-            end = len(buf)
-            while end - pos >= 4:
-                n = int.from_bytes(buf[pos : pos + 4], "big")
-                if n > self.max_frame:
-                    raise RemoteProtocolError(f"frame of {n} bytes is over the limit of {self.max_frame}")
-                if end - pos - 4 < n:
-                    break
-                try:
-                    frames.append(_decoder.decode(bytes(buf[pos + 4 : pos + 4 + n])))
-                except msgspec.DecodeError as exc:
-                    raise RemoteProtocolError(f"malformed frame: {exc}") from None
-                pos += 4 + n
-            if pos:
-                del buf[:pos]
+            frames = self._parse()
             if frames:
                 return frames
-            buf += await self.stream.receive(1 << 20)
+            self._buf += await self.stream.receive(1 << 20)
 
     def finish(self) -> None:
         """Send what is queued, then end the stream."""
@@ -138,6 +175,5 @@ async def read_one(wire: Wire, timeout: float) -> Any:
         raise RemoteProtocolError("no answer to the channel handshake") from None
     except EndOfStream:
         raise RemoteProtocolError("stream ended during the channel handshake") from None
-    if len(frames) != 1:
-        raise RemoteProtocolError("unexpected frames during the channel handshake")
+    wire._early.extend(frames[1:])
     return frames[0]

@@ -137,6 +137,8 @@ class ChannelCore:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
         self.capacity = capacity
+        #: grant credit in steps of this many items when senders still hold some
+        self._step = max(1, min(capacity // 4, 256))
         self.queue: deque[Item] = deque()
         self.events: deque[Any] = deque()
         self.closed = False
@@ -355,6 +357,19 @@ class ChannelCore:
             self._check_end()
         return dseq, item
 
+    def take_one(self) -> Item:
+        """The head item, for a local receiver when nobody waits ahead (queue not empty)."""
+        item = self.queue.popleft()
+        self._next_dseq += 1
+        self.items_out += 1
+        if item.sender is not None:
+            self._on_taken(item)
+        if self._hungry:
+            self._grant()
+        if self.closed:
+            self._check_end()
+        return item
+
     def take_many(self, n: int) -> list[Item]:
         """Up to ``n`` head items at once, for a local receiver (nobody waits ahead)."""
         queue = self.queue
@@ -478,10 +493,12 @@ class ChannelCore:
         if not self._hungry or self.closed:
             return
         free = self.free
+        if free < self._step and self._reserved > 0:
+            # senders still hold credit: grant in steps, not one item at a time;
+            # and if some starve while others hold credit, take back the unused
+            self._reclaim_idle()
+            return
         if free <= 0:
-            if self._reserved > 0:
-                # senders are starved while others hold credit they may not use
-                self._reclaim_idle()
             return
         senders = self._senders
         for ep in list(self._hungry):
@@ -501,6 +518,8 @@ class ChannelCore:
             self._reclaim_idle()
 
     def _reclaim_idle(self) -> None:
+        if len(self._senders) == 1:
+            return  # a sole sender is never starved by its own credit
         # a starved sender's own credit is not reclaimed for itself
         only = next(iter(self._hungry)) if len(self._hungry) == 1 else None
         for ep, s in self._senders.items():

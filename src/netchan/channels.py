@@ -468,7 +468,7 @@ class LocalChannel(Channel):
     async def recv(self) -> Any:
         core = self.core
         if core.queue and not core.receivers_waiting:  # the common case, without an op
-            item = core.take_many(1)[0]
+            item = core.take_one()
             if core.events:
                 self._pump()
             return item.value
@@ -479,7 +479,13 @@ class LocalChannel(Channel):
             raise ValueError("max_items must be >= 1")
         core = self.core
         if not core.queue or core.receivers_waiting:
-            return await Channel.recv_many(self, max_items)
+            first = await self.recv()
+            if max_items == 1 or not core.queue or core.receivers_waiting:
+                return [first]
+            items = core.take_many(max_items - 1)
+            if core.events:
+                self._pump()
+            return [first, *(item.value for item in items)]
         items = core.take_many(max_items)
         if core.events:
             self._pump()
@@ -726,16 +732,17 @@ class _Endpoint:
                 first_seq, datas = f[1], f[2]
                 codec = self.chan.codec
                 origin = core._senders[self].origin
-                limit = codec.max_message
-                decode = None if codec.name == "raw" else codec.decode
-                items = []
-                seq = first_seq
-                for data in datas:
-                    if type(data) is not bytes or len(data) > limit:
-                        raise RemoteProtocolError("an item is not bytes, or over the size limit")
+                if not isinstance(datas, list) or not isinstance(first_seq, int):
+                    raise RemoteProtocolError("malformed items frame")
+                if not all(type(d) is bytes for d in datas) or max(map(len, datas), default=0) > codec.max_message:
+                    raise RemoteProtocolError("an item is not bytes, or over the size limit")
+                seqs = range(first_seq, first_seq + len(datas))
+                if codec.name == "raw":
+                    items = [Item(origin, seq, d, d) for seq, d in zip(seqs, datas)]
+                else:
                     # decoding here validates every item before it enters the channel
-                    items.append(Item(origin, seq, data, data if decode is None else decode(data)))
-                    seq += 1
+                    decode = codec.decode
+                    items = [Item(origin, seq, d, decode(d)) for seq, d in zip(seqs, datas)]
                 core.items(self, first_seq, items)
             elif kind == w.DEMAND:
                 core.demand(self, _count(f[1]))
@@ -977,11 +984,13 @@ class RemoteChannel(Channel):
             elif kind == w.ACCEPTED:
                 upto = f[1]
                 unacked = self._unacked
+                rendezvous = self._rendezvous
                 while unacked and unacked[0][0] <= upto:
                     seq = unacked.popleft()[0]
-                    op = self._rendezvous.pop(seq, None)
-                    if op is not None and op.state == _COMMITTED:
-                        op.finish()
+                    if rendezvous:
+                        op = rendezvous.pop(seq, None)
+                        if op is not None and op.state == _COMMITTED:
+                            op.finish()
                 if self._close_waiters:
                     _wake_all(self._close_waiters)
             elif kind == w.RECLAIM:
@@ -1081,6 +1090,23 @@ class RemoteChannel(Channel):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_batch)
 
+    def _push_many(self, seq: int, datas: list[bytes]) -> None:
+        total = sum(map(len, datas))
+        if self._batch_bytes + total >= _BATCH_BYTES:
+            for data in datas:
+                self._push(seq, data)
+                seq += 1
+            return
+        if self._batch and seq != self._batch_seq + len(self._batch):
+            self._flush_batch()
+        if not self._batch:
+            self._batch_seq = seq
+        self._batch.extend(datas)
+        self._batch_bytes += total
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_batch)
+
     def _flush_batch(self) -> None:
         self._flush_scheduled = False
         if self._batch and self._wire is not None:
@@ -1169,19 +1195,25 @@ class RemoteChannel(Channel):
         self._check("send")
         await self._ready()
         encode = self._codec.encode
-        unacked = self._unacked
-        for value in values:
-            if self._credit and self.capacity > 0 and not self._blocked and not self._resend \
-                    and not self._closed and self._wire is not None:
-                data = encode(value)
-                self._credit -= 1
-                seq = self._next_seq
-                self._next_seq = seq + 1
-                unacked.append((seq, data))
-                self._push(seq, data)
-                self.sent += 1
-            else:
-                await Channel.send(self, value)
+        values = values if isinstance(values, list) else list(values)
+        i, n = 0, len(values)
+        while i < n:
+            k = 0
+            if self.capacity > 0 and not self._blocked and not self._resend and not self._closed \
+                    and self._wire is not None:
+                k = min(self._credit, n - i)
+            if not k:
+                await Channel.send(self, values[i])
+                i += 1
+                continue
+            datas = [encode(v) for v in values[i : i + k]]
+            seq = self._next_seq
+            self._next_seq = seq + k
+            self._credit -= k
+            self._unacked.extend(zip(range(seq, seq + k), datas))
+            self._push_many(seq, datas)
+            self.sent += k
+            i += k
 
     async def flush(self) -> None:
         """Until the owner has accepted every item sent so far (BrokenError if the handle broke)."""

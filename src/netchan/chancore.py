@@ -30,6 +30,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Hashable
 
+import msgspec
+
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -46,19 +48,17 @@ __all__ = [
 Endpoint = Hashable
 
 
-class Item:
+class Item(msgspec.Struct):
     """One item in a channel: its origin (one per sender) and sequence number
-    there, its encoded bytes and, when the owner already decoded it, its value."""
+    there, its encoded bytes and, when the owner already decoded it, its value.
+    (A msgspec Struct: created in C, which matters at a million items a second.)"""
 
-    __slots__ = ("origin", "seq", "data", "value", "sender")
-
-    def __init__(self, origin: str, seq: int, data: bytes, value: Any = None) -> None:
-        self.origin = origin
-        self.seq = seq
-        self.data = data
-        self.value = value
-        #: the endpoint still waiting for "taken" (rendezvous only), else None
-        self.sender: Endpoint | None = None
+    origin: str
+    seq: int
+    data: bytes
+    value: Any = None
+    #: the endpoint still waiting for "taken" (rendezvous only), else None
+    sender: Any = None
 
     @property
     def id(self) -> str:

@@ -734,7 +734,7 @@ class _Endpoint:
                 origin = core._senders[self].origin
                 if not isinstance(datas, list) or not isinstance(first_seq, int):
                     raise RemoteProtocolError("malformed items frame")
-                if not all(type(d) is bytes for d in datas) or max(map(len, datas), default=0) > codec.max_message:
+                if set(map(type, datas)) - {bytes} or max(map(len, datas), default=0) > codec.max_message:
                     raise RemoteProtocolError("an item is not bytes, or over the size limit")
                 seqs = range(first_seq, first_seq + len(datas))
                 if codec.name == "raw":
@@ -985,12 +985,18 @@ class RemoteChannel(Channel):
                 upto = f[1]
                 unacked = self._unacked
                 rendezvous = self._rendezvous
-                while unacked and unacked[0][0] <= upto:
-                    seq = unacked.popleft()[0]
-                    if rendezvous:
-                        op = rendezvous.pop(seq, None)
+                if rendezvous:
+                    while unacked and unacked[0][0] <= upto:
+                        op = rendezvous.pop(unacked.popleft()[0], None)
                         if op is not None and op.state == _COMMITTED:
                             op.finish()
+                elif unacked:
+                    k = upto - unacked[0][0] + 1  # sequence numbers are contiguous
+                    if k >= len(unacked):
+                        unacked.clear()
+                    else:
+                        for _ in range(k):
+                            unacked.popleft()
                 if self._close_waiters:
                     _wake_all(self._close_waiters)
             elif kind == w.RECLAIM:
@@ -1194,7 +1200,6 @@ class RemoteChannel(Channel):
     async def send_many(self, values: Iterable[Any]) -> None:
         self._check("send")
         await self._ready()
-        encode = self._codec.encode
         values = values if isinstance(values, list) else list(values)
         i, n = 0, len(values)
         while i < n:
@@ -1206,7 +1211,7 @@ class RemoteChannel(Channel):
                 await Channel.send(self, values[i])
                 i += 1
                 continue
-            datas = [encode(v) for v in values[i : i + k]]
+            datas = self._codec.encode_many(values[i : i + k])
             seq = self._next_seq
             self._next_seq = seq + k
             self._credit -= k

@@ -83,6 +83,20 @@ class Codec:
             raise MessageTooLarge(f"item of {len(data)} bytes is over the limit of {self.max_message}")
         return data
 
+    def encode_many(self, values: list[Any]) -> list[bytes]:
+        """``encode`` of each value (all or nothing)."""
+        try:
+            datas = [self._encoder.encode(v) for v in values]
+        except (NotImplementedError, TypeError, OverflowError) as exc:
+            raise TypeError(f"cannot encode item with {self.name}: {exc}") from None
+        self._check_sizes(datas)
+        return datas
+
+    def _check_sizes(self, datas: list[bytes]) -> None:
+        if max(map(len, datas), default=0) > self.max_message:
+            big = max(map(len, datas))
+            raise MessageTooLarge(f"item of {big} bytes is over the limit of {self.max_message}")
+
     def decode(self, data: bytes | memoryview) -> Any:
         """The value in ``data``; RemoteProtocolError if it is malformed."""
         try:
@@ -102,12 +116,21 @@ class RawCodec(Codec):
             raise MessageTooLarge(f"item of {len(data)} bytes is over the limit of {self.max_message}")
         return data
 
+    def encode_many(self, values: list[Any]) -> list[bytes]:
+        if set(map(type, values)) - {bytes}:
+            return [self.encode(v) for v in values]
+        self._check_sizes(values)
+        return values if isinstance(values, list) else list(values)
+
     def decode(self, data: bytes | memoryview) -> Any:
         return bytes(data)
 
 
 class PickleCodec(Codec):
     name = "pickle"
+
+    def encode_many(self, values: list[Any]) -> list[bytes]:
+        return [self.encode(v) for v in values]
 
     def encode(self, value: Any) -> bytes:
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -132,6 +155,9 @@ class TypedCodec(Codec):
 
     def _make_decoder(self) -> msgspec.msgpack.Decoder[Any]:
         return msgspec.msgpack.Decoder(self.type, ext_hook=self._ext_hook, dec_hook=_dec_hook)
+
+    def encode_many(self, values: list[Any]) -> list[bytes]:
+        return [self.encode(v) for v in values]
 
     def encode(self, value: Any) -> bytes:
         if isinstance(self.type, type) and not isinstance(value, self.type):

@@ -20,6 +20,8 @@ import time
 import netchan
 
 MSG = b"m" * 64
+#: the carrier under test (udp:// is the default carrier; see README on tcp latency)
+LISTEN = os.environ.get("NETCHAN_BENCH_LISTEN", "udp://127.0.0.1:0")
 
 
 def _loop_runner(name: str):
@@ -71,7 +73,7 @@ async def zmq_async_pull(n: int) -> None:
 
 
 async def netchan_recv(n: int, key: str, client: str, batch: int) -> None:
-    async with netchan.Node(netchan.Identity.load(key), ["tcp://127.0.0.1:0"], allow=[client]) as node:
+    async with netchan.Node(netchan.Identity.load(key), [LISTEN], allow=[client]) as node:
         chan = node.channel("bench", capacity=4096, codec="raw")
         print(node.addresses[0], flush=True)
         await chan.recv()
@@ -88,7 +90,7 @@ async def netchan_recv(n: int, key: str, client: str, batch: int) -> None:
 
 
 async def netchan_echo(key: str, client: str) -> None:
-    async with netchan.Node(netchan.Identity.load(key), ["tcp://127.0.0.1:0"], allow=[client]) as node:
+    async with netchan.Node(netchan.Identity.load(key), [LISTEN], allow=[client]) as node:
         requests = node.channel("requests", capacity=16, codec="raw")
         setup = node.channel("setup", capacity=1)
         print(node.addresses[0], flush=True)

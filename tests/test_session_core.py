@@ -319,3 +319,22 @@ def test_a_peer_close_is_reported_at_once(engine):
     pair.run()  # no clock advance: no waiting for the draining period
     term = events_of(pair.server_events, Terminated)
     assert term and isinstance(term[0].error, errors.NotAllowed) and "go away" in str(term[0].error)
+
+
+def test_stop_sending_with_the_answer_does_not_refuse_the_stream(engine):
+    # a service that answers, finishes and stops reading before anything left:
+    # its acceptance, data and STOP_SENDING travel together
+    from netchan.session import StopSending
+
+    pair = established(engine)
+    sid = pair.client.open_stream("svc")
+    pair.run()
+    pair.server.accept_stream(sid)
+    pair.server.send_stream(sid, b"answer", end=True)
+    pair.server.stop_stream(sid)
+    pair.run()
+    assert not events_of(pair.client_events, StreamRefused)
+    assert StreamAccepted(sid) in pair.client_events
+    data = b"".join(e.data for e in events_of(pair.client_events, StreamData) if e.stream_id == sid)
+    assert data == b"answer"
+    assert [e.stream_id for e in events_of(pair.client_events, StopSending)] == [sid]

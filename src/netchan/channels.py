@@ -662,6 +662,8 @@ class LocalChannel(Channel):
             error = exc
         finally:
             self._endpoints.discard(ep)
+            if ep._ack_timer is not None:
+                ep._ack_timer.cancel()
             core.lost(ep)
             self._pump()
         if isinstance(error, ProtocolError):
@@ -673,7 +675,8 @@ class LocalChannel(Channel):
 class _Endpoint:
     """A remote handle, as the owner's core sees it."""
 
-    __slots__ = ("chan", "wire", "can_send", "can_recv", "origin", "_grant", "_ack", "_flush_scheduled")
+    __slots__ = ("chan", "wire", "can_send", "can_recv", "origin", "_grant", "_ack", "_ack_sent", "_ack_timer",
+                 "_flush_scheduled")
 
     def __init__(self, chan: LocalChannel, wire: w.Wire, directions: set[str]) -> None:
         self.chan = chan
@@ -683,6 +686,8 @@ class _Endpoint:
         self.origin = "r" + secrets.token_hex(6)
         self._grant = 0
         self._ack = 0
+        self._ack_sent = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
 
     # owner -> handle
@@ -695,7 +700,13 @@ class _Endpoint:
                 self._schedule()
             case Accepted():
                 self._ack = max(self._ack, ev.seq)
-                self._schedule()
+                if self.chan.capacity == 0:
+                    self._schedule()  # a rendezvous sender is waiting for exactly this
+                elif self._ack - self._ack_sent >= _ACK_EVERY:
+                    self._schedule()
+                elif self._ack_timer is None:
+                    # acknowledgements only free the sender's copies: no hurry
+                    self._ack_timer = asyncio.get_running_loop().call_later(_ACK_DELAY, self._flush)
             case Reclaim():
                 self._flush()  # grants first, so the handle can give them back
                 self.wire.send([w.RECLAIM])
@@ -712,9 +723,12 @@ class _Endpoint:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._ack:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._ack > self._ack_sent:
             self.wire.send([w.ACCEPTED, self._ack])
-            self._ack = 0
+            self._ack_sent = self._ack
         if self._grant:
             self.wire.send([w.GRANT, self._grant])
             self._grant = 0
@@ -768,6 +782,10 @@ class _Endpoint:
         except (IndexError, TypeError, KeyError, ValueError) as exc:
             raise RemoteProtocolError(f"malformed frame {kind}: {exc}") from None
 
+
+#: a sender's items are acknowledged every this many, or after this delay
+_ACK_EVERY = 256
+_ACK_DELAY = 0.005
 
 _SEND_FRAMES = frozenset({w.WANT, w.ITEMS, w.RELEASE, w.CLOSE, w.WITHDRAW})
 _RECV_FRAMES = frozenset({w.DEMAND, w.CANCEL, w.TAKEN, w.DONE, w.REQUEUE})
@@ -1083,6 +1101,14 @@ class RemoteChannel(Channel):
     # -- frames to the owner --------------------------------------------------------
 
     def _push(self, seq: int, data: bytes) -> None:
+        if not self._flush_scheduled and self._wire is not None:
+            # the first item of this loop turn leaves at once (latency); the
+            # rest of the turn is batched into one frame (throughput)
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_batch)
+            self._wire.send([w.ITEMS, seq, [data]])
+            self._wire.stream._transmit_now()
+            return
         if not self._batch:
             self._batch_seq = seq
         elif seq != self._batch_seq + len(self._batch):
@@ -1114,9 +1140,12 @@ class RemoteChannel(Channel):
             asyncio.get_running_loop().call_soon(self._flush_batch)
 
     def _flush_batch(self) -> None:
-        self._flush_scheduled = False
-        if self._batch and self._wire is not None:
-            self._wire.send([w.ITEMS, self._batch_seq, self._batch])
+        scheduled, self._flush_scheduled = self._flush_scheduled, False
+        wire = self._wire
+        if self._batch and wire is not None:
+            wire.send([w.ITEMS, self._batch_seq, self._batch])
+            if scheduled:
+                wire.stream._transmit_now()  # this turn already batched: no need to wait a turn more
         self._batch = []
         self._batch_bytes = 0
 

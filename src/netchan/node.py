@@ -157,6 +157,13 @@ class Stream:
         session.schedule_transmit()
         return True
 
+    def _transmit_now(self) -> None:
+        """Build and send packets now rather than at the next loop turn (for a
+        protocol layer that already batched its writes in this turn)."""
+        session = self._session
+        if session._tx_scheduled and not session.core.closed:
+            session._transmit()
+
     def _consume(self, on_data: Callable[[bytes], None], on_end: Callable[[NetchanError], None]) -> None:
         """Hand every chunk to ``on_data`` as it arrives (from the session's event
         processing, with no task switch); ``on_end`` gets EndOfStream or the error
@@ -475,7 +482,9 @@ class _Session:
                     # the peer moved (a new UDP source, say): answer there from now on
                     self.node._move_path(self, path)
         self._process_events()
-        self._transmit()
+        # at the end of this turn: tasks woken by these packets run first, so
+        # their replies leave together with our acknowledgements
+        self.schedule_transmit()
 
     def path_writable(self, path: PacketPath) -> None:
         if path is self.path and self.core is not None:

@@ -312,6 +312,7 @@ class SessionCore:
         # stream bookkeeping: every stream is in exactly one of these until forgotten
         self._open: set[int] = set()
         self._opening: dict[int, bytearray] = {}  # ours, waiting for the status reply
+        self._stopped_early: dict[int, int] = {}  # STOP_SENDING that came before the status reply
         self._incoming: dict[int, bytearray] = {}  # theirs, header not complete yet
         self._requested: dict[int, list[tuple[bytes, bool]]] = {}  # theirs, awaiting accept
         self._peer_windows: dict[int, int] = {}  # theirs, awaiting accept: their window
@@ -524,6 +525,7 @@ class SessionCore:
         """The application is done with this stream; late data for it is ignored."""
         self._open.discard(stream_id)
         self._opening.pop(stream_id, None)
+        self._stopped_early.pop(stream_id, None)
         self._requested.pop(stream_id, None)
         self._incoming.pop(stream_id, None)
         self._peer_windows.pop(stream_id, None)
@@ -775,6 +777,9 @@ class SessionCore:
             if len(buf) > 5 or end:
                 self._count_received(sid, len(buf) - 5)
                 self._events.append(StreamData(sid, bytes(buf[5:]), end))
+            code = self._stopped_early.pop(sid, None)
+            if code is not None:
+                self._events.append(StopSending(sid, code))
             return
         if len(buf) < 3 or len(buf) < 3 + _U16.unpack_from(buf, 1)[0]:
             if end:
@@ -797,6 +802,11 @@ class SessionCore:
 
     def _on_stream_reset(self, sid: int, code: int, kind: type) -> None:
         if sid in self._opening:
+            if kind is StopSending:
+                # the peer's service already ran and stopped reading; its answer
+                # may come in the same packet, after this: report it once open
+                self._stopped_early[sid] = code
+                return
             self._refused(sid, BrokenError(f"stream reset by peer (code {code:#x})"))
             return
         self._incoming.pop(sid, None)

@@ -34,7 +34,6 @@ from .errors import (
     EndOfStream,
     NetchanError,
     NotAllowed,
-    ProtocolError,
     RemoteProtocolError,
     SchemaMismatch,
     ServiceNotFound,

@@ -80,7 +80,7 @@ class Wire:
     def _feed(self, data: bytes) -> None:
         self._buf += data
         frames = self._parse()
-        if frames:
+        if frames and self._on_frames is not None:
             self._on_frames(frames)
 
     def _ended(self, error: NetchanError) -> None:

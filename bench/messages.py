@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import netchan
+import netchan.node
 
 MSG = b"m" * 64
 #: the carrier under test (udp:// is the default carrier; see README on tcp latency)
@@ -173,6 +174,20 @@ async def netchan_rtt(url: str, server: str, ident: netchan.Identity, n: int) ->
         return times
 
 
+async def stream_rtt(url: str, server: str, ident: netchan.Identity, n: int) -> list[float]:
+    async with netchan.Node(ident) as node:
+        peer = await node.connect(url, server)
+        stream = await peer.open_stream(netchan.node.PING_SERVICE)
+        times = []
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            await stream.send(MSG)
+            await stream.receive_exactly(len(MSG))
+            if i >= 200:
+                times.append(time.perf_counter() - t0)
+        return times
+
+
 async def raw_rtt(url: str, n: int) -> list[float]:
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -208,8 +223,13 @@ def measure(case: str, n: int, loop: str = "uvloop") -> dict:
                 run(zmq_async_push(url, n))
             elif case in ("netchan", "netchan-batch"):
                 run(netchan_send(url, server.node_id, client, n, 1000 if case == "netchan-batch" else 1))
-            elif case in ("netchan-rtt", "raw-rtt"):
-                coro = netchan_rtt(url, server.node_id, client, n) if case == "netchan-rtt" else raw_rtt(url, n)
+            elif case in ("netchan-rtt", "raw-rtt", "stream-rtt"):
+                if case == "netchan-rtt":
+                    coro = netchan_rtt(url, server.node_id, client, n)
+                elif case == "stream-rtt":
+                    coro = stream_rtt(url, server.node_id, client, n)
+                else:
+                    coro = raw_rtt(url, n)
                 times = sorted(run(coro))
                 return {"p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99)]}
             return json.loads(proc.stdout.readline())
@@ -230,7 +250,7 @@ def _child(a: argparse.Namespace) -> None:
         run(zmq_async_pull(a.n))
     elif a.child in ("netchan", "netchan-batch"):
         run(netchan_recv(a.n, a.key, a.client, 1000 if a.child == "netchan-batch" else 1))
-    elif a.child == "netchan-rtt":
+    elif a.child in ("netchan-rtt", "stream-rtt"):
         run(netchan_echo(a.key, a.client))
     elif a.child == "raw-rtt":
         run(raw_echo())
@@ -245,13 +265,16 @@ RATE_CASES = [
 ]
 RTT_CASES = [
     ("raw asyncio TCP ping-pong", "raw-rtt", 5000),
-    ("netchan request/response", "netchan-rtt", 5000),
+    ("netchan stream echo (session, no channel)", "stream-rtt", 5000),
+    ("netchan channel request/response", "netchan-rtt", 5000),
 ]
 
 
 def run_all(runs: int, quick: bool) -> None:
     scale = 8 if quick else 1
-    print(f"Messages of 64 bytes, two processes on loopback (tcp carrier, qh3, uvloop; median of {runs} runs)\n")
+    carrier = LISTEN.split(":", 1)[0]
+    print(f"Messages of 64 bytes, two processes on loopback ({carrier} carrier, qh3, uvloop; "
+          f"median of {runs} runs)\n")
     print(f"{'case':40} {'msg/s':>11} {'vs zmq':>8} {'vs zmq.asyncio':>15}   runs")
     rates: dict[str, float] = {}
     for label, case, n in RATE_CASES:

@@ -1,7 +1,10 @@
-"""make bench: netchan throughput beside raw asyncio TCP, measured in the same run.
+"""make bench: netchan beside its peers, every figure measured in the same run.
 
-Every figure is the median of ``--runs`` runs (default 3).  Ratios compare
-with raw asyncio TCP on the same event loop, measured in this run.
+1. Bulk throughput of one stream, beside raw asyncio TCP on the same event loop.
+2. Channel message rates (64-byte messages) beside pyzmq PUSH/PULL, blocking
+   and zmq.asyncio; request/response round trips beside raw asyncio TCP.
+
+Every figure is the median of ``--runs`` runs (default 3).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import messages  # noqa: E402
 from throughput import measure  # noqa: E402
 
 MiB = 1 << 20
@@ -33,7 +37,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller transfers")
+    p.add_argument("--only", choices=["bulk", "messages"], help="run one part")
     a = p.parse_args()
+    if a.only != "messages":
+        bulk(a)
+    if a.only != "bulk":
+        if a.only is None:
+            print()
+        messages.run_all(a.runs, a.quick)
+    return 0
+
+
+def bulk(a: argparse.Namespace) -> None:
     print("Bulk throughput, one stream, two processes on loopback "
           f"(median of {a.runs} runs)\n")
     print(f"{'case':34} {'MB/s':>9} {'ratio':>8} {'CPU s/GB':>9}   runs (MB/s)")
@@ -50,7 +65,6 @@ def main() -> int:
         spread = ", ".join(f"{r['mb_s']:.0f}" for r in runs)
         print(f"{label:34} {mbs:9.1f} {ratio:7.1%} {cpu:9.2f}   {spread}", flush=True)
     print("\nratio: netchan MB/s / raw asyncio TCP MB/s on the same event loop, this run")
-    return 0
 
 
 if __name__ == "__main__":

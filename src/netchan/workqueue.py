@@ -21,7 +21,6 @@ import tempfile
 import time
 from typing import Any
 
-from .channels import RemoteChannel
 from .chaos import TcpCutter
 from .errors import BrokenError, EndOfChannel, NetchanError
 from .identity import Identity

@@ -95,6 +95,10 @@ class _Socket:
                     batch.extend((data[i : i + size], addr) for i in range(0, len(data), size))
                 else:
                     batch.append((data, addr))
+                    # one lone datagram: the socket is most likely empty now, and
+                    # if not, the (level-triggered) reader is called again; skip
+                    # the system call that would only say EAGAIN
+                    break
         else:
             recvfrom = self.sock.recvfrom
             for _ in range(_BATCH):

@@ -515,3 +515,24 @@ async def test_channel_references_across_three_nodes(memory_url):
         await w_jobs.send({"home": replies.send_only()})
         home = (await jobs.recv())["home"]
         assert isinstance(home, netchan.ChannelView) and home._target() is replies
+
+
+# -- a handle whose stream breaks --------------------------------------------------------
+
+
+async def test_a_broken_handle_resends_what_the_owner_had_not_confirmed(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=100)
+        h = await peer.channel("c")
+        for i in range(10):
+            await h.send(i)  # credit in hand: these return before the owner confirms
+        assert h.statistics()["unconfirmed"] > 0
+        # break the handle's stream (not the session); the owner may or may not have the items
+        h._wire.stream._on_error(netchan.BrokenError("cut for the test"))
+        await wait_for_condition(lambda: h._wire is None)
+        await h.send(10)  # reopens, resends the unconfirmed items first
+        await h.flush()
+        got = [await chan.recv() for _ in range(11)]
+        assert got == list(range(11))  # each exactly once, in order
+        await wait_for_condition(lambda: chan.statistics()["remote_handles"] == 1)
+        assert chan.statistics()["buffered"] == 0

@@ -974,7 +974,7 @@ class RemoteChannel(Channel):
             error = BrokenError(f"channel {self.name!r}: {error}")
         if self._wire is wire:
             self._broken(error)
-        self._hub.node._spawn(wire.aclose(), f"close channel handle {self.name}")
+        wire.abort()  # the owner must learn at once: it returns what we held
 
     def _broken(self, error: NetchanError) -> None:
         self._wire = None

@@ -263,6 +263,24 @@ class Stream:
         session._wake_credit(self)
         session._wake_writers()
 
+    def abort(self) -> None:
+        """Abandon the stream at once, both ways: the peer sees it reset."""
+        if self._closed:
+            return
+        session = self._session
+        if not session.core.closed:
+            session.core.reset_stream(self.stream_id)
+            session.schedule_transmit()
+        self._closed = True
+        self._consumer = None
+        self._chunks.clear()
+        if self._send_error is None:
+            self._send_error = ClosedError("stream was abandoned")
+        session.forget_stream(self)
+        self._wake()
+        session._wake_credit(self)
+        session._wake_writers()
+
     async def __aenter__(self) -> Stream:
         return self
 

@@ -144,6 +144,14 @@ class Wire:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def abort(self) -> None:
+        """Drop everything and reset the stream (the peer learns at once)."""
+        self.closing = True
+        self._out.clear()
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        self.stream.abort()
+
     async def aclose(self, error: NetchanError | None = None) -> None:
         if error is not None and self.error is None:
             self.error = error

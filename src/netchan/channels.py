@@ -918,11 +918,8 @@ class RemoteChannel(Channel):
     async def _open(self) -> None:
         peer = await self._hub.peer_for(self.owner, self._addresses, self._peer)
         self._peer = peer
-        stream = await peer.open_stream(SERVICE)
-        wire = w.Wire(stream, _max_frame(self._codec.max_message))
-        wire.start()
         first_seq = self._unacked[0][0] if self._unacked else self._next_seq
-        wire.send({
+        hello = {
             "kind": "channel",
             "name": self.name,
             "dir": self.direction,
@@ -930,28 +927,26 @@ class RemoteChannel(Channel):
             "schema": self._codec.schema,
             "origin": self._origin,
             "next_seq": first_seq,
-        })
+        }
         try:
-            reply = await w.read_one(wire, _HANDSHAKE_TIMEOUT)
-            if not isinstance(reply, dict):
-                raise RemoteProtocolError("malformed channel handshake reply")
-            if not reply.get("ok"):
-                error = error_from_code(int(reply.get("code", 0)), str(reply.get("reason", "")))
-                if isinstance(error, (NotAllowed, SchemaMismatch, ServiceNotFound)):
-                    self._error = error
-                raise error
+            wire, reply = await w.open_handle(peer, SERVICE, hello, _max_frame(self._codec.max_message),
+                                              _HANDSHAKE_TIMEOUT)
+        except w.REFUSALS as exc:
+            self._error = exc
+            raise
+        try:
             self.capacity = int(reply["capacity"])
             directions = set(reply["dir"])
-            for d in ("send", "recv"):
-                if d not in directions and self.direction in ("both", d):
-                    self._refused.add(d)  # the owner's policy, not this handle's direction
-            self._can_send = self._can_send and "send" in directions
-            self._can_recv = self._can_recv and "recv" in directions
-            if self._codec.name != reply.get("codec") and not self._explicit_codec:
-                self._codec = make_codec(reply.get("codec"), None, self._hub.resolve, self._codec.max_message)
-        except BaseException:
+        except (KeyError, TypeError, ValueError):
             await wire.aclose()
-            raise
+            raise RemoteProtocolError("malformed channel handshake reply") from None
+        for d in ("send", "recv"):
+            if d not in directions and self.direction in ("both", d):
+                self._refused.add(d)  # the owner's policy, not this handle's direction
+        self._can_send = self._can_send and "send" in directions
+        self._can_recv = self._can_recv and "recv" in directions
+        if self._codec.name != reply.get("codec") and not self._explicit_codec:
+            self._codec = make_codec(reply.get("codec"), None, self._hub.resolve, self._codec.max_message)
         self._wire = wire
         self._desire_sent = 0
         self._credit = 0

@@ -33,10 +33,7 @@ from .errors import (
     EndOfChannel,
     EndOfStream,
     NetchanError,
-    NotAllowed,
     RemoteProtocolError,
-    SchemaMismatch,
-    ServiceNotFound,
     WouldBlock,
     error_from_code,
 )
@@ -61,6 +58,20 @@ class _Message:
         self.id = id
         self.data = data
         self.value = value
+
+
+async def _until_filled(sub: Any, queue: deque[Any], name: str) -> None:
+    """Until ``queue`` has something; the subscription's error or end is raised."""
+    while not queue:
+        if sub._error is not None:
+            raise sub._error.with_traceback(None)
+        if sub._ended:
+            raise EndOfChannel(f"topic {name!r} is closed")
+        sub._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await sub._waiter
+        finally:
+            sub._waiter = None
 
 
 class Subscription:
@@ -120,16 +131,7 @@ class Subscription:
         self._wake()
 
     async def _next_message(self) -> _Message:
-        while not self._queue:
-            if self._error is not None:
-                raise self._error.with_traceback(None)
-            if self._ended:
-                raise EndOfChannel(f"topic {self.topic.name!r} is closed")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        await _until_filled(self, self._queue, self.topic.name)
         msg = self._queue.popleft()
         self.received += 1
         if self._space:
@@ -396,24 +398,14 @@ class _TopicHandle:
             return
         if self._error is not None:
             raise self._error.with_traceback(None)
-        stream = await self._peer.open_stream("netchan.channel")
-        wire = w.Wire(stream, _max_frame(self._codec.max_message))
-        wire.start()
-        wire.send(self._hello())
         try:
-            reply = await w.read_one(wire, _HANDSHAKE_TIMEOUT)
-            if not isinstance(reply, dict):
-                raise RemoteProtocolError("malformed topic handshake reply")
-            if not reply.get("ok"):
-                error = error_from_code(int(reply.get("code", 0)), str(reply.get("reason", "")))
-                if isinstance(error, (NotAllowed, SchemaMismatch, ServiceNotFound)):
-                    self._error = error
-                raise error
-            if not self._explicit and reply.get("codec") != self._codec.name:
-                self._codec = make_codec(reply.get("codec"), None, self._hub.resolve)
-        except BaseException:
-            await wire.aclose()
+            wire, reply = await w.open_handle(self._peer, "netchan.channel", self._hello(),
+                                              _max_frame(self._codec.max_message), _HANDSHAKE_TIMEOUT)
+        except w.REFUSALS as exc:
+            self._error = exc
             raise
+        if not self._explicit and reply.get("codec") != self._codec.name:
+            self._codec = make_codec(reply.get("codec"), None, self._hub.resolve)
         self._wire = wire
         self._started(wire)
 
@@ -564,16 +556,7 @@ class RemoteSubscription(_TopicHandle):
 
     async def recv(self) -> Any:
         """The next message (EndOfChannel once the topic closed and everything was read)."""
-        while not self._pending:
-            if self._error is not None:
-                raise self._error.with_traceback(None)
-            if self._ended:
-                raise EndOfChannel(f"topic {self.name!r} is closed")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        await _until_filled(self, self._pending, self.name)
         data = self._pending.popleft()
         self.received += 1
         self._consumed += 1

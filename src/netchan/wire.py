@@ -14,8 +14,19 @@ from typing import Any, Callable
 
 import msgspec
 
-from .errors import EndOfStream, NetchanError, RemoteProtocolError
-from .node import Stream
+from .errors import (
+    EndOfStream,
+    NetchanError,
+    NotAllowed,
+    RemoteProtocolError,
+    SchemaMismatch,
+    ServiceNotFound,
+    error_from_code,
+)
+from .node import Peer, Stream
+
+#: refusals that will not change if the handle asks again
+REFUSALS = (NotAllowed, SchemaMismatch, ServiceNotFound)
 
 __all__ = ["Wire"]
 
@@ -185,3 +196,22 @@ async def read_one(wire: Wire, timeout: float) -> Any:
         raise RemoteProtocolError("stream ended during the channel handshake") from None
     wire._early.extend(frames[1:])
     return frames[0]
+
+
+async def open_handle(peer: Peer, service: str, hello: dict[str, Any], max_frame: int,
+                      timeout: float) -> tuple[Wire, dict[str, Any]]:
+    """Open a stream to ``service``, send ``hello``, and return the wire and the
+    owner's answer; its refusal is raised (one of REFUSALS) and the stream closed."""
+    wire = Wire(await peer.open_stream(service), max_frame)
+    wire.start()
+    wire.send(hello)
+    try:
+        reply = await read_one(wire, timeout)
+        if not isinstance(reply, dict):
+            raise RemoteProtocolError("malformed handshake reply")
+        if not reply.get("ok"):
+            raise error_from_code(int(reply.get("code", 0)), str(reply.get("reason", "")))
+    except BaseException:
+        await wire.aclose()
+        raise
+    return wire, reply

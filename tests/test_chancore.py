@@ -95,8 +95,8 @@ def test_requeue_goes_to_head_and_lost_receiver_returns_items_in_order():
     assert [e.item.id for e in d] == ["s:1", "s:2", "s:3"]
     core.requeue("w", d[1].dseq)
     assert core.queue[0].id == "s:2"
-    core.lost("w")  # s:1 and s:3 come back, before s:2, in their order
-    assert [it.id for it in core.queue][:3] == ["s:1", "s:3", "s:2"]
+    core.lost("w")  # s:1 and s:3 come back too: all three in their original order
+    assert [it.id for it in core.queue][:3] == ["s:1", "s:2", "s:3"]
     assert core.owed == 0 and core.requeued == 3
 
 
@@ -195,3 +195,18 @@ def test_withdraw_takes_back_an_untaken_rendezvous_item():
     assert len(core.queue) == 1
     assert core.withdraw("s", 1)
     assert not core.queue
+
+
+def test_items_given_back_one_by_one_keep_their_order():
+    core = ChannelCore(10)
+    core.attach_sender("s", "s")
+    core.want("s", 5)
+    events(core)
+    core.items("s", 1, items(5))
+    core.demand("w", 3)
+    d = [e for e in events(core) if isinstance(e, Deliver)]
+    core.requeue("w", d[0].dseq)
+    core.requeue("w", d[1].dseq)
+    assert [it.id for it in core.queue] == ["s:1", "s:2", "s:4", "s:5"]
+    core.requeue("w", d[2].dseq)
+    assert [it.id for it in core.queue] == ["s:1", "s:2", "s:3", "s:4", "s:5"]

@@ -536,3 +536,22 @@ async def test_a_broken_handle_resends_what_the_owner_had_not_confirmed(memory_u
         assert got == list(range(11))  # each exactly once, in order
         await wait_for_condition(lambda: chan.statistics()["remote_handles"] == 1)
         assert chan.statistics()["buffered"] == 0
+
+
+async def test_remote_recv_many_takes_a_batch_and_keeps_order(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=100)
+        h = await peer.channel("c")
+        for i in range(30):
+            await chan.send(i)
+        got = []
+        while len(got) < 30:
+            batch = await h.recv_many(8)
+            assert 1 <= len(batch) <= 8
+            got.extend(batch)
+        assert got == list(range(30))
+        with pytest.raises(netchan.WouldBlock):
+            h.recv_nowait()
+        await chan.send("last")
+        await wait_for_condition(lambda: chan.statistics()["buffered"] == 1)
+        assert await h.recv_many(8) == ["last"]

@@ -26,7 +26,7 @@ Rules kept here (and tested here, with no network):
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Hashable
 
@@ -47,6 +47,9 @@ __all__ = [
 
 Endpoint = Hashable
 
+#: senders whose last sequence number a channel remembers (to drop resends)
+MAX_ORIGINS = 4096
+
 
 class Item(msgspec.Struct):
     """One item in a channel: its origin (one per sender) and sequence number
@@ -59,6 +62,8 @@ class Item(msgspec.Struct):
     value: Any = None
     #: the endpoint still waiting for "taken" (rendezvous only), else None
     sender: Any = None
+    #: order of arrival in this channel (returned items go back by it)
+    rank: int = 0
 
     @property
     def id(self) -> str:
@@ -152,8 +157,9 @@ class ChannelCore:
         self._owed_total = 0
         self._taken: set[tuple[Endpoint, int]] = set()  # owed items already taken (process blocks)
         self._next_dseq = 0
+        self._rank = 0
         #: highest sequence accepted per origin, so that resent items are dropped
-        self._accepted_upto: dict[str, int] = {}
+        self._accepted_upto: OrderedDict[str, int] = OrderedDict()
         # counters for statistics()
         self.items_in = 0
         self.items_out = 0
@@ -187,10 +193,24 @@ class ChannelCore:
     # -- senders --------------------------------------------------------------------
 
     def attach_sender(self, ep: Endpoint, origin: str, next_seq: int = 1) -> None:
-        """Register a sender whose items carry ids ``origin:seq``, seq from ``next_seq``."""
-        upto = self._accepted_upto.get(origin, 0)
+        """Register a sender whose items carry ids ``origin:seq``, seq from ``next_seq``.
+
+        A known origin may only resume where it left off (a resend starts at or
+        before the next sequence we expect), so nobody can skip its numbers.
+        """
+        accepted = self._accepted_upto
+        upto = accepted.get(origin, 0)
+        if next_seq > upto + 1 and origin in accepted:
+            raise RemoteProtocolError(f"origin {origin} resumes at {next_seq}, after {upto}")
         self._senders[ep] = _Sender(origin, max(next_seq, 1))
-        self._accepted_upto.setdefault(origin, upto)
+        accepted[origin] = upto
+        accepted.move_to_end(origin)
+        if len(accepted) > MAX_ORIGINS:
+            # forget the longest-unused origins that no attached sender has
+            live = {s.origin for s in self._senders.values()}
+            for old in list(accepted)[: len(accepted) - MAX_ORIGINS]:
+                if old not in live:
+                    del accepted[old]
         if self.closed:
             self.events.append(Closed(ep))
 
@@ -255,6 +275,11 @@ class ChannelCore:
             if self.capacity == 0:
                 for it in fresh:
                     it.sender = ep
+            rank = self._rank
+            for it in fresh:
+                rank += 1
+                it.rank = rank
+            self._rank = rank
             self.queue.extend(fresh)
             self.items_in += len(fresh)
             if self.capacity:
@@ -274,6 +299,8 @@ class ChannelCore:
         s.credit -= 1
         self._reserved -= 1
         self.items_in += 1
+        self._rank += 1
+        item.rank = self._rank
         self.queue.append(item)
         if self.capacity == 0:
             item.sender = ep
@@ -298,6 +325,7 @@ class ChannelCore:
             if it.sender == ep and it.seq == seq:
                 self.queue.remove(it)
                 self._grant()
+                self._check_end()
                 return True
         return False
 
@@ -410,8 +438,18 @@ class ChannelCore:
         self._taken.discard((ep, dseq))
         self.items_out -= 1
         self.requeued += 1
-        self.queue.appendleft(item)
+        self._to_head(item)
         self._dispatch()
+
+    def _to_head(self, item: Item) -> None:
+        """Put a returned item back at the head, after returned items older than it
+        (so items given back one by one keep their order)."""
+        queue = self.queue
+        i = 0
+        n = len(queue)
+        while i < n and queue[i].rank < item.rank:
+            i += 1
+        queue.insert(i, item)
 
     def _owe(self, ep: Endpoint, dseq: int, item: Item) -> None:
         self._owed.setdefault(ep, {})[dseq] = item
@@ -449,9 +487,9 @@ class ChannelCore:
         owed = self._owed.pop(ep, None)
         if owed:
             self._owed_total -= len(owed)
-            for dseq in sorted(owed, reverse=True):
+            for dseq in owed:
                 self._taken.discard((ep, dseq))
-                self.queue.appendleft(owed[dseq])
+                self._to_head(owed[dseq])
                 self.items_out -= 1
                 self.requeued += 1
         if self.queue and self._demand:

@@ -177,6 +177,10 @@ class Channel:
         """A process() block ended: acknowledge (ok) or give the item back."""
         raise NotImplementedError
 
+    def _entered(self, op: _Op) -> None:
+        """A process() block has its item: the application took it."""
+        raise NotImplementedError
+
     async def _ready(self) -> None:
         """Until the handle can be used (a remote handle opens here)."""
 
@@ -350,6 +354,7 @@ class _Processing:
             raise
         self._op = op
         self.id = item_id
+        chan._entered(op)
         return value
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -392,13 +397,14 @@ async def select(
     """
     if not cases:
         raise ConfigurationError("select() needs at least one case")
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     for case in cases:
         await case.channel._ready()
     group = _Group()
     order = list(range(len(cases)))
     random.shuffle(order)
     ops: list[tuple[Channel, _Op]] = []
-    winner: _Op | None = None
     try:
         for i in order:
             chan = cases[i].channel
@@ -406,24 +412,47 @@ async def select(
             if group.winner is not None:
                 break
         if group.winner is None:
+            group._pick()  # items that already arrived: one of them wins now
+        if group.winner is None:
             if default:
                 return None, None
-            if timeout is None:
-                await group.fut
-            else:
-                try:
-                    await asyncio.wait_for(asyncio.shield(group.fut), timeout)
-                except asyncio.TimeoutError:
-                    raise Timeout(f"no case of select() was ready within {timeout:g} s") from None
+            try:
+                await asyncio.wait_for(asyncio.shield(group.fut), _left(loop, deadline))
+            except asyncio.TimeoutError:
+                raise Timeout(f"no case of select() was ready within {timeout:g} s") from None
+    except BaseException:
         winner = group.winner
+        if winner is not None:
+            if winner.state == _DONE and isinstance(cases[winner.index], SendCase):
+                # this send already happened: report it; the cancellation stays pending
+                _cancel_losers(ops, winner)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.cancel()
+                return winner.index, None
+            cases[winner.index].channel._cancel(winner)  # a received item goes back
+        raise
     finally:
-        for chan, op in ops:
-            if op is not group.winner:
-                chan._cancel(op)
+        _cancel_losers(ops, group.winner)
+    winner = group.winner
     assert winner is not None
     win_chan = cases[winner.index].channel
-    result = await win_chan._complete(winner)
+    try:
+        # a rendezvous send waits for its taker: within the same deadline
+        result = await asyncio.wait_for(win_chan._complete(winner), _left(loop, deadline))
+    except asyncio.TimeoutError:
+        raise Timeout(f"the send chosen by select() was not taken within {timeout:g} s") from None
     return winner.index, (result[1] if isinstance(cases[winner.index], RecvCase) else None)
+
+
+def _left(loop: asyncio.AbstractEventLoop, deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - loop.time())
+
+
+def _cancel_losers(ops: list[tuple[Channel, _Op]], winner: _Op | None) -> None:
+    for chan, op in ops:
+        if op is not winner and op.state != _CANCELLED:
+            chan._cancel(op)
 
 
 # -- the owner's channel --------------------------------------------------------------
@@ -559,6 +588,11 @@ class LocalChannel(Channel):
             op.item = None
             self._pump()
 
+    def _entered(self, op: _Op) -> None:
+        if op.dseq:
+            self.core.taken(op, op.dseq)
+            self._pump()
+
     def _settle(self, op: _Op, ok: bool) -> None:
         if op.dseq:
             if ok:
@@ -581,7 +615,7 @@ class LocalChannel(Channel):
             match ev:
                 case Deliver():
                     if ep.claim(defer=True):
-                        core.taken(ep, ev.dseq)
+                        # "taken" only once the application has it (a select may still lose it)
                         ep.dseq, ep.item = ev.dseq, ev.item
                         ep.finish((ev.item.id, ev.item.value))
                     else:
@@ -635,10 +669,12 @@ class LocalChannel(Channel):
 
     async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
         ep = _Endpoint(self, wire, directions)
-        self._endpoints.add(ep)
         core = self.core
         if "send" in directions:
-            core.attach_sender(ep, str(hello.get("origin") or ep.origin), int(hello.get("next_seq") or 1))
+            # origins are per authenticated peer: no node can speak for another's items
+            origin = f"{peer.node_id[:16]}.{hello.get('origin') or ep.origin}"
+            core.attach_sender(ep, origin, hello.get("next_seq") or 1)
+        self._endpoints.add(ep)
         wire.send({"ok": True, "dir": sorted(directions), "capacity": self.capacity,
                    "codec": self.codec.name, "schema": self.codec.schema})
         self._pump()
@@ -699,10 +735,13 @@ class _Endpoint:
                 self._grant += ev.n
                 self._schedule()
             case Accepted():
-                self._ack = max(self._ack, ev.seq)
                 if self.chan.capacity == 0:
-                    self._schedule()  # a rendezvous sender is waiting for exactly this
-                elif self._ack - self._ack_sent >= _ACK_EVERY:
+                    # a rendezvous sender waits for exactly this item (takers
+                    # may take a sender's items out of order): not cumulative
+                    self.wire.send([w.ACCEPTED, ev.seq])
+                    return
+                self._ack = max(self._ack, ev.seq)
+                if self._ack - self._ack_sent >= _ACK_EVERY:
                     self._schedule()
                 elif self._ack_timer is None:
                     # acknowledgements only free the sender's copies: no hurry
@@ -997,12 +1036,14 @@ class RemoteChannel(Channel):
             elif kind == w.ACCEPTED:
                 upto = f[1]
                 unacked = self._unacked
-                rendezvous = self._rendezvous
-                if rendezvous:
-                    while unacked and unacked[0][0] <= upto:
-                        op = rendezvous.pop(unacked.popleft()[0], None)
-                        if op is not None and op.state == _COMMITTED:
-                            op.finish()
+                if self.capacity == 0:  # exactly this item (see _Endpoint.on_event)
+                    op = self._rendezvous.pop(upto, None)
+                    if op is not None and op.state == _COMMITTED:
+                        op.finish()
+                    for entry in unacked:
+                        if entry[0] == upto:
+                            unacked.remove(entry)
+                            break
                 elif unacked:
                     k = upto - unacked[0][0] + 1  # sequence numbers are contiguous
                     if k >= len(unacked):
@@ -1059,8 +1100,6 @@ class RemoteChannel(Channel):
             op.dseq = 0
             op.finish(error=exc)
             return
-        if op.process:
-            self._emit([w.TAKEN, dseq])
         op.finish((item_id, value))
 
     def _use_credit(self) -> None:
@@ -1208,13 +1247,23 @@ class RemoteChannel(Channel):
                 if self.capacity == 0:
                     self._want()
         elif state == _COMMITTED:
+            # a rendezvous nobody took yet: the owner removes it if it can (if a
+            # remote receiver already holds it, it may still be delivered)
             self._rendezvous.pop(op.seq, None)
+            for entry in self._unacked:
+                if entry[0] == op.seq:
+                    self._unacked.remove(entry)
+                    break
             self._emit([w.WITHDRAW, op.seq])
 
     def _consumed(self, op: _Op) -> None:
         if op.dseq and not op.process:
             self._emit([w.DONE, op.dseq])
             op.dseq = 0
+
+    def _entered(self, op: _Op) -> None:
+        if op.dseq:
+            self._emit([w.TAKEN, op.dseq])
 
     def _settle(self, op: _Op, ok: bool) -> None:
         if op.dseq:
@@ -1243,6 +1292,60 @@ class RemoteChannel(Channel):
             self._push_many(seq, datas)
             self.sent += k
             i += k
+
+    def recv_nowait(self) -> Any:
+        """A remote handle holds no items of its own: WouldBlock (EndOfChannel once drained).
+        Use ``recv()`` with a timeout, or ``recv_many``."""
+        self._check("recv")
+        self._usable()
+        if self._ended:
+            raise EndOfChannel(f"channel {self.name!r} is closed and drained")
+        raise WouldBlock(f"channel {self.name!r} is remote: nothing is buffered here")
+
+    async def recv_many(self, max_items: int) -> list[Any]:
+        """Between 1 and ``max_items`` items: asks for ``max_items`` at once, waits for
+        the first, keeps what arrived with it and gives up the rest of the request."""
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        self._check("recv")
+        await self._ready()
+        first = self._start_recv(None, 0, False)
+        if first.state == _DONE:
+            return [(await self._complete(first))[1]]
+        ops = [first]
+        for _ in range(max_items - 1):
+            op = _Op()
+            self._recv_ops.append(op)
+            ops.append(op)
+        if max_items > 1:
+            self._emit([w.DEMAND, max_items - 1])
+        try:
+            value = (await self._complete(first))[1]
+        except BaseException:
+            self._cancel_many(ops[1:])
+            raise
+        out = [value]
+        rest = []
+        for op in ops[1:]:
+            if op.state == _DONE and op.error is None:
+                self._consumed(op)
+                out.append(op.result[1])
+            else:
+                rest.append(op)
+        self._cancel_many(rest)
+        return out
+
+    def _cancel_many(self, ops: list[_Op]) -> None:
+        waiting = [op for op in ops if op.state == _WAITING]
+        for op in ops:
+            if op.state != _WAITING:
+                self._cancel(op)
+        if waiting:
+            gone = set(map(id, waiting))
+            for op in waiting:
+                op.state = _CANCELLED
+            self._recv_ops = deque(op for op in self._recv_ops if id(op) not in gone)
+            self._emit([w.CANCEL, len(waiting)])
 
     async def flush(self) -> None:
         """Until the owner has accepted every item sent so far (BrokenError if the handle broke)."""
@@ -1347,6 +1450,9 @@ class ChannelView(Channel):
 
     def _settle(self, op: _Op, ok: bool) -> None:
         self._t._settle(op, ok)
+
+    def _entered(self, op: _Op) -> None:
+        self._t._entered(op)
 
     async def send_many(self, values: Iterable[Any]) -> None:
         self._check("send")
@@ -1458,9 +1564,7 @@ class ChannelHub:
         wire = w.Wire(stream, _max_frame(DEFAULT_MAX_MESSAGE))
         wire.start()
         try:
-            hello = await w.read_one(wire, _HANDSHAKE_TIMEOUT)
-            if not isinstance(hello, dict) or not isinstance(hello.get("name"), str):
-                raise RemoteProtocolError("malformed channel handshake")
+            hello = _check_hello(await w.read_one(wire, _HANDSHAKE_TIMEOUT))
             obj = self._owned.get(hello["name"])
             kind = hello.get("kind")
             try:
@@ -1479,6 +1583,8 @@ class ChannelHub:
             pass
         except ProtocolError as exc:
             log.warning("channel service: %s from %s", exc, peer.node_id)
+            wire.send({"ok": False, "code": exc.code, "reason": str(exc)})
+            wire.finish()
         finally:
             await wire.aclose()
 
@@ -1487,6 +1593,39 @@ class ChannelHub:
             if isinstance(handle, RemoteChannel):
                 await handle.aclose()
         self._refs.clear()
+
+
+_HELLO_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,),
+    "name": (str,),
+    "dir": (str,),
+    "codec": (str, type(None)),
+    "schema": (str, type(None)),
+    "origin": (str, type(None)),
+    "next_seq": (int, type(None)),
+    "window": (int, type(None)),
+    "buffer": (int, type(None)),
+}
+
+
+def _check_hello(hello: Any) -> dict[str, Any]:
+    """The handshake map, checked field by field (RemoteProtocolError otherwise)."""
+    if not isinstance(hello, dict):
+        raise RemoteProtocolError("malformed channel handshake")
+    for key, types in _HELLO_TYPES.items():
+        value = hello.get(key)
+        if key in ("kind", "name", "dir") and value is None:
+            raise RemoteProtocolError(f"channel handshake without {key}")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise RemoteProtocolError(f"channel handshake: bad {key}")
+    if hello["dir"] not in ("both", "send", "recv"):
+        raise RemoteProtocolError("channel handshake: bad dir")
+    if len(hello["name"]) > 256 or len(hello.get("origin") or "") > 64:
+        raise RemoteProtocolError("channel handshake: name or origin too long")
+    for key in ("next_seq", "window", "buffer"):
+        if hello.get(key) is not None and not 0 <= hello[key] < 1 << 53:
+            raise RemoteProtocolError(f"channel handshake: bad {key}")
+    return hello
 
 
 def _admit(chan: Any, node_id: str, hello: dict[str, Any]) -> set[str]:

@@ -555,3 +555,22 @@ async def test_remote_recv_many_takes_a_batch_and_keeps_order(memory_url):
         await chan.send("last")
         await wait_for_condition(lambda: chan.statistics()["buffered"] == 1)
         assert await h.recv_many(8) == ["last"]
+
+
+async def test_handles_from_references_let_go_when_their_channel_is_over(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        jobs = owner.channel("jobs", capacity=10)
+        remote_jobs = await peer.channel("jobs")
+        for n in range(5):
+            reply = client.channel(capacity=1)
+            await remote_jobs.send({"reply": reply.send_only()})
+            job = await jobs.recv()
+            await job["reply"].send(n)
+            assert await reply.recv() == n
+            await reply.close()
+            # the owner of jobs holds a handle to the reply channel only while it is open
+            await wait_for_condition(lambda: not owner.hub._refs)
+            await wait_for_condition(lambda reply=reply: reply.statistics()["remote_handles"] == 0)
+            with pytest.raises(netchan.ClosedError):
+                await job["reply"].send("late")
+        assert not [n for n in client.hub._owned if n.startswith("~")]  # closed and drained: forgotten

@@ -879,6 +879,8 @@ class RemoteChannel(Channel):
         self._opening: asyncio.Task[None] | None = None
         self._error: NetchanError | None = None  # permanent (refused)
         self._refused: set[str] = set()
+        self._from_ref = False  # made by the hub from a reference in an item
+        self._undelivered = 0
         self._origin = "h" + secrets.token_hex(6)
         self._next_seq = 1
         self._unacked: deque[tuple[int, bytes]] = deque()
@@ -1065,22 +1067,49 @@ class RemoteChannel(Channel):
                     if op.state == _WAITING and op.claim():
                         op.finish(error=ClosedError(f"channel {self.name!r} is closed"))
                 self._blocked.clear()
-                if self._credit and not self._resend:
+                if self._resend:
+                    # sent before a break, never accepted, and now the channel is closed
+                    lost = {seq for seq, _ in self._resend}
+                    self._unacked = deque(e for e in self._unacked if e[0] not in lost)
+                    self._resend.clear()
+                    self._undelivered += len(lost)
+                if self._credit:
                     self._emit([w.RELEASE, self._credit])
                     self._credit = 0
                 _wake_all(self._close_waiters)
+                self._maybe_release()
             elif kind == w.END:
                 self._ended = True
                 for op in self._recv_ops:
                     if op.state == _WAITING and op.claim():
                         op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
                 self._recv_ops.clear()
+                self._maybe_release()
             elif kind == w.FAIL:
                 raise error_from_code(int(f[1]), str(f[2]))
             else:
                 raise RemoteProtocolError(f"unknown frame kind {kind}")
         except (IndexError, TypeError, ValueError) as exc:
             raise RemoteProtocolError(f"malformed frame {kind}: {exc}") from None
+
+    def _maybe_release(self) -> None:
+        """A handle made from a reference lets go of its stream once the channel
+        is over for it (closed for a sender, drained for a receiver)."""
+        if not self._from_ref or self._unacked:
+            return
+        if self._can_send and not self._closed:
+            return
+        if self._can_recv and not self._ended:
+            return
+        self._hub._refs.pop((self.owner, self.name, "channel", self.direction), None)
+        if self._can_recv:
+            self._error = EndOfChannel(f"channel {self.name!r} is closed and drained")
+        else:
+            self._error = ClosedError(f"channel {self.name!r} is closed")
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.finish()
+            self._hub.node._spawn(wire.aclose(), f"release channel handle {self.name}")
 
     def _on_deliver(self, dseq: int, item_id: str, data: bytes) -> None:
         ops = self._recv_ops
@@ -1095,7 +1124,7 @@ class RemoteChannel(Channel):
         self.received += 1
         try:
             value = self._codec.decode(data)
-        except ProtocolError as exc:
+        except NetchanError as exc:
             self._emit([w.DONE, dseq])  # a bad item is not retried forever
             op.dseq = 0
             op.finish(error=exc)
@@ -1355,6 +1384,9 @@ class RemoteChannel(Channel):
             fut = asyncio.get_running_loop().create_future()
             self._close_waiters.append(fut)
             await fut
+        if self._undelivered:
+            n, self._undelivered = self._undelivered, 0
+            raise ClosedError(f"channel {self.name!r} closed before {n} items sent earlier could be delivered")
 
     async def close(self) -> None:
         """Close the channel at its owner (after every item sent so far)."""
@@ -1539,6 +1571,7 @@ class ChannelHub:
         handle = self._refs.get(key)
         if handle is None or (isinstance(handle, RemoteChannel) and handle._error is not None):
             handle = RemoteChannel(self, owner, name, direction=direction, addresses=addresses)
+            handle._from_ref = True
             self._refs[key] = handle
         return handle
 

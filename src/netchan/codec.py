@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 
-from .errors import ConfigurationError, MessageTooLarge, RemoteProtocolError
+from .errors import ConfigurationError, MessageTooLarge, ProtocolError, RemoteProtocolError
 
 if TYPE_CHECKING:
     from .channels import Channel
@@ -101,7 +101,11 @@ class Codec:
         """The value in ``data``; RemoteProtocolError if it is malformed."""
         try:
             return self._decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as exc:
+            raise RemoteProtocolError(f"malformed item: {exc}") from None
+        except ProtocolError:
+            raise
+        except Exception as exc:  # from the reference resolver, say: still the item's fault
             raise RemoteProtocolError(f"malformed item: {exc}") from None
 
 

@@ -287,7 +287,7 @@ class Topic:
 
     async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
         if "recv" in directions:
-            window = _count(hello.get("window", 16))
+            window = min(_count(hello.get("window") or 16), 1024)  # the subscriber does not set our memory
             sub = self.subscribe(_count(hello.get("buffer") or self.buffer) or self.buffer)
             wire.send({"ok": True, "dir": ["recv"], "codec": self.codec.name, "schema": self.codec.schema})
             await self._push(wire, sub, window)
@@ -305,7 +305,7 @@ class Topic:
                     kind, f = w.check_frame(frame)
                     if kind != w.DEMAND:
                         raise RemoteProtocolError(f"unexpected frame {kind} from a subscriber")
-                    credit[0] += _count(f[1])
+                    credit[0] = min(credit[0] + _count(f[1]), window)
                     _wake_all(more)
 
         reader = asyncio.ensure_future(read_credit())

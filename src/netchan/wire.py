@@ -133,7 +133,7 @@ class Wire:
                 break
             try:
                 frames.append(_decoder.decode(buf[pos + 4 : pos + 4 + n]))
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
                 raise RemoteProtocolError(f"malformed frame: {exc}") from None
             pos += 4 + n
         if pos:

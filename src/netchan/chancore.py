@@ -402,7 +402,11 @@ class ChannelCore:
         """Up to ``n`` head items at once, for a local receiver (nobody waits ahead)."""
         queue = self.queue
         k = min(n, len(queue))
-        out = [queue.popleft() for _ in range(k)]
+        if k == len(queue):
+            out = list(queue)  # the whole queue: no item-by-item pops
+            queue.clear()
+        else:
+            out = [queue.popleft() for _ in range(k)]
         self._next_dseq += k
         self.items_out += k
         if self.capacity == 0:

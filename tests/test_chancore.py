@@ -163,11 +163,50 @@ def test_resent_items_are_dropped_and_acknowledged_again():
     core.lost("a")
     # the same sender reopens and resends from 2: 2 and 3 were already accepted
     core.attach_sender("b", "origin", next_seq=2)
-    core.want("b", 1)
+    core.want("b", 3)
     events(core)
     core.items("b", 2, items(3, 2, "origin"))
     assert len(core.queue) == 4 and core.duplicates == 2
     assert Accepted("b", 4) in events(core)
+    # a resent item spends the credit it was sent with: none stays reserved,
+    # so the closed channel ends once drained
+    core.close()
+    core.release("b", core._senders["b"].credit)  # as the handle does on CLOSED
+    for _ in range(4):
+        assert core.take_nowait() is not None
+    assert core.ended and core.free == 10
+
+
+def test_resent_items_that_are_all_duplicates_free_their_credit():
+    core = ChannelCore(2)
+    core.attach_sender("a", "o")
+    core.want("a", 2)
+    events(core)
+    core.items("a", 1, items(2, origin="o"))
+    core.lost("a")
+    core.attach_sender("b", "o", next_seq=1)
+    core.want("b", 2)
+    core.take_nowait()
+    core.take_nowait()
+    events(core)
+    core.items("b", 1, items(2, origin="o"))
+    assert core.duplicates == 2 and len(core.queue) == 0
+    assert core.free == 2 - core._senders["b"].credit
+    core.close()
+    core.release("b", core._senders["b"].credit)
+    assert core.ended
+
+
+def test_items_beyond_credit_are_refused_even_when_resent():
+    core = ChannelCore(4)
+    core.attach_sender("a", "o")
+    core.want("a", 2)
+    events(core)
+    core.items("a", 1, items(2, origin="o"))
+    core.lost("a")
+    core.attach_sender("b", "o", next_seq=1)
+    with pytest.raises(RemoteProtocolError):
+        core.items("b", 1, items(2, origin="o"))
 
 
 def test_items_without_credit_or_out_of_sequence_are_protocol_errors():

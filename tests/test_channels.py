@@ -538,6 +538,28 @@ async def test_a_broken_handle_resends_what_the_owner_had_not_confirmed(memory_u
         assert chan.statistics()["buffered"] == 0
 
 
+async def test_items_the_owner_had_are_dropped_on_resend_and_the_channel_still_ends(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=100)
+        h = await peer.channel("c")
+        on_frame = h._on_frame
+        h._on_frame = lambda f: None if f[0] == w.ACCEPTED else on_frame(f)  # confirmations lost
+        for i in range(10):
+            await h.send(i)
+        await wait_for_condition(lambda: chan.statistics()["buffered"] == 10)
+        assert h.statistics()["unconfirmed"] == 10
+        h._on_frame = on_frame
+        h._wire.stream._on_error(netchan.BrokenError("cut for the test"))
+        await wait_for_condition(lambda: h._wire is None)
+        await h.send(10)  # reopens and resends 0..9, which the owner drops
+        await h.flush()
+        assert chan.statistics()["duplicates_dropped"] == 10
+        await chan.close()
+        assert [await chan.recv() for _ in range(11)] == list(range(11))
+        with pytest.raises(netchan.EndOfChannel):
+            await asyncio.wait_for(chan.recv(), 5)  # no credit stays reserved by the resend
+
+
 async def test_remote_recv_many_takes_a_batch_and_keeps_order(memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
         chan = owner.channel("c", capacity=100)

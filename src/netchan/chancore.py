@@ -260,16 +260,18 @@ class ChannelCore:
         s = self._senders[ep]
         if first_seq != s.next_seq:
             raise RemoteProtocolError(f"items from sequence {first_seq}, expected {s.next_seq}")
+        n = len(items)
+        if n > s.credit:
+            raise RemoteProtocolError(f"{n} items sent with {s.credit} credits")
         upto = self._accepted_upto[s.origin]
         fresh = items if first_seq > upto else [it for it in items if it.seq > upto]
-        dup = len(items) - len(fresh)
-        if len(fresh) > s.credit:
-            raise RemoteProtocolError(f"{len(fresh)} items sent with {s.credit} credits")
-        s.next_seq = first_seq + len(items)
+        dup = n - len(fresh)
+        s.next_seq = first_seq + n
+        # every item used a credit, a resent one too (the sender spent it)
+        s.credit -= n
+        self._reserved -= n
         self.duplicates += dup
         if fresh:
-            s.credit -= len(fresh)
-            self._reserved -= len(fresh)
             last = s.next_seq - 1
             self._accepted_upto[s.origin] = last
             if self.capacity == 0:
@@ -290,6 +292,12 @@ class ChannelCore:
                 self._dispatch()
         elif dup:
             self.events.append(Accepted(ep, s.next_seq - 1))
+        if dup:
+            # the credit of a dropped resend frees a place nobody holds now
+            if s.credit < s.desire and not self.closed:
+                self._hungry[ep] = None
+            self._grant()
+            self._check_end()
 
     def put(self, ep: Endpoint, item: Item) -> None:
         """One item from a local sender, using one credit (no sequence checks)."""

@@ -12,6 +12,7 @@ import pytest
 
 import netchan
 from netchan import wire as w
+from netchan.carriers import memory as carriers_memory
 
 from .helpers import wait_for_condition
 
@@ -244,6 +245,41 @@ async def test_cancelled_send_was_not_delivered(where, memory_url):
         assert await chan.recv() == "last"
 
 
+@pytest.mark.parametrize("capacity", [0, 2])
+async def test_a_storm_of_cancelled_sends_delivers_exactly_the_sends_that_returned(where, capacity, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=capacity)
+        h = await handle(where, owner, peer, "c")
+        returned, got = [], []
+
+        async def consume():
+            while True:
+                try:
+                    got.append(await chan.recv())
+                except netchan.EndOfChannel:
+                    return
+
+        consumer = asyncio.create_task(consume())
+        for i in range(300):
+
+            async def one(i=i):
+                await h.send(i)
+                returned.append(i)
+
+            task = asyncio.create_task(one())
+            for _ in range(i % 5):  # cancel at every stage: waiting, handed over, taken
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if where == "remote":
+            await h.flush()
+        await chan.close()
+        await asyncio.wait_for(consumer, 10)
+        assert sorted(got) == sorted(returned)  # none lost, none delivered behind a cancelled send
+        assert 0 < len(returned) < 300
+
+
 async def test_cancelled_recv_leaves_its_item(where, memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
         chan = owner.channel("c", capacity=100)
@@ -413,6 +449,43 @@ async def test_oversized_items_fail_clearly_and_disturb_nothing(where, memory_ur
         assert await chan.recv() == b"y" * 900
 
 
+async def test_the_owners_size_limit_applies_to_remote_senders(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=4, max_message=1000)
+        h = await peer.channel("c")  # its own limit is the default, 1 MiB
+        with pytest.raises(netchan.MessageTooLarge, match="1000"):
+            await h.send(b"x" * 2000)  # refused here, before it leaves
+        for i in range(3):
+            await h.send(b"ok%d" % i)
+        assert [await chan.recv() for _ in range(3)] == [b"ok0", b"ok1", b"ok2"]
+
+
+async def test_closing_a_node_delivers_what_its_handles_sent(memory_url):
+    a, b = netchan.Identity.generate(), netchan.Identity.generate()
+    async with netchan.Node(a, [memory_url], allow=netchan.ANY) as owner:
+        chan = owner.channel("c", capacity=100)
+        async with netchan.Node(b) as client:
+            h = await (await client.connect(owner.addresses[0], owner.node_id)).channel("c")
+            for i in range(50):
+                await h.send(i)  # each returns with credit in hand, before the owner confirms
+        assert [chan.recv_nowait() for _ in range(50)] == list(range(50))
+
+
+async def test_closing_a_node_reports_items_its_owner_never_confirmed(memory_url):
+    a, b = netchan.Identity.generate(), netchan.Identity.generate()
+    async with netchan.Node(a, [memory_url], allow=netchan.ANY) as owner:
+        owner.channel("c", capacity=100)
+        client = netchan.Node(b)
+        await client.start()
+        h = await (await client.connect(owner.addresses[0], owner.node_id)).channel("c")
+        await h.send("first")
+        await h.flush()  # confirmed; and the handle now holds credit for more
+        carriers_memory.faults(memory_url[len("memory://"):]).cut = True  # nothing gets through now
+        await h.send("lost in the network")
+        with pytest.raises(netchan.BrokenError, match="1 items sent were not confirmed"):
+            await asyncio.wait_for(client.aclose(), 20)
+
+
 async def test_malformed_frames_end_only_that_handle(memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
         chan = owner.channel("c", capacity=4)
@@ -446,6 +519,10 @@ async def test_a_malformed_item_from_a_sender_is_refused_before_it_enters(memory
         await wait_for_condition(lambda: bad._wire is None)
         assert chan.statistics()["buffered"] == 1
         assert await chan.recv() == 1
+        with pytest.raises(netchan.RemoteProtocolError):
+            await bad.send(2)  # the handle broke the protocol: it is over, it does not reopen
+        with pytest.raises(netchan.BrokenError, match="not confirmed"):
+            await bad.aclose()  # and what the owner refused is reported, not dropped in silence
 
 
 # -- authorisation and names --------------------------------------------------------------

@@ -43,6 +43,7 @@ __all__ = [
     "Reclaim",
     "Closed",
     "End",
+    "Withdrawn",
 ]
 
 Endpoint = Hashable
@@ -64,6 +65,9 @@ class Item(msgspec.Struct):
     sender: Any = None
     #: order of arrival in this channel (returned items go back by it)
     rank: int = 0
+    #: its rendezvous send was cancelled while a receiver held it: if the
+    #: receiver gives it back, it leaves instead of returning to the queue
+    withdrawn: bool = False
 
     @property
     def id(self) -> str:
@@ -115,6 +119,15 @@ class Closed:
     """The channel is closed: sending is over for this endpoint."""
 
     endpoint: Endpoint
+
+
+@dataclass(slots=True)
+class Withdrawn:
+    """The cancelled rendezvous send ``seq`` of this sender was not delivered:
+    its item left the channel."""
+
+    endpoint: Endpoint
+    seq: int
 
 
 @dataclass(slots=True)
@@ -328,14 +341,47 @@ class ChannelCore:
                 self._check_end()
 
     def withdraw(self, ep: Endpoint, seq: int) -> bool:
-        """Take back a rendezvous item nobody has taken yet (its send was cancelled)."""
+        """A rendezvous send was cancelled: take its item back if nobody took it.
+
+        True: it was queued and leaves now (Withdrawn).  False: a receiver
+        holds it, or took it already (Accepted was, or will be, the answer):
+        if the receiver gives it back, it leaves then (Withdrawn); if the
+        receiver takes it, the send happened after all (Accepted).
+        """
         for it in self.queue:
             if it.sender == ep and it.seq == seq:
                 self.queue.remove(it)
+                it.sender = None
+                self.events.append(Withdrawn(ep, seq))
                 self._grant()
                 self._check_end()
                 return True
+        held = self.holder(ep, seq)
+        if held is not None:
+            self._owed[held[0]][held[1]].withdrawn = True
         return False
+
+    def holder(self, ep: Endpoint, seq: int) -> tuple[Endpoint, int] | None:
+        """The receiver and delivery holding sender ``ep``'s rendezvous item ``seq``,
+        while its application has not taken it yet."""
+        for rep, owed in self._owed.items():
+            for dseq, it in owed.items():
+                if it.sender == ep and it.seq == seq and (rep, dseq) not in self._taken:
+                    return rep, dseq
+        return None
+
+    def revoke(self, rep: Endpoint, dseq: int) -> None:
+        """Take back a rendezvous item delivered to ``rep`` whose application has not
+        taken it (the send was cancelled); ``rep``'s request returns to the head."""
+        item = self._unowe(rep, dseq)
+        if item.sender is not None:
+            self.events.append(Withdrawn(item.sender, item.seq))
+            item.sender = None
+        self.items_out -= 1
+        self._demand.appendleft([rep, 1])
+        self._demand_total += 1
+        self._grant()
+        self._check_end()
 
     # -- receivers ------------------------------------------------------------------
 
@@ -452,10 +498,15 @@ class ChannelCore:
         self.requeued += 1
         self._to_head(item)
         self._dispatch()
+        self._check_end()
 
     def _to_head(self, item: Item) -> None:
         """Put a returned item back at the head, after returned items older than it
         (so items given back one by one keep their order)."""
+        if item.withdrawn and item.sender is not None:
+            self.events.append(Withdrawn(item.sender, item.seq))  # its send was cancelled
+            item.sender = None
+            return
         queue = self.queue
         i = 0
         n = len(queue)
@@ -489,12 +540,16 @@ class ChannelCore:
         """The endpoint is gone (its stream or session broke, or it left).
 
         Items owed by it return to the head of the queue in their order; its
-        requests and its unused credit are dropped.
+        requests and its unused credit are dropped, and so are its rendezvous
+        items that no receiver took (their sends fail).
         """
         s = self._senders.pop(ep, None)
         if s is not None:
             self._reserved -= s.credit
             self._hungry.pop(ep, None)
+            if self.capacity == 0 and self.queue:
+                # its rendezvous sends fail: the items nobody took leave with it
+                self.queue = deque(it for it in self.queue if it.sender is not ep)
         self.cancel_demand(ep, self._demand_total)
         owed = self._owed.pop(ep, None)
         if owed:

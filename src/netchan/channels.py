@@ -19,11 +19,12 @@ import asyncio
 import logging
 import random
 import secrets
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Sequence
 
 from . import wire as w
-from .chancore import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim
+from .chancore import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim, Withdrawn
 from .codec import DEFAULT_MAX_MESSAGE, Codec, make_codec
 from .errors import (
     BrokenError,
@@ -67,7 +68,10 @@ PREFETCH = 4096
 _BATCH_BYTES = 256 * 1024
 _HANDSHAKE_TIMEOUT = 10.0
 
-_WAITING, _COMMITTED, _DONE, _CANCELLED = range(4)
+#: a cancelled rendezvous send whose item a receiver holds: taken or withdrawn?
+_WAITING, _COMMITTED, _DONE, _CANCELLED, _WITHDRAWING = range(5)
+#: how long a cancelled rendezvous send waits to learn whether it was delivered
+_WITHDRAW_TIMEOUT = 10.0
 
 
 class _Group:
@@ -107,7 +111,8 @@ class _Group:
 class _Op:
     """One pending send or receive (for a LocalChannel, also a core endpoint)."""
 
-    __slots__ = ("group", "index", "state", "fut", "result", "error", "item", "data", "dseq", "seq", "process")
+    __slots__ = ("group", "index", "state", "fut", "result", "error", "item", "data", "dseq", "seq", "process",
+                 "sending")
 
     def __init__(self, group: _Group | None = None, index: int = 0) -> None:
         self.group = group
@@ -121,10 +126,13 @@ class _Op:
         self.dseq = 0
         self.seq = 0
         self.process = False
+        self.sending = False
 
     def claim(self, defer: bool = False) -> bool:
         if self.state != _WAITING:
             return False
+        if self.fut is not None and self.fut.cancelled():
+            return False  # its task is being cancelled: it must not complete now
         return self.group is None or self.group.claim(self, defer)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
@@ -135,8 +143,15 @@ class _Op:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    def rewind(self) -> None:
+        """A delivery taken back before this op's task saw it: wait again."""
+        self.state = _WAITING
+        self.result = None
+        self.item = None
+        self.dseq = 0
+
     async def wait(self) -> Any:
-        if self.state != _DONE:
+        while self.state != _DONE:  # (a rewound op waits again)
             self.fut = asyncio.get_running_loop().create_future()
             await self.fut
         if self.error is not None:
@@ -277,6 +292,20 @@ class Channel:
     async def _complete(self, op: _Op) -> Any:
         try:
             result = await op.wait()
+        except asyncio.CancelledError:
+            if op.sending and op.state == _COMMITTED:
+                # a rendezvous in flight: withdraw it, and learn whether a
+                # receiver took it first
+                self._cancel(op)
+                await _withdrawal(op)
+            if op.sending and op.state == _DONE and op.error is None:
+                # the send happened before the cancellation reached us: say so
+                # (a cancelled send is one that was not delivered); the
+                # cancellation takes effect at the caller's next await
+                _cancel_later()
+                return op.result
+            self._cancel(op)
+            raise
         except BaseException:
             self._cancel(op)
             raise
@@ -423,12 +452,13 @@ async def select(
     except BaseException:
         winner = group.winner
         if winner is not None:
-            if winner.state == _DONE and isinstance(cases[winner.index], SendCase):
+            if winner.state == _COMMITTED and isinstance(cases[winner.index], SendCase):
+                cases[winner.index].channel._cancel(winner)  # withdraw the rendezvous
+                await _withdrawal(winner)
+            if winner.state == _DONE and winner.error is None and isinstance(cases[winner.index], SendCase):
                 # this send already happened: report it; the cancellation stays pending
                 _cancel_losers(ops, winner)
-                task = asyncio.current_task()
-                if task is not None:
-                    task.cancel()
+                _cancel_later()
                 return winner.index, None
             cases[winner.index].channel._cancel(winner)  # a received item goes back
         raise
@@ -443,6 +473,41 @@ async def select(
     except asyncio.TimeoutError:
         raise Timeout(f"the send chosen by select() was not taken within {timeout:g} s") from None
     return winner.index, (result[1] if isinstance(cases[winner.index], RecvCase) else None)
+
+
+async def _withdrawal(op: _Op) -> None:
+    """Wait until a withdrawn rendezvous send is settled: DONE without error if a
+    receiver took it first, DONE with an error if it left the channel.  Further
+    cancellations wait too (the caller re-raises); BrokenError if the owner does
+    not answer in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _WITHDRAW_TIMEOUT
+    while op.state == _WITHDRAWING:
+        op.fut = loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(op.fut), max(0.0, deadline - loop.time()))
+        except asyncio.CancelledError:
+            continue
+        except asyncio.TimeoutError:
+            op.finish(error=BrokenError("a cancelled rendezvous send: its owner did not say whether it "
+                                        "was delivered"))
+            raise op.error from None  # type: ignore[misc]
+
+
+def _cancel_later() -> None:
+    """The operation completed before the cancellation being delivered reached
+    it: swallow the CancelledError and deliver the cancellation again at the
+    task's next await, unless the task ends first or whoever cancelled it has
+    withdrawn the request (``asyncio.timeout`` does, on exit)."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().call_soon(_recancel, task)
+
+
+def _recancel(task: asyncio.Task[Any]) -> None:
+    if not task.done() and task.cancelling():
+        task.cancel()
+        task.uncancel()  # the same request, delivered again: not a new one
 
 
 def _left(loop: asyncio.AbstractEventLoop, deadline: float | None) -> float | None:
@@ -532,6 +597,7 @@ class LocalChannel(Channel):
         if core.closed:
             raise ClosedError(f"channel {self.name!r} is closed")
         op = _Op(group, index)
+        op.sending = True
         op.item = self._item(value)
         core.attach_sender(op, self._origin)
         if core.acquire(op):
@@ -577,9 +643,26 @@ class LocalChannel(Channel):
             core.cancel_demand(op, 1)
             core.detach(op)
         elif state == _COMMITTED and op.item is not None:
-            core.withdraw(op, op.item.seq)  # a rendezvous nobody took yet
-            core.detach(op)
+            # a rendezvous nobody took yet: Withdrawn or Accepted settles it
+            op.state = _WITHDRAWING
+            self._withdraw(op, op.item.seq)
         self._pump()
+
+    def _withdraw(self, ep: Any, seq: int) -> None:
+        """A rendezvous send was cancelled: its item leaves the channel if no
+        receiver's application has it yet.  A local receive that holds it but
+        has not run since waits again; a remote receiver may still get it."""
+        core = self.core
+        if core.withdraw(ep, seq):
+            return
+        self._pump()  # deliveries the core decided reach their ops first
+        held = core.holder(ep, seq)
+        if held is None:
+            return
+        rop, dseq = held
+        if type(rop) is _Op and rop.group is None and rop.state == _DONE and rop.dseq == dseq:
+            core.revoke(rop, dseq)
+            rop.rewind()
 
     def _consumed(self, op: _Op) -> None:
         if op.dseq and not op.process:
@@ -628,8 +711,12 @@ class LocalChannel(Channel):
                         core.detach(ep)
                 case Accepted():
                     core.detach(ep)
-                    if ep.state == _COMMITTED:
+                    if ep.state in (_COMMITTED, _WITHDRAWING):
                         ep.finish()
+                case Withdrawn():
+                    core.detach(ep)
+                    if ep.state == _WITHDRAWING:
+                        ep.finish(error=asyncio.CancelledError())
                 case Closed():
                     if ep.state == _WAITING:
                         core.detach(ep)
@@ -676,7 +763,8 @@ class LocalChannel(Channel):
             core.attach_sender(ep, origin, hello.get("next_seq") or 1)
         self._endpoints.add(ep)
         wire.send({"ok": True, "dir": sorted(directions), "capacity": self.capacity,
-                   "codec": self.codec.name, "schema": self.codec.schema})
+                   "codec": self.codec.name, "schema": self.codec.schema,
+                   "max_message": self.codec.max_message})
         self._pump()
         ended: asyncio.Future[NetchanError] = asyncio.get_running_loop().create_future()
 
@@ -754,6 +842,8 @@ class _Endpoint:
                 self.wire.send([w.CLOSED])
             case End():
                 self.wire.send([w.END])
+            case Withdrawn():
+                self.wire.send([w.WITHDRAWN, ev.seq])
 
     def _schedule(self) -> None:
         if not self._flush_scheduled:
@@ -812,7 +902,7 @@ class _Endpoint:
             elif kind == w.RELEASE:
                 core.release(self, _count(f[1]))
             elif kind == w.WITHDRAW:
-                core.withdraw(self, f[1])
+                self.chan._withdraw(self, f[1])
             elif kind == w.CLOSE:
                 core.close()
                 self.wire.send([w.CLOSED])
@@ -869,6 +959,7 @@ class RemoteChannel(Channel):
         self.direction = direction
         self._codec_name = codec
         self._codec = make_codec(codec, type, hub.resolve, max_message)
+        self._max_message = max_message  # ours; items we send obey the owner's too
         self._explicit_codec = codec is not None or type is not None
         self._addresses = list(addresses)
         self._peer = peer
@@ -899,6 +990,7 @@ class RemoteChannel(Channel):
         self._close_waiters: list[asyncio.Future[None]] = []
         self.sent = 0
         self.received = 0
+        hub._handles.add(self)
 
     def __repr__(self) -> str:
         return f"<RemoteChannel {self.name!r} on {self.owner[:8]} ({self.direction})>"
@@ -987,7 +1079,11 @@ class RemoteChannel(Channel):
         self._can_send = self._can_send and "send" in directions
         self._can_recv = self._can_recv and "recv" in directions
         if self._codec.name != reply.get("codec") and not self._explicit_codec:
-            self._codec = make_codec(reply.get("codec"), None, self._hub.resolve, self._codec.max_message)
+            self._codec = make_codec(reply.get("codec"), None, self._hub.resolve, self._max_message)
+        limit = reply.get("max_message")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            # an item the owner would refuse fails here, at send, with MessageTooLarge
+            self._codec.max_message = min(self._max_message, limit)
         self._wire = wire
         self._desire_sent = 0
         self._credit = 0
@@ -1006,6 +1102,9 @@ class RemoteChannel(Channel):
             error = BrokenError(f"channel {self.name!r}: the owner ended the handle")
         elif isinstance(error, ProtocolError):
             log.warning("channel %r: owner %s: %s", self.name, self.owner, error)
+            if self._wire is wire and self._error is None:
+                # one side broke the protocol: reopening would only repeat it
+                self._error = error
         elif not isinstance(error, (BrokenError, ClosedError)):
             error = BrokenError(f"channel {self.name!r}: {error}")
         if self._wire is wire:
@@ -1015,8 +1114,12 @@ class RemoteChannel(Channel):
     def _broken(self, error: NetchanError) -> None:
         self._wire = None
         self._credit = 0
+        if self.capacity == 0:
+            # every rendezvous send in flight fails below, and the owner drops
+            # the items nobody took: none may be sent again behind its caller
+            self._unacked.clear()
         for op in [*self._blocked, *self._recv_ops, *self._rendezvous.values()]:
-            if op.state in (_WAITING, _COMMITTED):
+            if op.state in (_WAITING, _COMMITTED, _WITHDRAWING):
                 op.finish(error=error)
         self._blocked.clear()
         self._recv_ops.clear()
@@ -1040,7 +1143,7 @@ class RemoteChannel(Channel):
                 unacked = self._unacked
                 if self.capacity == 0:  # exactly this item (see _Endpoint.on_event)
                     op = self._rendezvous.pop(upto, None)
-                    if op is not None and op.state == _COMMITTED:
+                    if op is not None and op.state in (_COMMITTED, _WITHDRAWING):
                         op.finish()
                     for entry in unacked:
                         if entry[0] == upto:
@@ -1055,6 +1158,10 @@ class RemoteChannel(Channel):
                             unacked.popleft()
                 if self._close_waiters:
                     _wake_all(self._close_waiters)
+            elif kind == w.WITHDRAWN:
+                op = self._rendezvous.pop(f[1], None)
+                if op is not None and op.state == _WITHDRAWING:
+                    op.finish(error=asyncio.CancelledError())
             elif kind == w.RECLAIM:
                 self._emit([w.RELEASE, self._credit])  # even 0: the owner waits for an answer
                 self._credit = 0
@@ -1240,6 +1347,7 @@ class RemoteChannel(Channel):
         if self._closed:
             raise ClosedError(f"channel {self.name!r} is closed")
         op = _Op(group, index)
+        op.sending = True
         op.data = self._codec.encode(value)
         if self._credit and not self._blocked and not self._resend:
             if op.claim():
@@ -1276,9 +1384,9 @@ class RemoteChannel(Channel):
                 if self.capacity == 0:
                     self._want()
         elif state == _COMMITTED:
-            # a rendezvous nobody took yet: the owner removes it if it can (if a
-            # remote receiver already holds it, it may still be delivered)
-            self._rendezvous.pop(op.seq, None)
+            # a rendezvous nobody took yet: the owner answers WITHDRAWN if it
+            # removed it, ACCEPTED if a receiver took it first
+            op.state = _WITHDRAWING
             for entry in self._unacked:
                 if entry[0] == op.seq:
                     self._unacked.remove(entry)
@@ -1402,14 +1510,36 @@ class RemoteChannel(Channel):
             self._close_waiters.append(fut)
             await fut
 
-    async def aclose(self) -> None:
-        """Let go of this handle (the channel itself stays open)."""
-        self._error = ClosedError(f"channel handle {self.name!r} closed")
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Let go of this handle (the channel itself stays open).
+
+        Items sent but not yet confirmed by the owner are delivered first, for
+        up to ``timeout`` seconds; BrokenError if some of them could not be.
+        """
+        if self._error is None and self._unacked and self.capacity != 0:
+            try:
+                await asyncio.wait_for(self._deliver_owed(), timeout)
+            except (NetchanError, asyncio.TimeoutError):
+                pass
+        lost = len(self._unacked) if self.capacity != 0 else 0
+        self._unacked.clear()
+        self._resend.clear()
+        if self._error is None:
+            self._error = ClosedError(f"channel handle {self.name!r} closed")
         wire, self._wire = self._wire, None
         if wire is not None:
             self._broken(self._error)
             wire.finish()
             await wire.aclose()
+        if lost:
+            raise BrokenError(f"channel {self.name!r}: {lost} items sent were not confirmed by its owner "
+                              "before the handle closed")
+
+    async def _deliver_owed(self) -> None:
+        if self._wire is None:
+            await self._ready()  # reopen: what the owner has not confirmed is sent again
+        self._flush_batch()
+        await self.flush()
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -1507,7 +1637,12 @@ class ChannelHub:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._owned: dict[str, Any] = {}  # name -> LocalChannel | Topic
-        self._refs: dict[tuple[str, str, str, str], Channel] = {}
+        #: handles made from references in items, one per (owner, name, kind,
+        #: direction); weak, so references that pass through leave nothing behind
+        self._refs: weakref.WeakValueDictionary[tuple[str, str, str, str], Channel] = \
+            weakref.WeakValueDictionary()
+        #: every remote channel handle of this node, flushed when the node closes
+        self._handles: weakref.WeakSet[RemoteChannel] = weakref.WeakSet()
         node.serve(SERVICE, self._serve)
 
     def channel(
@@ -1621,11 +1756,19 @@ class ChannelHub:
         finally:
             await wire.aclose()
 
-    async def aclose(self) -> None:
-        for handle in list(self._refs.values()):
-            if isinstance(handle, RemoteChannel):
-                await handle.aclose()
+    async def aclose(self, timeout: float = 5.0) -> list[NetchanError]:
+        """Close every remote handle, delivering what they owe first (for up to
+        ``timeout`` seconds); returns the errors of those that could not."""
+        handles = list(self._handles)
+        results = await asyncio.gather(*(h.aclose(timeout) for h in handles), return_exceptions=True)
         self._refs.clear()
+        errors = []
+        for result in results:
+            if isinstance(result, NetchanError):
+                errors.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+        return errors
 
 
 _HELLO_TYPES: dict[str, tuple[type, ...]] = {

@@ -803,15 +803,25 @@ class Node:
     async def __aenter__(self) -> Node:
         return await self.start()
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            await self.aclose()
+        except BrokenError:
+            if exc_type is None:
+                raise
+            log.exception("while closing node %s", self.node_id)  # the block's own error goes on
 
     async def aclose(self) -> None:
-        """Close every session and listener; no task or socket outlives this."""
+        """Close every session and listener; no task or socket outlives this.
+
+        Channel handles first deliver what their owners have not confirmed yet
+        (up to 5 s); if some items could not be delivered, BrokenError is
+        raised once everything is closed.
+        """
         if self._closed:
             return
         self._closed = True
-        await self.hub.aclose()
+        undelivered = await self.hub.aclose()
         sessions = list(self._sessions)
         for session in sessions:
             session.close()
@@ -827,6 +837,8 @@ class Node:
         for listener in self._listeners:
             await listener.aclose()
         await asyncio.sleep(0.06)  # dialed paths close 50 ms after their session
+        if undelivered:
+            raise BrokenError("; ".join(map(str, undelivered)))
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

@@ -33,7 +33,7 @@ __all__ = ["Wire"]
 # handle -> owner
 WANT, ITEMS, RELEASE, DEMAND, CANCEL, TAKEN, DONE, REQUEUE, CLOSE, WITHDRAW, PUBLISH = range(1, 12)
 # owner -> handle
-GRANT, ACCEPTED, DELIVER, RECLAIM, CLOSED, END, FAIL = range(20, 27)
+GRANT, ACCEPTED, DELIVER, RECLAIM, CLOSED, END, FAIL, WITHDRAWN = range(20, 28)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()

@@ -20,7 +20,7 @@ def where(request):
 
 async def subscribe(where, owner, peer, name, **options):
     if where == "local":
-        return owner.subscribe(name)
+        return owner.subscribe(name, buffer=options.get("buffer"))
     return await peer.subscribe(name, **options)
 
 
@@ -68,25 +68,22 @@ async def test_block_policy_waits_for_the_slowest(where, memory_url):
 
 async def test_drop_oldest_and_drop_newest(where, memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
-        for policy, expect in (("drop_oldest", [7, 8, 9]), ("drop_newest", [0, 1, 2])):
-            topic = owner.topic(policy, policy=policy, buffer=3)
-            sub = await subscribe(where, owner, peer, policy, buffer=1)
+        # a subscriber's buffer of 3; remote: one message in flight, two at the owner
+        local = {"drop_oldest": [7, 8, 9], "drop_newest": [0, 1, 2]}
+        remote = {"drop_oldest": [0, 8, 9], "drop_newest": [0, 1, 2]}
+        for policy in local:
+            topic = owner.topic(policy, policy=policy, buffer=50)  # the subscriber's own buffer rules
+            sub = await subscribe(where, owner, peer, policy, buffer=3)
             await wait_for_condition(lambda topic=topic: topic.subscribers == 1)
+            await topic.publish(0)
             if where == "remote":
-                # the remote handle first takes one message into its own window
-                await topic.publish(-1)
-                assert await sub.recv() == -1
-                await wait_for_condition(lambda topic=topic: topic.subscribers == 1)
-            for i in range(10):
+                await wait_for_condition(lambda: sub._pending)  # the window's one message arrived
+            for i in range(1, 10):
                 await topic.publish(i)  # never blocks
-            assert topic.statistics()["dropped"] >= 6
+            assert topic.statistics()["dropped"] == 7
             await topic.close()
             got = [v async for v in sub]
-            if where == "local":
-                assert got == expect
-            else:  # one more may sit in the remote window
-                assert got[-3:] == expect if policy == "drop_oldest" else got[:3] == expect
-                assert len(got) <= 4
+            assert got == (local if where == "local" else remote)[policy]
 
 
 async def test_disconnect_policy_cuts_off_a_slow_subscriber(where, memory_url):
@@ -102,6 +99,25 @@ async def test_disconnect_policy_cuts_off_a_slow_subscriber(where, memory_url):
                 await asyncio.wait_for(slow.recv(), 5)
         assert [await fast.recv() for _ in range(20)] == list(range(20))
         assert topic.subscribers == 1
+
+
+async def test_closing_a_topic_fails_a_publisher_blocked_by_a_full_subscriber(where, memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        topic = owner.topic("t", policy="block")
+        sub = await subscribe(where, owner, peer, "t", buffer=2)
+        await wait_for_condition(lambda: topic.subscribers == 1)
+        task = asyncio.create_task(_publish_all(topic, 20))
+        await wait_for_condition(lambda: topic._lock.locked() and all(s.full for s in topic._subs))
+        await topic.close()
+        with pytest.raises(netchan.ClosedError):
+            await asyncio.wait_for(task, 5)
+        got = [v async for v in sub]
+        assert got == list(range(len(got))) and 2 <= len(got) < 20
+
+
+async def _publish_all(topic, n):
+    for i in range(n):
+        await topic.publish(i)
 
 
 async def test_topic_authorisation_and_types(memory_url):

@@ -419,9 +419,13 @@ class Peer:
         await handle._ready()
         return handle
 
-    async def subscribe(self, name: str, *, buffer: int = 64, codec: str | None = None,
+    async def subscribe(self, name: str, *, buffer: int | None = None, codec: str | None = None,
                         type: Any = None) -> RemoteSubscription:
-        """Subscribe to this peer's topic ``name``: an async iterator of its messages."""
+        """Subscribe to this peer's topic ``name``: an async iterator of its messages.
+
+        ``buffer``: how many messages may wait for this subscriber (in flight
+        and at the owner, where the topic's policy applies); default: the
+        topic's own buffer at the owner, plus a window of 16 in flight."""
         from .topics import RemoteSubscription
 
         sub = RemoteSubscription(self.node.hub, self, name, buffer=buffer, codec=codec, type=type)

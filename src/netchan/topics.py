@@ -261,6 +261,9 @@ class Topic:
                 pending = self._deliver(msg, pending)
                 if pending:
                     await pending[0]._wait_space()
+                    if self.closed:
+                        raise ClosedError(f"topic {self.name!r} closed before {len(pending)} blocking "
+                                          "subscribers had room for this message")
             self.published += 1
 
     def _deliver(self, msg: _Message, subs: list[Subscription]) -> list[Subscription]:
@@ -271,6 +274,7 @@ class Topic:
         self.closed = True
         for sub in list(self._subs):
             sub._end()
+            _wake_all(sub._space)  # a publisher waiting for room learns of the close
         self._hub._forget(self)
 
     def statistics(self) -> dict[str, Any]:
@@ -504,10 +508,15 @@ class RemoteSubscription(_TopicHandle):
 
     _direction = "recv"
 
-    def __init__(self, hub: ChannelHub, peer: Peer, name: str, *, buffer: int = 64,
+    def __init__(self, hub: ChannelHub, peer: Peer, name: str, *, buffer: int | None = None,
                  codec: str | None = None, type: Any = None):
         super().__init__(hub, peer, name, codec, type)
-        self.window = max(1, buffer)
+        if buffer is not None and buffer < 1:
+            raise ConfigurationError("buffer must be >= 1")
+        # ``buffer`` messages in all: a few in flight to us, the rest at the owner,
+        # where the topic's policy applies to them (None: the topic's buffer there)
+        self.window = 16 if buffer is None else max(1, min(16, buffer // 2))
+        self.buffer = None if buffer is None else max(1, buffer - self.window)
         self._pending: deque[Any] = deque()  # frames received, not yet read
         self._ended = False
         self._consumed = 0
@@ -518,6 +527,7 @@ class RemoteSubscription(_TopicHandle):
     def _hello(self) -> dict[str, Any]:
         hello = super()._hello()
         hello["window"] = self.window
+        hello["buffer"] = self.buffer
         return hello
 
     def _started(self, wire: w.Wire) -> None:

@@ -355,6 +355,26 @@ async def test_select_timeout_default_and_send_case(where, memory_url):
         assert full.statistics()["buffered"] == 0  # "no room" was never delivered
 
 
+async def test_select_is_fair_between_a_local_and_a_remote_channel(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        remote = owner.channel("r", capacity=1000)
+        local = client.channel("l", capacity=1000)
+        for i in range(200):
+            await remote.send(("r", i))
+            await local.send(("l", i))
+        hr = await peer.channel("r")
+        hr.watch()  # as select does on first use: the owner says when items wait
+        await wait_for_condition(lambda: hr._hint[0])
+        picks = [(await netchan.select(local.recv_case(), hr.recv_case(), timeout=5))[0] for _ in range(200)]
+        assert 60 < picks.count(1) < 140  # both ready every time: about half each
+        assert remote.statistics()["buffered"] == 200 - picks.count(1)
+        assert local.statistics()["buffered"] == 200 - picks.count(0)
+        # default=True takes an item that waits at a remote owner
+        empty = client.channel("e", capacity=1)
+        index, value = await netchan.select(empty.recv_case(), hr.recv_case(), default=True)
+        assert index == 1 and value[0] == "r"
+
+
 async def test_select_returns_items_of_cases_that_lost(memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
         chans = [owner.channel(f"c{i}", capacity=10) for i in range(4)]

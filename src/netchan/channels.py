@@ -16,6 +16,7 @@ arms several ops in one group, of which exactly one may claim.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -67,6 +68,8 @@ PREFETCH = 4096
 #: items per ITEMS frame at most (frames stay well under the frame limit)
 _BATCH_BYTES = 256 * 1024
 _HANDSHAKE_TIMEOUT = 10.0
+#: how long select() lets a remote case that looks ready go first
+_REMOTE_GRACE = 0.05
 
 #: a cancelled rendezvous send whose item a receiver holds: taken or withdrawn?
 _WAITING, _COMMITTED, _DONE, _CANCELLED, _WITHDRAWING = range(5)
@@ -175,6 +178,10 @@ class Channel:
     capacity: int
 
     # subclasses implement these
+    def _ready_now(self, sending: bool) -> bool:
+        """Would a send (or receive) complete at once, as far as this node knows?"""
+        return False
+
     def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
         raise NotImplementedError
 
@@ -433,9 +440,24 @@ async def select(
     group = _Group()
     order = list(range(len(cases)))
     random.shuffle(order)
+    # fairness among the cases that are ready now, wherever their channels live:
+    # one of them, at random, goes first; a remote one that looks ready (its
+    # owner says so) gets a round trip's grace before the others start
+    ready = [i for i in order if cases[i].channel._ready_now(isinstance(cases[i], SendCase))]
     ops: list[tuple[Channel, _Op]] = []
     try:
-        for i in order:
+        if ready:
+            first = ready[0]
+            order.remove(first)
+            order.insert(0, first)
+            if isinstance(cases[first].channel._target(), RemoteChannel):
+                ops.append((cases[first].channel, cases[first]._start(group, first)))
+                order.pop(0)
+                if group.winner is None:
+                    grace = _REMOTE_GRACE if deadline is None else min(_REMOTE_GRACE, _left(loop, deadline))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(group.fut), grace)
+        for i in order if group.winner is None else ():
             chan = cases[i].channel
             ops.append((chan, cases[i]._start(group, i)))
             if group.winner is not None:
@@ -547,6 +569,7 @@ class LocalChannel(Channel):
         self._origin = "o" + secrets.token_hex(6)
         self._seq = 0
         self._endpoints: set[_Endpoint] = set()
+        self._watchers: set[_Endpoint] = set()  # remote handles told of readiness
 
     def __repr__(self) -> str:
         return f"<LocalChannel {self.name!r} capacity={self.capacity} on {self._hub.node.node_id[:8]}>"
@@ -591,6 +614,19 @@ class LocalChannel(Channel):
         return Item(self._origin, self._seq, data, value)
 
     # -- ops ------------------------------------------------------------------------
+
+    def _ready_now(self, sending: bool) -> bool:
+        core = self.core
+        if sending:
+            return core.closed or (not core._hungry and core.free > 0)
+        return (bool(core.queue) and not core.receivers_waiting) or core.ended
+
+    def _readiness(self) -> tuple[bool, bool]:
+        """What remote handles that watch this channel are told: (an item is
+        waiting for a receiver, a receiver is waiting for a rendezvous sender)."""
+        core = self.core
+        return (bool(core.queue) or (self.capacity == 0 and core.senders_waiting > 0) or core.ended,
+                self.capacity == 0 and core.receivers_waiting > 0)
 
     def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
         core = self.core
@@ -727,6 +763,10 @@ class LocalChannel(Channel):
                         ep.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
                 case Reclaim():
                     core.detach(ep)
+        if self._watchers:
+            ready = self._readiness()
+            for watcher in self._watchers:
+                watcher.tell_readiness(ready)
         if core.ended and not self._endpoints:
             self._hub._forget(self)
 
@@ -786,6 +826,7 @@ class LocalChannel(Channel):
             error = exc
         finally:
             self._endpoints.discard(ep)
+            self._watchers.discard(ep)
             if ep._ack_timer is not None:
                 ep._ack_timer.cancel()
             core.lost(ep)
@@ -800,7 +841,7 @@ class _Endpoint:
     """A remote handle, as the owner's core sees it."""
 
     __slots__ = ("chan", "wire", "can_send", "can_recv", "origin", "_grant", "_ack", "_ack_sent", "_ack_timer",
-                 "_flush_scheduled")
+                 "_flush_scheduled", "_told")
 
     def __init__(self, chan: LocalChannel, wire: w.Wire, directions: set[str]) -> None:
         self.chan = chan
@@ -813,6 +854,13 @@ class _Endpoint:
         self._ack_sent = 0
         self._ack_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self._told: tuple[bool, bool] | None = None
+
+    def tell_readiness(self, ready: tuple[bool, bool]) -> None:
+        """A watching handle hears when readiness changes (edges only)."""
+        if ready != self._told:
+            self._told = ready
+            self.wire.send([w.READY, ready[0], ready[1]])
 
     # owner -> handle
     def on_event(self, ev: Any) -> None:
@@ -906,6 +954,9 @@ class _Endpoint:
             elif kind == w.CLOSE:
                 core.close()
                 self.wire.send([w.CLOSED])
+            elif kind == w.WATCH:
+                self.chan._watchers.add(self)
+                self.tell_readiness(self.chan._readiness())
             else:
                 raise RemoteProtocolError(f"unknown frame kind {kind}")
         except (IndexError, TypeError, KeyError, ValueError) as exc:
@@ -988,6 +1039,8 @@ class RemoteChannel(Channel):
         self._closed = False  # the owner said so
         self._ended = False
         self._close_waiters: list[asyncio.Future[None]] = []
+        self._watching = False  # the owner tells us of readiness (for select)
+        self._hint = (False, False)  # (an item waits for a receiver, a receiver waits)
         self.sent = 0
         self.received = 0
         hub._handles.add(self)
@@ -1087,6 +1140,9 @@ class RemoteChannel(Channel):
         self._wire = wire
         self._desire_sent = 0
         self._credit = 0
+        self._hint = (False, False)
+        if self._watching:
+            wire.send([w.WATCH])
         # items the owner may not have: send them again, in order, as credit comes
         self._resend = deque(self._unacked)
         wire.attach(self._on_frames, lambda error: self._on_wire_end(wire, error))
@@ -1158,6 +1214,8 @@ class RemoteChannel(Channel):
                             unacked.popleft()
                 if self._close_waiters:
                     _wake_all(self._close_waiters)
+            elif kind == w.READY:
+                self._hint = (bool(f[1]), bool(f[2]))
             elif kind == w.WITHDRAWN:
                 op = self._rendezvous.pop(f[1], None)
                 if op is not None and op.state == _WITHDRAWING:
@@ -1334,6 +1392,26 @@ class RemoteChannel(Channel):
             self._emit([w.WANT, desire])
 
     # -- ops ------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Ask the owner to keep this handle told whether the channel is ready
+        (select uses it to be fair between remote and local cases)."""
+        if not self._watching:
+            self._watching = True
+            if self._wire is not None:
+                self._emit([w.WATCH])
+
+    def _ready_now(self, sending: bool) -> bool:
+        self.watch()
+        if self._error is not None or self._wire is None:
+            return False
+        if sending:
+            if self._closed:
+                return True
+            if self.capacity == 0:
+                return self._hint[1] and not self._blocked
+            return self._credit > 0 and not self._blocked and not self._resend
+        return self._ended or (self._hint[0] and not self._recv_ops)
 
     def _usable(self) -> None:
         if self._error is not None:
@@ -1603,6 +1681,9 @@ class ChannelView(Channel):
 
     def _start_recv(self, group: _Group | None, index: int, process: bool) -> _Op:
         return self._t._start_recv(group, index, process)
+
+    def _ready_now(self, sending: bool) -> bool:
+        return self._t._ready_now(sending)
 
     def _cancel(self, op: _Op) -> None:
         self._t._cancel(op)

@@ -31,9 +31,9 @@ REFUSALS = (NotAllowed, SchemaMismatch, ServiceNotFound)
 __all__ = ["Wire"]
 
 # handle -> owner
-WANT, ITEMS, RELEASE, DEMAND, CANCEL, TAKEN, DONE, REQUEUE, CLOSE, WITHDRAW, PUBLISH = range(1, 12)
+WANT, ITEMS, RELEASE, DEMAND, CANCEL, TAKEN, DONE, REQUEUE, CLOSE, WITHDRAW, PUBLISH, WATCH = range(1, 13)
 # owner -> handle
-GRANT, ACCEPTED, DELIVER, RECLAIM, CLOSED, END, FAIL, WITHDRAWN = range(20, 28)
+GRANT, ACCEPTED, DELIVER, RECLAIM, CLOSED, END, FAIL, WITHDRAWN, READY = range(20, 29)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()

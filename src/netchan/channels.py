@@ -454,7 +454,7 @@ async def select(
                 ops.append((cases[first].channel, cases[first]._start(group, first)))
                 order.pop(0)
                 if group.winner is None:
-                    grace = _REMOTE_GRACE if deadline is None else min(_REMOTE_GRACE, _left(loop, deadline))
+                    grace = _REMOTE_GRACE if deadline is None else min(_REMOTE_GRACE, deadline - loop.time())
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(group.fut), grace)
         for i in order if group.winner is None else ():

@@ -375,6 +375,31 @@ async def test_select_is_fair_between_a_local_and_a_remote_channel(memory_url):
         assert index == 1 and value[0] == "r"
 
 
+async def test_a_cancelled_select_is_never_lost_and_loses_no_item(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=1000)
+        for i in range(100):
+            await chan.send(i)
+        h = await peer.channel("c")
+        empty = client.channel("e", capacity=10)
+        taken = [await netchan.select(h.recv_case(), empty.recv_case())]  # now it watches
+        for k in range(30):  # cancel at every stage: before, during, after the remote item arrives
+
+            async def one():
+                taken.append(await netchan.select(h.recv_case(), empty.recv_case()))
+                await asyncio.sleep(30)  # only a lost cancellation lets this run out
+
+            task = asyncio.create_task(one())
+            for _ in range(k):
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+        await wait_for_condition(lambda: chan.statistics()["in_process"] == 0)
+        assert chan.statistics()["buffered"] == 100 - len(taken)
+        assert [v for _, v in taken] == list(range(len(taken)))
+
+
 async def test_select_returns_items_of_cases_that_lost(memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
         chans = [owner.channel(f"c{i}", capacity=10) for i in range(4)]
@@ -635,26 +660,69 @@ async def test_a_broken_handle_resends_what_the_owner_had_not_confirmed(memory_u
         assert chan.statistics()["buffered"] == 0
 
 
-async def test_items_the_owner_had_are_dropped_on_resend_and_the_channel_still_ends(memory_url):
+async def test_a_reopened_handle_sends_nothing_the_owner_already_had(memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
-        chan = owner.channel("c", capacity=100)
+        chan = owner.channel("c", capacity=10)
         h = await peer.channel("c")
         on_frame = h._on_frame
         h._on_frame = lambda f: None if f[0] == w.ACCEPTED else on_frame(f)  # confirmations lost
         for i in range(10):
-            await h.send(i)
+            await h.send(i)  # the channel is now full
         await wait_for_condition(lambda: chan.statistics()["buffered"] == 10)
         assert h.statistics()["unconfirmed"] == 10
         h._on_frame = on_frame
         h._wire.stream._on_error(netchan.BrokenError("cut for the test"))
         await wait_for_condition(lambda: h._wire is None)
-        await h.send(10)  # reopens and resends 0..9, which the owner drops
-        await h.flush()
-        assert chan.statistics()["duplicates_dropped"] == 10
+        await h._ready()  # reopens: the owner says it has all ten
+        assert h.statistics()["unconfirmed"] == 0
+        await asyncio.wait_for(h.aclose(), 1)  # nothing owed: no wait, no error
+        assert chan.statistics()["duplicates_dropped"] == 0
         await chan.close()
-        assert [await chan.recv() for _ in range(11)] == list(range(11))
+        assert [await chan.recv() for _ in range(10)] == list(range(10))
         with pytest.raises(netchan.EndOfChannel):
-            await asyncio.wait_for(chan.recv(), 5)  # no credit stays reserved by the resend
+            await asyncio.wait_for(chan.recv(), 5)
+
+
+async def test_a_rendezvous_handle_reopens_after_its_item_was_lost_with_the_stream(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("r", capacity=0)
+        h = await peer.channel("r")
+        receiver = asyncio.create_task(chan.recv())
+        await wait_for_condition(lambda: chan.statistics()["receivers_waiting"] == 1)
+        wire, send = h._wire, h._wire.send
+
+        def lossy(frame):
+            if frame[0] == w.ITEMS:  # lost in flight, and the stream breaks
+                asyncio.get_running_loop().call_soon(wire.stream._on_error, netchan.BrokenError("cut"))
+                return
+            send(frame)
+
+        wire.send = lossy
+        with pytest.raises(netchan.BrokenError):
+            await asyncio.wait_for(h.send("lost"), 5)
+        await asyncio.wait_for(h.send("next"), 5)  # the handle reopens past the sequence it gave up
+        assert await asyncio.wait_for(receiver, 5) == "next"
+
+
+async def test_a_failed_rendezvous_item_that_a_receiver_gives_back_leaves(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("r", capacity=0)
+        sender = await peer.channel("r", direction="send")
+        receiver = await peer.channel("r", direction="recv")
+        on_frame = receiver._on_frame
+        receiver._on_frame = lambda f: None if f[0] == w.DELIVER else on_frame(f)  # holds it, untaken
+        recv_task = asyncio.create_task(receiver.recv())
+        await wait_for_condition(lambda: chan.statistics()["receivers_waiting"] == 1)
+        send_task = asyncio.create_task(sender.send("x"))
+        await wait_for_condition(lambda: chan.statistics()["in_process"] == 1)
+        sender._wire.stream._on_error(netchan.BrokenError("cut"))
+        with pytest.raises(netchan.BrokenError):
+            await asyncio.wait_for(send_task, 5)
+        await receiver.aclose()  # the receiver goes: what it held goes back... unless its send failed
+        with contextlib.suppress(netchan.ClosedError):
+            await recv_task
+        await wait_for_condition(lambda: chan.statistics()["in_process"] == 0)
+        assert chan.statistics()["buffered"] == 0  # a send that failed does not come back to life
 
 
 async def test_remote_recv_many_takes_a_batch_and_keeps_order(memory_url):

@@ -115,6 +115,28 @@ async def test_closing_a_topic_fails_a_publisher_blocked_by_a_full_subscriber(wh
         assert got == list(range(len(got))) and 2 <= len(got) < 20
 
 
+async def test_a_remote_publisher_learns_of_publications_the_closed_topic_did_not_take(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        topic = owner.topic("t")
+        pub = await peer.topic("t")
+        await pub.publish("before")
+        await pub.flush()
+        await topic.close()
+        await pub.publish("after")  # may leave before the close is known here
+        with pytest.raises(netchan.ClosedError, match="1 publications"):
+            await asyncio.wait_for(pub.flush(), 5)
+        with pytest.raises(netchan.ClosedError):
+            await pub.publish("later")
+
+
+async def test_a_remote_subscriber_cannot_make_the_owner_buffer_without_bound(memory_url):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        topic = owner.topic("t", buffer=8, policy="drop_oldest")
+        await peer.subscribe("t", buffer=10**9)
+        await wait_for_condition(lambda: topic.subscribers == 1)
+        assert [sub.buffer for sub in topic._subs] == [1024]
+
+
 async def _publish_all(topic, n):
     for i in range(n):
         await topic.publish(i)

@@ -205,18 +205,20 @@ class ChannelCore:
 
     # -- senders --------------------------------------------------------------------
 
-    def attach_sender(self, ep: Endpoint, origin: str, next_seq: int = 1) -> None:
+    def attach_sender(self, ep: Endpoint, origin: str, next_seq: int = 1) -> int:
         """Register a sender whose items carry ids ``origin:seq``, seq from ``next_seq``.
 
-        A known origin may only resume where it left off (a resend starts at or
-        before the next sequence we expect), so nobody can skip its numbers.
+        Returns the highest sequence of ``origin`` already in the channel: a
+        sender that reconnects drops its copies up to there and resends from
+        the next one (no credit is needed for what arrived before).  An origin
+        may skip ahead (sequences it gave up on, such as failed rendezvous
+        sends); the ones it skipped count as seen.
         """
         accepted = self._accepted_upto
         upto = accepted.get(origin, 0)
-        if next_seq > upto + 1 and origin in accepted:
-            raise RemoteProtocolError(f"origin {origin} resumes at {next_seq}, after {upto}")
-        self._senders[ep] = _Sender(origin, max(next_seq, 1))
-        accepted[origin] = upto
+        start = max(next_seq, upto + 1, 1)
+        self._senders[ep] = _Sender(origin, start)
+        accepted[origin] = start - 1
         accepted.move_to_end(origin)
         if len(accepted) > MAX_ORIGINS:
             # forget the longest-unused origins that no attached sender has
@@ -226,6 +228,7 @@ class ChannelCore:
                     del accepted[old]
         if self.closed:
             self.events.append(Closed(ep))
+        return start - 1
 
     def want(self, ep: Endpoint, desire: int) -> None:
         """The sender would like to hold ``desire`` unused credits (a standing request)."""
@@ -503,9 +506,10 @@ class ChannelCore:
     def _to_head(self, item: Item) -> None:
         """Put a returned item back at the head, after returned items older than it
         (so items given back one by one keep their order)."""
-        if item.withdrawn and item.sender is not None:
-            self.events.append(Withdrawn(item.sender, item.seq))  # its send was cancelled
-            item.sender = None
+        if item.withdrawn:
+            if item.sender is not None:
+                self.events.append(Withdrawn(item.sender, item.seq))  # its send was cancelled
+                item.sender = None
             return
         queue = self.queue
         i = 0
@@ -547,9 +551,16 @@ class ChannelCore:
         if s is not None:
             self._reserved -= s.credit
             self._hungry.pop(ep, None)
-            if self.capacity == 0 and self.queue:
-                # its rendezvous sends fail: the items nobody took leave with it
-                self.queue = deque(it for it in self.queue if it.sender is not ep)
+            if self.capacity == 0:
+                # its rendezvous sends fail: the items nobody took leave with it,
+                # and those a receiver holds leave if they are given back
+                if self.queue:
+                    self.queue = deque(it for it in self.queue if it.sender is not ep)
+                for owed_by in self._owed.values():
+                    for it in owed_by.values():
+                        if it.sender is ep:
+                            it.withdrawn = True
+                            it.sender = None
         self.cancel_demand(ep, self._demand_total)
         owed = self._owed.pop(ep, None)
         if owed:

@@ -455,8 +455,8 @@ async def select(
                 order.pop(0)
                 if group.winner is None:
                     grace = _REMOTE_GRACE if deadline is None else min(_REMOTE_GRACE, deadline - loop.time())
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(group.fut), grace)
+                    # (asyncio.wait, not wait_for: a cancellation is never lost)
+                    await asyncio.wait({group.fut}, timeout=max(0.0, grace))
         for i in order if group.winner is None else ():
             chan = cases[i].channel
             ops.append((chan, cases[i]._start(group, i)))
@@ -467,10 +467,9 @@ async def select(
         if group.winner is None:
             if default:
                 return None, None
-            try:
-                await asyncio.wait_for(asyncio.shield(group.fut), _left(loop, deadline))
-            except asyncio.TimeoutError:
-                raise Timeout(f"no case of select() was ready within {timeout:g} s") from None
+            done, _ = await asyncio.wait({group.fut}, timeout=_left(loop, deadline))
+            if not done:
+                raise Timeout(f"no case of select() was ready within {timeout:g} s")
     except BaseException:
         winner = group.winner
         if winner is not None:
@@ -491,7 +490,8 @@ async def select(
     win_chan = cases[winner.index].channel
     try:
         # a rendezvous send waits for its taker: within the same deadline
-        result = await asyncio.wait_for(win_chan._complete(winner), _left(loop, deadline))
+        async with asyncio.timeout(_left(loop, deadline)):
+            result = await win_chan._complete(winner)
     except asyncio.TimeoutError:
         raise Timeout(f"the send chosen by select() was not taken within {timeout:g} s") from None
     return winner.index, (result[1] if isinstance(cases[winner.index], RecvCase) else None)
@@ -507,13 +507,14 @@ async def _withdrawal(op: _Op) -> None:
     while op.state == _WITHDRAWING:
         op.fut = loop.create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(op.fut), max(0.0, deadline - loop.time()))
+            done, _ = await asyncio.wait({op.fut}, timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
             continue
-        except asyncio.TimeoutError:
+        if not done:
             op.finish(error=BrokenError("a cancelled rendezvous send: its owner did not say whether it "
                                         "was delivered"))
-            raise op.error from None  # type: ignore[misc]
+            _cancel_later()  # the cancellation is still owed to the caller
+            raise op.error  # type: ignore[misc]
 
 
 def _cancel_later() -> None:
@@ -586,7 +587,7 @@ class LocalChannel(Channel):
         core = self.core
         if core.queue and not core.receivers_waiting:  # the common case, without an op
             item = core.take_one()
-            if core.events:
+            if core.events or self._watchers:
                 self._pump()
             return item.value
         return await Channel.recv(self)
@@ -600,11 +601,11 @@ class LocalChannel(Channel):
             if max_items == 1 or not core.queue or core.receivers_waiting:
                 return [first]
             items = core.take_many(max_items - 1)
-            if core.events:
+            if core.events or self._watchers:
                 self._pump()
             return [first, *(item.value for item in items)]
         items = core.take_many(max_items)
-        if core.events:
+        if core.events or self._watchers:
             self._pump()
         return [item.value for item in items]
 
@@ -797,14 +798,17 @@ class LocalChannel(Channel):
     async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
         ep = _Endpoint(self, wire, directions)
         core = self.core
+        accepted = 0
         if "send" in directions:
             # origins are per authenticated peer: no node can speak for another's items
             origin = f"{peer.node_id[:16]}.{hello.get('origin') or ep.origin}"
-            core.attach_sender(ep, origin, hello.get("next_seq") or 1)
+            accepted = core.attach_sender(ep, origin, hello.get("next_seq") or 1)
         self._endpoints.add(ep)
+        # ``accepted``: this sender's items up to there arrived before (a handle
+        # that reopens drops those copies instead of sending them again)
         wire.send({"ok": True, "dir": sorted(directions), "capacity": self.capacity,
                    "codec": self.codec.name, "schema": self.codec.schema,
-                   "max_message": self.codec.max_message})
+                   "max_message": self.codec.max_message, "accepted": accepted})
         self._pump()
         ended: asyncio.Future[NetchanError] = asyncio.get_running_loop().create_future()
 
@@ -829,6 +833,8 @@ class LocalChannel(Channel):
             self._watchers.discard(ep)
             if ep._ack_timer is not None:
                 ep._ack_timer.cancel()
+            if ep._ready_timer is not None:
+                ep._ready_timer.cancel()
             core.lost(ep)
             self._pump()
         if isinstance(error, ProtocolError):
@@ -841,7 +847,7 @@ class _Endpoint:
     """A remote handle, as the owner's core sees it."""
 
     __slots__ = ("chan", "wire", "can_send", "can_recv", "origin", "_grant", "_ack", "_ack_sent", "_ack_timer",
-                 "_flush_scheduled", "_told")
+                 "_flush_scheduled", "_told", "_ready", "_ready_timer")
 
     def __init__(self, chan: LocalChannel, wire: w.Wire, directions: set[str]) -> None:
         self.chan = chan
@@ -855,10 +861,22 @@ class _Endpoint:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._told: tuple[bool, bool] | None = None
+        self._ready: tuple[bool, bool] = (False, False)
+        self._ready_timer: asyncio.TimerHandle | None = None
 
-    def tell_readiness(self, ready: tuple[bool, bool]) -> None:
-        """A watching handle hears when readiness changes (edges only)."""
-        if ready != self._told:
+    def tell_readiness(self, ready: tuple[bool, bool], now: bool = False) -> None:
+        """A watching handle hears when readiness changes: at most one READY per
+        ``_READY_EVERY`` (a busy channel flips its readiness item by item)."""
+        self._ready = ready
+        if now:
+            self._send_readiness()
+        elif ready != self._told and self._ready_timer is None:
+            self._ready_timer = asyncio.get_running_loop().call_later(_READY_EVERY, self._send_readiness)
+
+    def _send_readiness(self) -> None:
+        self._ready_timer = None
+        ready = self._ready
+        if ready != self._told and not self.wire.closing:
             self._told = ready
             self.wire.send([w.READY, ready[0], ready[1]])
 
@@ -956,7 +974,7 @@ class _Endpoint:
                 self.wire.send([w.CLOSED])
             elif kind == w.WATCH:
                 self.chan._watchers.add(self)
-                self.tell_readiness(self.chan._readiness())
+                self.tell_readiness(self.chan._readiness(), now=True)
             else:
                 raise RemoteProtocolError(f"unknown frame kind {kind}")
         except (IndexError, TypeError, KeyError, ValueError) as exc:
@@ -966,6 +984,8 @@ class _Endpoint:
 #: a sender's items are acknowledged every this many, or after this delay
 _ACK_EVERY = 256
 _ACK_DELAY = 0.005
+#: watching handles hear of readiness changes at most this often
+_READY_EVERY = 0.002
 
 _SEND_FRAMES = frozenset({w.WANT, w.ITEMS, w.RELEASE, w.CLOSE, w.WITHDRAW})
 _RECV_FRAMES = frozenset({w.DEMAND, w.CANCEL, w.TAKEN, w.DONE, w.REQUEUE})
@@ -1120,6 +1140,9 @@ class RemoteChannel(Channel):
         except w.REFUSALS as exc:
             self._error = exc
             raise
+        if self._error is not None:  # closed while it opened
+            wire.abort()
+            raise self._error.with_traceback(None)
         try:
             self.capacity = int(reply["capacity"])
             directions = set(reply["dir"])
@@ -1143,7 +1166,16 @@ class RemoteChannel(Channel):
         self._hint = (False, False)
         if self._watching:
             wire.send([w.WATCH])
-        # items the owner may not have: send them again, in order, as credit comes
+        accepted = reply.get("accepted")
+        if isinstance(accepted, int) and not isinstance(accepted, bool):
+            if self.capacity != 0:
+                while self._unacked and self._unacked[0][0] <= accepted:
+                    self._unacked.popleft()  # it arrived; only its confirmation was lost
+            if not self._unacked:
+                self._next_seq = max(self._next_seq, accepted + 1)
+            if self._close_waiters:
+                _wake_all(self._close_waiters)
+        # items the owner does not have: send them again, in order, as credit comes
         self._resend = deque(self._unacked)
         wire.attach(self._on_frames, lambda error: self._on_wire_end(wire, error))
         if self._resend or self._blocked:
@@ -1844,11 +1876,11 @@ class ChannelHub:
         results = await asyncio.gather(*(h.aclose(timeout) for h in handles), return_exceptions=True)
         self._refs.clear()
         errors = []
-        for result in results:
+        for handle, result in zip(handles, results):
             if isinstance(result, NetchanError):
                 errors.append(result)
             elif isinstance(result, BaseException):
-                raise result
+                log.error("closing %r: %r", handle, result)  # the node closes all the same
         return errors
 
 

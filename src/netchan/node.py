@@ -825,7 +825,12 @@ class Node:
         if self._closed:
             return
         self._closed = True
-        undelivered = await self.hub.aclose()
+        undelivered: list[NetchanError] = []
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            undelivered = await self.hub.aclose()
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # no more waiting for handles: close the rest, then re-raise
         sessions = list(self._sessions)
         for session in sessions:
             session.close()
@@ -841,6 +846,8 @@ class Node:
         for listener in self._listeners:
             await listener.aclose()
         await asyncio.sleep(0.06)  # dialed paths close 50 ms after their session
+        if cancelled is not None:
+            raise cancelled
         if undelivered:
             raise BrokenError("; ".join(map(str, undelivered)))
 

@@ -49,6 +49,8 @@ log = logging.getLogger("netchan.topics")
 POLICIES = ("block", "drop_oldest", "drop_newest", "disconnect")
 #: messages a publishing handle may have unconfirmed before publish() waits
 PUBLISH_WINDOW = 256
+#: a remote subscriber may ask for a buffer this large at the owner (or the topic's own, if larger)
+MAX_REMOTE_BUFFER = 1024
 
 
 class _Message:
@@ -292,7 +294,9 @@ class Topic:
     async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
         if "recv" in directions:
             window = min(_count(hello.get("window") or 16), 1024)  # the subscriber does not set our memory
-            sub = self.subscribe(_count(hello.get("buffer") or self.buffer) or self.buffer)
+            # the subscriber's own buffer, within what this topic allows one subscriber
+            asked = _count(hello.get("buffer") or self.buffer) or self.buffer
+            sub = self.subscribe(min(asked, max(self.buffer, MAX_REMOTE_BUFFER)))
             wire.send({"ok": True, "dir": ["recv"], "codec": self.codec.name, "schema": self.codec.schema})
             await self._push(wire, sub, window)
         else:
@@ -349,11 +353,14 @@ class Topic:
                 kind, f = w.check_frame(frame)
                 if kind != w.PUBLISH or len(f) != 3 or not isinstance(f[2], bytes):
                     raise RemoteProtocolError(f"unexpected frame {kind} from a publisher")
-                if self.closed:
-                    wire.send([w.CLOSED])
-                    continue
-                await self._publish(f[2], codec.decode(f[2]))
-                wire.send([w.ACCEPTED, f[1]])
+                if not self.closed:
+                    try:
+                        await self._publish(f[2], codec.decode(f[2]))
+                        wire.send([w.ACCEPTED, f[1]])
+                        continue
+                    except ClosedError:
+                        pass  # closed while it waited for a full subscriber
+                wire.send([w.CLOSED, f[1]])  # this publication was not delivered
 
 
 async def _first(coro: Any, reader: asyncio.Task[None]) -> Any:
@@ -441,6 +448,7 @@ class RemoteTopic(_TopicHandle):
         self._acked = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
+        self._refused = 0  # publications the owner did not deliver: the topic had closed
         self._reader: asyncio.Task[None] | None = None
 
     def _started(self, wire: w.Wire) -> None:
@@ -455,6 +463,8 @@ class RemoteTopic(_TopicHandle):
                         self._acked = max(self._acked, int(f[1]))
                     elif kind == w.CLOSED:
                         self._closed = True
+                        self._refused += 1
+                        self._acked = max(self._acked, int(f[1]))
                     elif kind == w.FAIL:
                         raise error_from_code(int(f[1]), str(f[2]))
                 _wake_all(self._waiters)
@@ -488,19 +498,28 @@ class RemoteTopic(_TopicHandle):
             raise self._error.with_traceback(None)
 
     async def flush(self) -> None:
-        """Until the owner has taken every publication so far."""
-        while self._acked < self._seq and not self._closed:
+        """Until the owner has taken every publication so far; ClosedError if the
+        topic closed before some of them were delivered."""
+        while self._acked < self._seq:
             await self._wait()
+        if self._refused:
+            n, self._refused = self._refused, 0
+            raise ClosedError(f"topic {self.name!r} closed before {n} publications were delivered")
 
     async def aclose(self) -> None:
+        refused = None
         if self._wire is not None and self._error is None:
             try:
-                await self.flush()
-            except NetchanError:
+                await asyncio.wait_for(self.flush(), 5.0)
+            except ClosedError as exc:
+                refused = exc
+            except (NetchanError, asyncio.TimeoutError):
                 pass
         if self._reader is not None:
             self._reader.cancel()
         await super().aclose()
+        if refused is not None:
+            raise refused
 
 
 class RemoteSubscription(_TopicHandle):

@@ -1,11 +1,20 @@
-"""Chaos tools: a TCP proxy that cuts its connections on a schedule.
+"""Chaos tools: proxies that break what they carry, on a schedule or on demand.
 
-Like the proxy used to test Turbo Tunnel, :class:`TcpCutter` forwards every
-connection it accepts to a target and terminates all of them every
-``cut_every`` seconds (or at random intervals in a range, reproducibly with a
-seed), or whenever :meth:`TcpCutter.cut` is called; :meth:`TcpCutter.stall`
-silently stops the live connections instead, like a path that went dark.  Tests and the demo use it
-to prove that sessions survive broken carriers.
+* :class:`TcpCutter` forwards every connection it accepts to a target and,
+  like the proxy used to test Turbo Tunnel, terminates all of them every
+  ``cut_every`` seconds (or at random intervals in a range, reproducibly with
+  a seed), or whenever :meth:`TcpCutter.cut` is called.  :meth:`TcpCutter.stall`
+  silently stops the live connections instead, and ``blackhole = True`` stops
+  every connection, new ones too, until it is cleared: a path that went dark.
+* :class:`UdpChaos` forwards datagrams to a target (one upstream socket per
+  client, like a NAT) with loss, delay, jitter, duplication and reordering,
+  each direction with its own seeded generator; ``blackhole = True`` drops
+  everything until cleared, and :meth:`UdpChaos.rebind` gives every client a
+  new upstream source port (a NAT rebinding).
+
+Both run from tests (``async with``) and from the command line
+(``netchan chaos tcp|udp``).  Tests and the demo use them to prove that
+sessions survive broken carriers.
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+from typing import Any
 
-__all__ = ["TcpCutter"]
+from .faults import Faults
+
+__all__ = ["TcpCutter", "UdpChaos"]
 
 
 class _Pipe(asyncio.Protocol):
@@ -32,6 +44,8 @@ class _Pipe(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.cutter._pipes.add(self)
+        if self.cutter.blackhole:
+            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self.cutter.bytes_forwarded += len(data)
@@ -54,6 +68,8 @@ class _Pipe(asyncio.Protocol):
             self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.cutter.blackhole:
+            return
         if self.other is not None and self.other.transport is not None:
             self.other.transport.resume_reading()
 
@@ -87,6 +103,7 @@ class TcpCutter:
         self.rng = random.Random(seed)
         self.cuts = 0
         self.stalls = 0
+        self._blackhole = False
         self.connections = 0
         self.bytes_forwarded = 0
         self._pipes: set[_Pipe] = set()
@@ -142,6 +159,22 @@ class TcpCutter:
             await asyncio.sleep(self._interval())
             self.cut()
 
+    @property
+    def blackhole(self) -> bool:
+        """While True nothing crosses: live and new connections stay open but
+        silent (what is sent waits in their buffers, as on a dead network)."""
+        return self._blackhole
+
+    @blackhole.setter
+    def blackhole(self, on: bool) -> None:
+        self._blackhole = on
+        for pipe in list(self._pipes):
+            if pipe.transport is not None and not pipe.transport.is_closing():
+                if on:
+                    pipe.transport.pause_reading()
+                else:
+                    pipe.transport.resume_reading()
+
     def stall(self) -> int:
         """Stop forwarding on every live connection without closing it (a
         blackhole); new connections flow normally.  Returns how many stalled."""
@@ -176,6 +209,195 @@ class TcpCutter:
             await self._server.wait_closed()
 
     async def __aenter__(self) -> TcpCutter:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+# -- UDP ----------------------------------------------------------------------------------
+
+
+class _Front(asyncio.DatagramProtocol):
+    """The proxy's listening socket: datagrams from clients."""
+
+    def __init__(self, chaos: UdpChaos) -> None:
+        self.chaos = chaos
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.chaos._from_client(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors from clients that went away: nothing to do
+
+
+class _Back(asyncio.DatagramProtocol):
+    """One client's upstream socket: datagrams from the target, for that client."""
+
+    def __init__(self, chaos: UdpChaos, client: Any) -> None:
+        self.chaos = chaos
+        self.client = client
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.chaos._backs.get(self.client) is self:
+            self.chaos._to_client(data, self.client)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # the target is not listening (yet): datagrams are lost, as UDP's are
+
+
+class UdpChaos:
+    """Forward UDP from ``listen`` to ``target`` through :class:`netchan.faults.Faults`.
+
+    ``loss``, ``duplicate`` and ``reorder`` are fractions 0..1, ``delay`` and
+    ``jitter`` seconds; they apply in both directions, each direction with its
+    own generator derived from ``seed``.  The settings stay live:
+    ``chaos.up`` (client to target) and ``chaos.down`` are the two
+    :class:`Faults`; ``chaos.blackhole = True`` drops everything both ways.
+    """
+
+    def __init__(
+        self,
+        target: tuple[str, int],
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+        *,
+        loss: float = 0.0,
+        delay: float = 0.0,
+        jitter: float = 0.0,
+        duplicate: float = 0.0,
+        reorder: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        self.target = target
+        self.listen = listen
+        base = Faults(loss=loss, delay=delay, jitter=jitter, duplicate=duplicate, reorder=reorder)
+        rng = random.Random(seed)
+        self.up = base.copy(seed=rng.randrange(1 << 62) if seed is not None else None)
+        self.down = base.copy(seed=rng.randrange(1 << 62) if seed is not None else None)
+        self.rebinds = 0
+        self._front: asyncio.DatagramTransport | None = None
+        self._backs: dict[Any, _Back] = {}
+        self._waiting: dict[Any, list[bytes]] = {}  # client -> datagrams until its upstream is open
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def blackhole(self) -> bool:
+        return self.up.cut and self.down.cut
+
+    @blackhole.setter
+    def blackhole(self, on: bool) -> None:
+        self.up.cut = self.down.cut = on
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._front is not None
+        return self._front.get_extra_info("sockname")[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"udp://{host}:{port}"
+
+    @property
+    def clients(self) -> int:
+        return len(self._backs)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "clients": self.clients,
+            "up_delivered": self.up.delivered,
+            "up_dropped": self.up.dropped,
+            "down_delivered": self.down.delivered,
+            "down_dropped": self.down.dropped,
+            "blackhole": self.blackhole,
+            "rebinds": self.rebinds,
+        }
+
+    async def start(self) -> UdpChaos:
+        loop = asyncio.get_running_loop()
+        self._front, _ = await loop.create_datagram_endpoint(lambda: _Front(self), local_addr=self.listen)
+        return self
+
+    def rebind(self) -> None:
+        """Every client gets a new upstream socket: the target sees a new source address."""
+        for client, back in list(self._backs.items()):
+            del self._backs[client]
+            if back.transport is not None:
+                back.transport.close()
+            self._open_back(client)
+        self.rebinds += 1
+
+    def _open_back(self, client: Any) -> None:
+        self._waiting.setdefault(client, [])
+        task = asyncio.get_running_loop().create_task(self._connect(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, client: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, back = await loop.create_datagram_endpoint(lambda: _Back(self, client), remote_addr=self.target)
+        except OSError:
+            self._waiting.pop(client, None)
+            return
+        if self._closed:
+            back.transport.close()  # type: ignore[union-attr]
+            return
+        self._backs[client] = back
+        for data in self._waiting.pop(client, []):
+            back.transport.sendto(data)  # type: ignore[union-attr]
+
+    def _from_client(self, data: bytes, client: Any) -> None:
+        loop = asyncio.get_running_loop()
+        for delay, packet in self.up.plan([data]):
+            if delay > 0:
+                loop.call_later(delay, self._send_up, packet, client)
+            else:
+                self._send_up(packet, client)
+
+    def _send_up(self, data: bytes, client: Any) -> None:
+        if self._closed:
+            return
+        back = self._backs.get(client)
+        if back is not None and back.transport is not None:
+            back.transport.sendto(data)
+        elif client in self._waiting:
+            self._waiting[client].append(data)
+        else:
+            self._waiting[client] = [data]
+            self._open_back(client)
+
+    def _to_client(self, data: bytes, client: Any) -> None:
+        loop = asyncio.get_running_loop()
+        for delay, packet in self.down.plan([data]):
+            if delay > 0:
+                loop.call_later(delay, self._send_down, packet, client)
+            else:
+                self._send_down(packet, client)
+
+    def _send_down(self, data: bytes, client: Any) -> None:
+        if not self._closed and self._front is not None:
+            self._front.sendto(data, client)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        for back in self._backs.values():
+            if back.transport is not None:
+                back.transport.close()
+        self._backs.clear()
+        if self._front is not None:
+            self._front.close()
+
+    async def __aenter__(self) -> UdpChaos:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -12,6 +12,7 @@ import time
 
 from . import DEFAULT_ENGINE, ENGINES
 from .errors import NetchanError
+from .faults import parse_fraction, parse_seconds
 from .identity import Identity
 from .node import ANY, PING_SERVICE, Node, echo_service
 
@@ -163,6 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: _run(_demo(a), a.engine))
 
+    p = sub.add_parser("chaos", help="a proxy that breaks what it carries (for testing)")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    for kind in ("tcp", "udp"):
+        k = kinds.add_parser(kind, help="TCP proxy that cuts connections" if kind == "tcp"
+                             else "UDP proxy with loss, delay, jitter, duplication, reordering")
+        k.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), metavar="HOST:PORT")
+        k.add_argument("--to", type=_hostport, required=True, metavar="HOST:PORT", help="where to forward")
+        k.add_argument("--seed", type=int, default=None, help="replay the same faults")
+        k.add_argument("--report", type=_arg(parse_seconds), default=0.0, metavar="SECONDS",
+                       help="print counters this often (default: never)")
+        if kind == "tcp":
+            k.add_argument("--cut-every", type=_interval, default=None, metavar="T|LOW-HIGH",
+                           help="cut every connection every T (e.g. 2s), or at random in LOW-HIGH")
+        else:
+            for name, help_ in (("loss", "fraction dropped (5%% or 0.05)"), ("duplicate", "fraction sent twice"),
+                                ("reorder", "fraction held back so later packets overtake them")):
+                k.add_argument(f"--{name}", type=_arg(parse_fraction), default=0.0, help=help_)
+            k.add_argument("--delay", type=_arg(parse_seconds), default=0.0, help="added one way (e.g. 20ms)")
+            k.add_argument("--jitter", type=_arg(parse_seconds), default=0.0, help="random extra delay, up to this")
+        k.set_defaults(func=lambda a: _run(_chaos(a)))
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -172,6 +194,84 @@ def main(argv: list[str] | None = None) -> int:
         # qh3 logs every peer-initiated close as a warning; that is routine here
         logging.getLogger("quic").setLevel(logging.ERROR)
     return args.func(args)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: write HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _interval(text: str) -> float | tuple[float, float]:
+    """``2s`` or a range ``0.5s-2s``."""
+    from .faults import parse_seconds
+
+    low, sep, high = text.partition("-")
+    try:
+        return (parse_seconds(low), parse_seconds(high)) if sep else parse_seconds(text)
+    except NetchanError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _arg(parse):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except NetchanError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+async def _chaos(args: argparse.Namespace) -> int:
+    """Run a chaos proxy until interrupted; SIGUSR1 toggles a blackhole, SIGUSR2 cuts (tcp)."""
+    from .chaos import TcpCutter, UdpChaos
+
+    proxy: TcpCutter | UdpChaos
+    if args.kind == "tcp":
+        proxy = TcpCutter(args.to, args.listen, cut_every=args.cut_every, seed=args.seed)
+    else:
+        proxy = UdpChaos(args.to, args.listen, loss=args.loss, delay=args.delay, jitter=args.jitter,
+                         duplicate=args.duplicate, reorder=args.reorder, seed=args.seed)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+
+    def toggle() -> None:
+        proxy.blackhole = not proxy.blackhole
+        print(f"blackhole {'on' if proxy.blackhole else 'off'}", flush=True)
+
+    def cut() -> None:
+        if isinstance(proxy, TcpCutter):
+            print(f"cut {proxy.cut()} connections", flush=True)
+
+    async with proxy:
+        host, port = proxy.address
+        print(f"chaos {args.kind} {args.kind}://{host}:{port} -> {args.to[0]}:{args.to[1]} "
+              "(SIGUSR1: blackhole on/off" + (", SIGUSR2: cut now)" if args.kind == "tcp" else ")"), flush=True)
+        loop.add_signal_handler(signal.SIGUSR1, toggle)
+        loop.add_signal_handler(signal.SIGUSR2, cut)
+        def finish() -> None:
+            if not stop.done():
+                stop.set_result(None)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, finish)
+        try:
+            while not stop.done():
+                await asyncio.wait([stop], timeout=args.report or None)
+                if args.report and not stop.done():
+                    if isinstance(proxy, TcpCutter):
+                        print(f"connections {proxy.connections}  cuts {proxy.cuts}  "
+                              f"bytes {proxy.bytes_forwarded}", flush=True)
+                    else:
+                        st = proxy.statistics()
+                        print(f"clients {st['clients']}  up {st['up_delivered']} passed {st['up_dropped']} dropped"
+                              f"  down {st['down_delivered']} passed {st['down_dropped']} dropped", flush=True)
+        finally:
+            for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    return 0
 
 
 async def _demo(args: argparse.Namespace) -> int:

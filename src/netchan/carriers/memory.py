@@ -16,10 +16,9 @@ test replays the same drops.
 from __future__ import annotations
 
 import asyncio
-import random
-from dataclasses import dataclass, field
 
 from ..errors import ConfigurationError
+from ..faults import Faults as _Faults
 from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
 
 __all__ = ["MemoryCarrier", "Faults", "faults", "DEFAULT_PACKET_SIZE"]
@@ -27,29 +26,8 @@ __all__ = ["MemoryCarrier", "Faults", "faults", "DEFAULT_PACKET_SIZE"]
 DEFAULT_PACKET_SIZE = 1350
 
 
-@dataclass
-class Faults:
-    """What the memory network does to packets.  Probabilities are 0..1."""
-
-    loss: float = 0.0
-    delay: float = 0.0
-    jitter: float = 0.0
-    duplicate: float = 0.0
-    reorder: float = 0.0
-    cut: bool = False
-    seed: int | None = None
-    rng: random.Random = field(default_factory=random.Random, repr=False)
-    delivered: int = 0
-    dropped: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("loss", "duplicate", "reorder"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigurationError(f"{name} must be between 0 and 1")
-        if self.delay < 0 or self.jitter < 0:
-            raise ConfigurationError("delay and jitter must be >= 0")
-        if self.seed is not None:
-            self.rng.seed(self.seed)
+class Faults(_Faults):
+    """What the memory network does to packets (see :class:`netchan.faults.Faults`)."""
 
     @classmethod
     def from_url(cls, url: CarrierURL) -> Faults:
@@ -66,30 +44,16 @@ class Faults:
     def transmit(self, packets: list[bytes], sink: PacketSink, path: PacketPath) -> None:
         """Send ``packets`` to ``sink`` as arriving on ``path``, applying the faults."""
         loop = asyncio.get_running_loop()
-        if self.cut:
-            self.dropped += len(packets)
-            return
-        simple = not (self.loss or self.delay or self.jitter or self.duplicate or self.reorder)
-        if simple:
+        if self.clean:
             self.delivered += len(packets)
             loop.call_soon(_deliver, sink, list(packets), path)
             return
-        rng = self.rng
         now_batch: list[bytes] = []
-        for p in packets:
-            if self.loss and rng.random() < self.loss:
-                self.dropped += 1
-                continue
-            copies = 2 if self.duplicate and rng.random() < self.duplicate else 1
-            for _ in range(copies):
-                delay = self.delay + (rng.random() * self.jitter if self.jitter else 0.0)
-                if self.reorder and rng.random() < self.reorder:
-                    delay += max(self.delay, 0.001) * 2  # let later packets overtake it
-                self.delivered += 1
-                if delay <= 0:
-                    now_batch.append(p)
-                else:
-                    loop.call_later(delay, _deliver, sink, [p], path)
+        for delay, p in self.plan(packets):
+            if delay <= 0:
+                now_batch.append(p)
+            else:
+                loop.call_later(delay, _deliver, sink, [p], path)
         if now_batch:
             loop.call_soon(_deliver, sink, now_batch, path)
 

@@ -12,8 +12,8 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from . import carriers
 from .carriers.base import Listener, PacketPath
@@ -29,6 +29,8 @@ from .errors import (
     Timeout,
 )
 from .identity import Identity, check_node_id
+from .multipath import MultiPath, PathInfo
+from .pathsched import MODES, PathDown, PathUp, answer_for
 from .session import (
     Authenticated,
     ConnectionIdIssued,
@@ -55,6 +57,22 @@ __all__ = ["Node", "Peer", "Stream", "ANY", "PING_SERVICE", "echo_service"]
 log = logging.getLogger("netchan")
 
 _CID_LEN = 8  # both engines' default connection id length
+#: a listening session keeps mirroring to another path of its peer this long
+#: after that path last carried an authentic packet
+_MIRROR_WINDOW = 0.5
+#: path probes a node answers per second, all peers together
+_PROBE_ANSWERS_PER_S = 4000
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """Something that happened to a peer: ``kind`` is "peer up", "peer down",
+    "path up" or "path down"; ``path`` names the path, ``detail`` says why."""
+
+    kind: str
+    peer_id: str
+    path: str | None = None
+    detail: str | None = None
 _MAX_HALF_OPEN = 256  # server sessions still authenticating, per node
 
 
@@ -360,6 +378,19 @@ class Peer:
         return self._session.path.label
 
     @property
+    def paths(self) -> list[PathInfo]:
+        """Each path of this session: carrier, state, round-trip time, whether in use.
+
+        A session dialed with several URLs probes each one; otherwise the one
+        path is shown as up while the session is."""
+        path = self._session.path
+        if isinstance(path, MultiPath):
+            return path.info()
+        label = path.label
+        return [PathInfo(url=label, carrier=label.split(" ", 1)[0], state="down" if self.closed else "up",
+                         rtt=None, loss=0.0, active=not self.closed, error=path.last_error)]
+
+    @property
     def max_datagram_size(self) -> int:
         """Largest datagram payload for a service name of up to 16 bytes."""
         return self._session.core.max_datagram_payload("x" * 16)
@@ -486,6 +517,9 @@ class _Session:
         self._timer_at = 0.0
         self._tx_scheduled = False
         self._generation = 0
+        #: listening side: other paths that carried authentic packets lately
+        #: (a peer that mirrors sends on all of them: so do we, while it does)
+        self.alt_paths: dict[PacketPath, float] = {}
 
     # -- PacketSink -----------------------------------------------------------
 
@@ -501,7 +535,11 @@ class _Session:
             if owner is None or owner is self:
                 path.confirm()
                 if path is not self.path:
-                    # the peer moved (a new UDP source, say): answer there from now on
+                    # the peer moved (a new UDP source, say, or another of its
+                    # paths): answer there from now on, and on the old one too
+                    # while it keeps carrying authentic packets
+                    self.alt_paths[self.path] = self.loop.time()
+                    self.alt_paths.pop(path, None)
                     self.node._move_path(self, path)
         self._process_events()
         # at the end of this turn: tasks woken by these packets run first, so
@@ -530,6 +568,8 @@ class _Session:
             packets = core.packets_to_send(self.loop.time())
             if packets:
                 path.send_packets(packets)
+                if self.alt_paths:
+                    self._mirror(packets)
         if self._blocked:
             self._wake_writers()
         if self._slot_waiters and core.can_open_stream():
@@ -540,6 +580,14 @@ class _Session:
             self._finish()
         else:
             self._arm_timer()
+
+    def _mirror(self, packets: list[bytes]) -> None:
+        horizon = self.loop.time() - _MIRROR_WINDOW
+        for alt, seen in list(self.alt_paths.items()):
+            if seen < horizon:
+                del self.alt_paths[alt]
+            elif alt.writable:
+                alt.send_packets(packets)
 
     def _arm_timer(self) -> None:
         at = self.core.get_timer()
@@ -684,7 +732,7 @@ class _Session:
             self.ready.set_exception(error)
             self.ready.exception()  # retrieved: connect() may have given up already
         if self.peer is not None:
-            log.info("peer %s down: %s", self.peer_id, error)
+            self.node._emit(PeerEvent("peer down", self.peer_id or "", self.path.label, str(error)))
 
     def _finish(self) -> None:
         """The core is closed: flush its last packets, stop the timer, let go."""
@@ -761,6 +809,9 @@ class Node:
         self._started = False
         self._closed = False
         self.packets_dropped = 0
+        self._event_queues: list[tuple[deque[PeerEvent | None], list[asyncio.Future[None]]]] = []
+        self._probe_budget = _PROBE_ANSWERS_PER_S
+        self._probe_refill = 0.0
 
     @property
     def node_id(self) -> str:
@@ -951,8 +1002,15 @@ class Node:
 
     # -- dialing --------------------------------------------------------------------
 
-    async def connect(self, url: str, node_id: str, *, timeout: float | None = None) -> Peer:
+    async def connect(self, url: str | Sequence[str], node_id: str, *, timeout: float | None = None,
+                      paths: str = "failover") -> Peer:
         """Open an authenticated session to the node ``node_id`` at ``url``.
+
+        ``url`` may be a list of URLs, carriers mixed (``["udp://h:7000",
+        "tcp://h:7000"]``): each becomes a path of the one session, probed on
+        its own.  ``paths="failover"`` sends on the first healthy path in the
+        list and moves to the next when its probes fail (and back when it
+        returns); ``"mirror"`` sends every packet on every healthy path.
 
         Raises AuthenticationError if the server's key does not match
         ``node_id``, NotAllowed if it does not admit us, Timeout if it cannot
@@ -961,13 +1019,31 @@ class Node:
         if self._closed:
             raise ClosedError("node is closed")
         expected = check_node_id(node_id)
-        parsed = carriers.parse_url(url)
-        carrier = carriers.get_carrier(parsed.scheme)
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ConfigurationError("connect() needs at least one URL")
+        if paths not in MODES:
+            raise ConfigurationError(f"paths must be one of {', '.join(MODES)}, not {paths!r}")
+        parsed = [carriers.parse_url(u) for u in urls]
         session = _Session(self, dialed=True)
-        try:
-            path = await carrier.dial(parsed, session)
-        except OSError as exc:
-            raise BrokenError(f"cannot dial {url}: {exc.strerror or exc}") from None
+        path: PacketPath
+        if len(urls) == 1:
+            carrier = carriers.get_carrier(parsed[0].scheme)
+            try:
+                path = await carrier.dial(parsed[0], session)
+            except OSError as exc:
+                raise BrokenError(f"cannot dial {urls[0]}: {exc.strerror or exc}") from None
+        else:
+            multi = MultiPath([str(u) for u in urls], paths, session,
+                              on_event=lambda ev, mp: self._on_path_event(session, ev, mp))
+            multi.expected = expected
+            try:
+                await multi.dial()
+            except OSError:
+                multi.close()
+                raise BrokenError(f"cannot dial any of {', '.join(urls)}: {multi.last_error}") from None
+            path = multi
+        url = " + ".join(urls)
         loop = asyncio.get_running_loop()
         session.path = path
         try:
@@ -1007,6 +1083,9 @@ class Node:
         current: _Session | None = None
         batch: list[bytes] = []
         for p in packets:
+            if p[:1] == b"\x00":
+                self._answer_probe(p, path)  # not QUIC: a path probe, or garbage
+                continue
             if len(p) < 1 + _CID_LEN:
                 self.packets_dropped += 1
                 continue
@@ -1029,6 +1108,23 @@ class Node:
             batch.append(p)
         if batch:
             current.packets_received(batch, path)  # type: ignore[union-attr]
+
+    def _answer_probe(self, packet: bytes, path: PacketPath) -> None:
+        """Answer a path probe on the path it came by: same size (nothing to
+        amplify), and no more than a budget per second across all paths."""
+        answer = answer_for(packet)
+        if answer is None:
+            self.packets_dropped += 1
+            return
+        now = asyncio.get_running_loop().time()
+        if now >= self._probe_refill:
+            self._probe_refill = now + 1.0
+            self._probe_budget = _PROBE_ANSWERS_PER_S
+        if self._probe_budget <= 0 or not path.writable:
+            self.packets_dropped += 1
+            return
+        self._probe_budget -= 1
+        path.send_packets([answer])
 
     def path_writable(self, path: PacketPath) -> None:
         session = self._by_path.get(path)
@@ -1092,7 +1188,53 @@ class Node:
 
     def _on_authenticated(self, session: _Session) -> None:
         self._half_open.pop(session, None)
-        log.info("peer %s up via %s", session.peer_id, session.path.label)
+        self._emit(PeerEvent("peer up", session.peer_id or "", session.path.label))
+
+    # -- events ---------------------------------------------------------------------------
+
+    def events(self, maxsize: int = 1000) -> AsyncIterator[PeerEvent]:
+        """``async for ev in node.events():`` every PeerEvent from now on (peer
+        up/down, path up/down), until the node closes.  A reader that falls
+        more than ``maxsize`` behind loses the oldest ones."""
+        queue: deque[PeerEvent | None] = deque(maxlen=maxsize)
+        wake: list[asyncio.Future[None]] = []
+        entry = (queue, wake)
+        self._event_queues.append(entry)
+
+        async def iterate() -> AsyncIterator[PeerEvent]:
+            try:
+                while True:
+                    while not queue:
+                        fut = asyncio.get_running_loop().create_future()
+                        wake.append(fut)
+                        await fut
+                    ev = queue.popleft()
+                    if ev is None:
+                        return
+                    yield ev
+            finally:
+                if entry in self._event_queues:
+                    self._event_queues.remove(entry)
+
+        return iterate()
+
+    def _emit(self, ev: PeerEvent | None) -> None:
+        if ev is not None:
+            log.info("%s %s%s%s", ev.kind, ev.peer_id, f" via {ev.path}" if ev.path else "",
+                     f": {ev.detail}" if ev.detail else "")
+        for queue, wake in self._event_queues:
+            queue.append(ev)
+            for fut in wake:
+                if not fut.done():
+                    fut.set_result(None)
+            wake.clear()
+
+    def _on_path_event(self, session: _Session, ev: object, mp: MultiPath) -> None:
+        match ev:
+            case PathUp(index=i):
+                self._emit(PeerEvent("path up", session.peer_id or mp.expected, mp.urls[i]))
+            case PathDown(index=i, reason=reason):
+                self._emit(PeerEvent("path down", session.peer_id or mp.expected, mp.urls[i], reason))
 
     def _forget_session(self, session: _Session) -> None:
         self._sessions.pop(session, None)

@@ -1,0 +1,188 @@
+"""Several carriers under one session: the asyncio side of the path scheduler.
+
+:class:`MultiPath` is the one path a dialed session sees.  It owns one
+carrier path per URL, is their packet sink, answers nothing itself and hides
+the probes from the session; :class:`netchan.pathsched.PathScheduler`
+decides which carrier each packet goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from . import carriers
+from .carriers.base import PacketPath, PacketSink
+from .pathsched import ActiveChanged, PathDown, PathScheduler, PathUp, is_probe
+
+__all__ = ["MultiPath", "PathInfo"]
+
+log = logging.getLogger("netchan.paths")
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """One path of a session, as ``peer.paths`` shows it."""
+
+    url: str
+    carrier: str
+    state: str  # "up", "down", "unknown"
+    rtt: float | None  # seconds, smoothed, from probes
+    loss: float  # fraction of recent probes unanswered
+    active: bool  # packets go on it now
+    error: str | None = None
+
+
+class MultiPath(PacketPath):
+    """The paths of one dialed session, scheduled as one."""
+
+    def __init__(self, urls: list[str], mode: str, sink: PacketSink, *,
+                 probe_interval: float = 0.1, down_after: float = 0.7,
+                 on_event: Callable[[object, MultiPath], None] | None = None) -> None:
+        self.urls = urls
+        self.mode = mode
+        self._sink = sink
+        self._on_event = on_event
+        self.loop = asyncio.get_running_loop()
+        self.paths: list[PacketPath | None] = [None] * len(urls)
+        self.errors: list[str | None] = [None] * len(urls)
+        self.sched = PathScheduler(len(urls), mode, now=self.loop.time(),
+                                   probe_interval=probe_interval, down_after=down_after)
+        self.label = " + ".join(urls) if len(urls) > 1 else urls[0]
+        self._timer: asyncio.TimerHandle | None = None
+        self._index: dict[PacketPath, int] = {}
+        self.closed = False
+        self.switches = 0
+        #: the node id this session dials (for events before it is authenticated)
+        self.expected = ""
+
+    async def dial(self) -> None:
+        """Dial every URL; at least one must succeed (the error of each that
+        failed is kept, and the path stays down)."""
+        results = await asyncio.gather(*(self._dial_one(i, u) for i, u in enumerate(self.urls)),
+                                       return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if len(failures) == len(self.urls):
+            raise failures[0]
+        sizes = [p.packet_size for p in self.paths if p is not None]
+        self.packet_size = min(sizes)  # one QUIC packet size that every path can carry
+        self._poll()
+
+    async def _dial_one(self, i: int, url: str) -> None:
+        parsed = carriers.parse_url(url)
+        carrier = carriers.get_carrier(parsed.scheme)
+        if len(self.urls) > 1 and carrier.stream_based and "packet_size" not in parsed.params:
+            # one packet size serves every path: a stream carrier beside a
+            # datagram one carries datagram-sized packets
+            parsed.params["packet_size"] = "1452"
+        try:
+            path = await carrier.dial(parsed, self)
+        except OSError as exc:
+            self.errors[i] = f"cannot dial {url}: {exc.strerror or exc}"
+            raise
+        self.paths[i] = path
+        self._index[path] = i
+
+    # -- PacketPath (what the session sees) ---------------------------------------------
+
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        return any(p is not None and p.writable for p in self._active_paths())
+
+    @property
+    def last_error(self) -> str | None:  # type: ignore[override]
+        found = [e or (p.last_error if p is not None else None) for p, e in zip(self.paths, self.errors)]
+        return "; ".join(x for x in found if x) or None
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        for path in self._active_paths():
+            if path.writable:
+                path.send_packets(packets)
+            else:
+                self.packets_dropped += len(packets)
+
+    def _active_paths(self) -> list[PacketPath]:
+        return [p for i in self.sched.active if (p := self.paths[i]) is not None]
+
+    def close(self) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for path in self.paths:
+            if path is not None:
+                path.close()
+
+    # -- PacketSink (what the carriers see) ------------------------------------------------
+
+    def packets_received(self, packets: list[bytes], path: PacketPath) -> None:
+        i = self._index.get(path)
+        if i is None or self.closed:
+            return
+        if any(p[:1] == b"\x00" for p in packets):
+            rest = []
+            now = self.loop.time()
+            for p in packets:
+                if is_probe(p):
+                    self._handle(self.sched.answer(i, p, now))
+                else:
+                    rest.append(p)
+            packets = rest
+            if not packets:
+                return
+        self._sink.packets_received(packets, self)
+
+    def path_writable(self, path: PacketPath) -> None:
+        i = self._index.get(path)
+        if i is not None and i in self.sched.active:
+            if path.generation:
+                self.generation += 1  # a redialed connection: the session probes at once
+            self._sink.path_writable(self)
+
+    # -- probing ---------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        probes, events = self.sched.poll(now)
+        for i, probe in probes:
+            path = self.paths[i]
+            if path is not None and path.writable:
+                path.send_packets([probe])
+        self._handle(events)
+        self._timer = self.loop.call_at(max(self.sched.next_deadline(), now + 0.001), self._poll)
+
+    def _handle(self, events: list[object]) -> None:
+        for ev in events:
+            match ev:
+                case PathUp(index=i):
+                    log.info("path up: %s", self.urls[i])
+                case PathDown(index=i, reason=reason):
+                    log.info("path down: %s (%s)", self.urls[i], reason)
+                case ActiveChanged():
+                    self.switches += 1
+                    self.generation += 1  # packets in flight on the old path: probe at once
+                    self._sink.path_writable(self)
+            if self._on_event is not None:
+                self._on_event(ev, self)
+
+    def info(self) -> list[PathInfo]:
+        active = set(self.sched.active)
+        out = []
+        for i, url in enumerate(self.urls):
+            st = self.sched.paths[i]
+            path = self.paths[i]
+            out.append(PathInfo(
+                url=url,
+                carrier=url.split(":", 1)[0],
+                state=st.state if path is not None else "down",
+                rtt=st.srtt,
+                loss=st.loss,
+                active=i in active and path is not None,
+                error=self.errors[i] or (path.last_error if path is not None else None),
+            ))
+        return out

@@ -33,8 +33,9 @@ def _serve(tmp_path, server, client, *listen):
 
 
 def _ping(tmp_path, url, server, identity="client.key", count=3):
+    urls = [url] if isinstance(url, str) else url
     return subprocess.run(
-        [sys.executable, "-m", "netchan", "ping", url, "--peer", server.node_id,
+        [sys.executable, "-m", "netchan", "ping", *urls, "--peer", server.node_id,
          "--identity", str(tmp_path / identity), "-c", str(count), "-i", "0.05"],
         capture_output=True, text=True, timeout=60,
     )
@@ -55,6 +56,23 @@ def test_serve_and_ping_over_udp_and_tcp(keys):
         proc.terminate()
         proc.wait(timeout=10)
     assert proc.returncode == 0
+
+
+def test_ping_over_several_paths_shows_each_one(keys):
+    tmp_path, server, client = keys
+    proc, urls = _serve(tmp_path, server, client, "udp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    try:
+        result = _ping(tmp_path, urls, server, count=12)
+        assert result.returncode == 0, result.stderr
+        assert "12/12 replies" in result.stdout
+        summary = result.stdout.split("--- paths", 1)[1]
+        rows = re.findall(r"path (\S+)\s+(\w+)\s+rtt=([\d.]+) ms.*?( active)?$", summary, re.M)
+        assert [r[0] for r in rows] == urls
+        assert all(state == "up" and float(rtt) > 0 for _, state, rtt, _ in rows)
+        assert [bool(active) for *_, active in rows] == [True, False]  # failover: the first
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_ping_with_an_unknown_key_is_refused(keys):

@@ -81,7 +81,8 @@ async def _ping(args: argparse.Namespace) -> int:
         print(f"(no --identity: using a throwaway key, node {ident.node_id})", file=sys.stderr)
     async with Node(ident, engine=args.engine) as node:
         t0 = time.perf_counter()
-        peer = await node.connect(args.url, node_id=args.peer, timeout=args.timeout)
+        urls = args.url if len(args.url) > 1 else args.url[0]
+        peer = await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
         print(
             f"PING {args.peer} via {peer.path}: session up in "
             f"{(time.perf_counter() - t0) * 1000:.2f} ms",
@@ -102,6 +103,8 @@ async def _ping(args: argparse.Namespace) -> int:
                     continue
                 rtts.append(rtt)
                 print(f"reply from {args.peer[:12]}: seq={seq} time={rtt:.3f} ms", flush=True)
+                if len(args.url) > 1:
+                    _print_paths(peer)
                 if args.count == 0 or seq < args.count:
                     await asyncio.sleep(args.interval)
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -109,6 +112,9 @@ async def _ping(args: argparse.Namespace) -> int:
         except asyncio.TimeoutError:
             print(f"seq={seq} timed out", flush=True)
         await stream.aclose()
+        if len(args.url) > 1:
+            print("--- paths")
+            _print_paths(peer)
         if rtts:
             rtts.sort()
             print(
@@ -116,6 +122,15 @@ async def _ping(args: argparse.Namespace) -> int:
                 f"{rtts[0]:.3f}/{rtts[len(rtts) // 2]:.3f}/{rtts[-1]:.3f} ms"
             )
         return 0 if rtts else 1
+
+
+def _print_paths(peer) -> None:
+    for info in peer.paths:
+        rtt = f"rtt={info.rtt * 1000:.3f} ms" if info.rtt is not None else "rtt=-"
+        flags = " active" if info.active else ""
+        error = f" ({info.error})" if info.error and info.state != "up" else ""
+        print(f"  path {info.url:28} {info.state:7} {rtt:18} probe loss {info.loss:4.0%}{flags}{error}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: _run(_serve(a), a.engine))
 
-    p = sub.add_parser("ping", help="authenticated round trips to a node")
-    p.add_argument("url")
+    p = sub.add_parser("ping", help="authenticated round trips to a node (over one path or several)")
+    p.add_argument("url", nargs="+", help="one URL, or several: the paths of one session")
+    p.add_argument("--paths", choices=["failover", "mirror"], default="failover",
+                   help="with several URLs: use the first healthy path, or all of them")
     p.add_argument("--peer", required=True, metavar="ID", help="node id of the server")
     p.add_argument("--identity", metavar="PATH", help="our key file")
     p.add_argument("-c", "--count", type=int, default=4, help="rounds (0: until interrupted)")

@@ -29,7 +29,7 @@ class PathInfo:
     url: str
     carrier: str
     state: str  # "up", "down", "unknown"
-    rtt: float | None  # seconds, smoothed, from probes
+    rtt: float | None  # seconds: the median of the last few probes
     loss: float  # fraction of recent probes unanswered
     active: bool  # packets go on it now
     error: str | None = None
@@ -180,7 +180,7 @@ class MultiPath(PacketPath):
                 url=url,
                 carrier=url.split(":", 1)[0],
                 state=st.state if path is not None else "down",
-                rtt=st.srtt,
+                rtt=st.rtt,
                 loss=st.loss,
                 active=i in active and path is not None,
                 error=self.errors[i] or (path.last_error if path is not None else None),

@@ -98,6 +98,15 @@ class PathStatus:
     #: recent probes, True if answered (for the loss estimate)
     recent: deque[bool] = field(default_factory=lambda: deque(maxlen=50))
     outstanding: dict[bytes, float] = field(default_factory=dict)  # nonce -> sent at
+    samples: deque[float] = field(default_factory=lambda: deque(maxlen=9))
+
+    @property
+    def rtt(self) -> float | None:
+        """The median of the last few round trips (one slow answer, such as the
+        first one while a handshake keeps the peer busy, does not skew it)."""
+        if not self.samples:
+            return None
+        return sorted(self.samples)[len(self.samples) // 2]
 
     @property
     def loss(self) -> float:
@@ -177,6 +186,7 @@ class PathScheduler:
         if sent is None:
             return events  # not ours, a duplicate, or too late to count
         rtt = max(0.0, now - sent)
+        p.samples.append(rtt)
         if p.srtt is None:
             p.srtt, p.rttvar = rtt, rtt / 2
         else:  # RFC 6298 smoothing

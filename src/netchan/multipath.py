@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,7 +49,9 @@ class MultiPath(PacketPath):
         self.loop = asyncio.get_running_loop()
         self.paths: list[PacketPath | None] = [None] * len(urls)
         self.errors: list[str | None] = [None] * len(urls)
-        self.sched = PathScheduler(len(urls), mode, now=self.loop.time(),
+        # the scheduler's clock is time.monotonic(): round trips on loopback are
+        # well below the millisecond that some event loops' time() resolves
+        self.sched = PathScheduler(len(urls), mode, now=time.monotonic(),
                                    probe_interval=probe_interval, down_after=down_after)
         self.label = " + ".join(urls) if len(urls) > 1 else urls[0]
         self._timer: asyncio.TimerHandle | None = None
@@ -123,7 +126,7 @@ class MultiPath(PacketPath):
             return
         if any(p[:1] == b"\x00" for p in packets):
             rest = []
-            now = self.loop.time()
+            now = time.monotonic()
             for p in packets:
                 if is_probe(p):
                     self._handle(self.sched.answer(i, p, now))
@@ -147,14 +150,14 @@ class MultiPath(PacketPath):
         self._timer = None
         if self.closed:
             return
-        now = self.loop.time()
+        now = time.monotonic()
         probes, events = self.sched.poll(now)
         for i, probe in probes:
             path = self.paths[i]
             if path is not None and path.writable:
                 path.send_packets([probe])
         self._handle(events)
-        self._timer = self.loop.call_at(max(self.sched.next_deadline(), now + 0.001), self._poll)
+        self._timer = self.loop.call_later(max(self.sched.next_deadline() - now, 0.001), self._poll)
 
     def _handle(self, events: list[object]) -> None:
         for ev in events:

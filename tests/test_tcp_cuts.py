@@ -98,3 +98,49 @@ async def test_a_silent_tcp_connection_is_detected_and_redialed(ids):
                 assert cutter.connections == 2  # a new connection carried it
                 assert asyncio.get_running_loop().time() - t0 >= 0.9  # after the silence
                 assert not peer.closed
+
+
+@pytest.mark.async_timeout(120)
+async def test_256_mib_through_a_proxy_that_cuts_every_half_to_two_seconds(ids):
+    server_id, client_id = ids
+    total = 256 * 1024 * 1024
+    block = os.urandom(1 << 20)
+    digest = asyncio.get_running_loop().create_future()
+
+    async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id]) as server:
+        host, port = server.addresses[0].removeprefix("tcp://").rsplit(":", 1)
+        async with TcpCutter((host, int(port)), cut_every=(0.5, 2.0), seed=4) as cutter:
+
+            async def sink(stream, peer):
+                h, n, pause_at = hashlib.sha256(), 0, total // 4
+                while True:
+                    try:
+                        data = await stream.receive(1 << 20)
+                    except netchan.EndOfStream:
+                        break
+                    h.update(data)
+                    n += len(data)
+                    if n >= pause_at and pause_at < total:
+                        # at each quarter, stop reading until the next cut has
+                        # happened: every cut finds data in flight, however fast
+                        # the machine moves the rest
+                        cuts = cutter.cuts
+                        while cutter.cuts == cuts:
+                            await asyncio.sleep(0.05)
+                        pause_at += total // 4
+                digest.set_result((n, h.digest()))
+
+            server.serve("sink", sink)
+            async with netchan.Node(client_id) as client:
+                peer = await client.connect(cutter.url, node_id=server.node_id)
+                stream = await peer.open_stream("sink")
+                sent = hashlib.sha256()
+                for i in range(total // len(block)):
+                    chunk = block[i:] + block[:i]
+                    sent.update(chunk)
+                    await stream.send(chunk)  # no error reaches the sender
+                await stream.send_eof()
+                n, got = await asyncio.wait_for(digest, 100)
+                assert n == total and got == sent.digest()
+                assert cutter.cuts >= 3 and cutter.connections > cutter.cuts
+                assert not peer.closed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import signal
 import sys
 import tempfile
@@ -69,21 +70,36 @@ class _Progress:
         self.wrong = 0
         self.by_worker: dict[int, int] = {}
         self.killed_at: int | None = None
+        self.kills: list[int] = []  # jobs done at each kill
 
 
 async def run_workqueue(
     jobs: int = 2000,
     workers: int = 3,
-    cut_every: float = 1.0,
+    cut_every: float | tuple[float, float] = 1.0,
     rounds: int = 200,
     pause: float = 0.002,
     kill_at: float = 0.3,
     engine: str | None = None,
     deadline: float = 120.0,
+    kills: int = 1,
+    seed: int | None = None,
 ) -> int:
+    """Run the work queue; returns 0 if every job was done once, correctly.
+
+    ``kills`` workers are killed (SIGKILL): the first at ``kill_at`` of the
+    jobs, any others at random points after it, each replaced by a new worker
+    process.  ``cut_every`` may be a ``(low, high)`` range of seconds.
+    """
+    rng = random.Random(seed)
+    kill_points = sorted([kill_at] + [rng.uniform(kill_at, 0.9) for _ in range(kills - 1)])[:kills]
+    every = f"{cut_every[0]:g}-{cut_every[1]:g}" if isinstance(cut_every, tuple) else f"{cut_every:g}"
     print(f"netchan demo: a work queue of {jobs} jobs, {workers} worker processes,")
-    print(f"every TCP connection cut every {cut_every:g} s, one worker killed "
-          f"(SIGKILL) at {kill_at:.0%}.\n")
+    if kills == 1:
+        print(f"every TCP connection cut every {every} s, one worker killed (SIGKILL) at {kill_at:.0%}.\n")
+    else:
+        print(f"every TCP connection cut every {every} s, {kills} workers killed (SIGKILL) at "
+              + ", ".join(f"{k:.0%}" for k in kill_points) + ", each replaced.\n")
     producer_id = Identity.generate()
     worker_ids = [Identity.generate() for _ in range(workers)]
     progress = _Progress(jobs)
@@ -98,13 +114,17 @@ async def run_workqueue(
             async with TcpCutter((host, int(port)), cut_every=cut_every) as cutter:
                 job_chan = node.channel("jobs", capacity=16)
                 results = node.channel("results", capacity=64, allow_recv=[node.node_id])
-                procs = []
+                procs: list[asyncio.subprocess.Process] = []
+
+                async def start_worker(i: int) -> asyncio.subprocess.Process:
+                    args = [sys.executable, "-m", "netchan.workqueue", keys[i], node.node_id, cutter.url, str(i)]
+                    if engine:
+                        args.append(engine)
+                    return await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+
                 try:
                     for i in range(workers):
-                        args = [sys.executable, "-m", "netchan.workqueue", keys[i], node.node_id, cutter.url, str(i)]
-                        if engine:
-                            args.append(engine)
-                        procs.append(await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE))
+                        procs.append(await start_worker(i))
                     for proc in procs:
                         assert proc.stdout is not None
                         line = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -134,9 +154,17 @@ async def run_workqueue(
                                 progress.wrong += 1
                             progress.done[job_id] = r["result"]
                             progress.by_worker[r["worker"]] = progress.by_worker.get(r["worker"], 0) + 1
-                            if progress.killed_at is None and len(progress.done) >= jobs * kill_at:
-                                procs[-1].send_signal(signal.SIGKILL)
-                                progress.killed_at = len(progress.done)
+                            while kill_points and len(progress.done) >= jobs * kill_points[0]:
+                                kill_points.pop(0)
+                                # the last worker first (as the one-kill demo always did), then any
+                                victim = len(procs) - 1 if not progress.kills else rng.randrange(len(procs))
+                                procs[victim].send_signal(signal.SIGKILL)
+                                await procs[victim].wait()
+                                progress.kills.append(len(progress.done))
+                                if progress.killed_at is None:
+                                    progress.killed_at = len(progress.done)
+                                if kill_points or kills > 1:
+                                    procs[victim] = await start_worker(victim)  # a replacement
 
                     tasks = [asyncio.ensure_future(produce()), asyncio.ensure_future(collect())]
                     finished = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*tasks), deadline))
@@ -169,12 +197,16 @@ def _summary(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, A
     print(f"  jobs done          {len(p.done)} of {p.total} ({len(p.done) / elapsed:.0f} jobs/s over {elapsed:.1f} s)")
     print(f"  jobs lost          {lost}")
     print(f"  results checked    {len(p.done) - p.wrong} correct, {p.wrong} wrong")
-    print(f"  worker killed      at {p.killed_at} jobs done; its job in process went back to the queue "
-          f"({stats['requeued']} requeued)")
+    if len(p.kills) <= 1:
+        print(f"  worker killed      at {p.killed_at} jobs done; its job in process went back to the queue "
+              f"({stats['requeued']} requeued)")
+    else:
+        print(f"  workers killed     {len(p.kills)}, at " + ", ".join(map(str, p.kills))
+              + f" jobs done; what they held went back to the queue ({stats['requeued']} requeued)")
     print(f"  duplicates dropped {p.duplicates} (by job id)")
     print("  jobs per worker    " + ", ".join(f"#{w}: {n}" for w, n in sorted(p.by_worker.items())))
     print(f"  TCP cuts survived  {cutter.cuts} (connections made: {cutter.connections})")
-    ok = lost == 0 and p.wrong == 0 and p.killed_at is not None
+    ok = lost == 0 and p.wrong == 0 and p.killed_at is not None and p.duplicates <= len(p.kills)
     print(f"\n  {'OK: nothing lost' if ok else 'FAILED'}")
     return 0 if ok else 1
 

@@ -252,7 +252,11 @@ async def test_send_applies_backpressure(memory_url, ids):
 
 
 async def test_session_breaks_after_linger_when_carrier_is_gone(memory_url, ids):
-    async with echo_session(memory_url, ids, linger=2.0, keepalive=0.5) as (_, _, peer):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], linger=2.0,
+                            keepalive=0.5) as server, netchan.Node(client_id, linger=2.0, keepalive=0.5) as client:
+        server.serve("echo", echo)
+        peer = await client.connect(server.addresses[0], server.node_id, reconnect=False)
         stream = await peer.open_stream("echo")
         name = parse_url(memory_url).host
         netchan.carriers.memory.faults(name).cut = True
@@ -263,6 +267,34 @@ async def test_session_breaks_after_linger_when_carrier_is_gone(memory_url, ids)
         assert peer.closed and isinstance(peer.error, netchan.BrokenError)
         with pytest.raises(netchan.BrokenError):
             await peer.open_stream("echo")
+
+
+async def test_a_lost_session_is_dialed_again_and_the_same_peer_goes_on(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], linger=2.0,
+                            keepalive=0.5) as server, netchan.Node(client_id, linger=2.0, keepalive=0.5) as client:
+        server.serve("echo", echo)
+        events = client.events()
+        peer = await client.connect(server.addresses[0], server.node_id)
+        stream = await peer.open_stream("echo")
+        faults = netchan.carriers.memory.faults(parse_url(memory_url).host)
+        faults.cut = True
+        with pytest.raises(netchan.BrokenError):
+            await stream.receive()  # that stream was on the lost session
+        assert peer.reconnecting and not peer.closed
+        faults.cut = False
+        await peer.wait_up(15)
+        assert not peer.reconnecting and client.peers == [peer]
+        stream = await peer.open_stream("echo")  # the same Peer, a new session
+        await stream.send(b"back")
+        assert await asyncio.wait_for(stream.receive(), 10) == b"back"
+        kinds = []
+        async for ev in events:
+            kinds.append(ev.kind)
+            if kinds[-2:] == ["peer down", "peer up"]:
+                break
+        await peer.aclose()
+        assert peer.closed and not peer.reconnecting
 
 
 async def test_session_survives_a_cut_shorter_than_linger(memory_url, ids):

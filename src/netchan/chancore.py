@@ -216,7 +216,9 @@ class ChannelCore:
         """
         accepted = self._accepted_upto
         upto = accepted.get(origin, 0)
-        start = max(next_seq, upto + 1, 1)
+        # a rendezvous sender resends what no receiver took (this channel
+        # dropped those when it lost the sender): it resumes where it says
+        start = max(next_seq, 1) if self.capacity == 0 else max(next_seq, upto + 1, 1)
         self._senders[ep] = _Sender(origin, start)
         accepted[origin] = start - 1
         accepted.move_to_end(origin)
@@ -279,7 +281,7 @@ class ChannelCore:
         n = len(items)
         if n > s.credit:
             raise RemoteProtocolError(f"{n} items sent with {s.credit} credits")
-        upto = self._accepted_upto[s.origin]
+        upto = self._accepted_upto[s.origin] if self.capacity else 0
         fresh = items if first_seq > upto else [it for it in items if it.seq > upto]
         dup = n - len(fresh)
         s.next_seq = first_seq + n

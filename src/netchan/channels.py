@@ -70,6 +70,8 @@ _BATCH_BYTES = 256 * 1024
 _HANDSHAKE_TIMEOUT = 10.0
 #: how long select() lets a remote case that looks ready go first
 _REMOTE_GRACE = 0.05
+#: a handle whose owner restarted waits this long for it to make the channel again
+_RESUME_FOR = 10.0
 
 #: a cancelled rendezvous send whose item a receiver holds: taken or withdrawn?
 _WAITING, _COMMITTED, _DONE, _CANCELLED, _WITHDRAWING = range(5)
@@ -115,7 +117,7 @@ class _Op:
     """One pending send or receive (for a LocalChannel, also a core endpoint)."""
 
     __slots__ = ("group", "index", "state", "fut", "result", "error", "item", "data", "dseq", "seq", "process",
-                 "sending")
+                 "sending", "wgen")
 
     def __init__(self, group: _Group | None = None, index: int = 0) -> None:
         self.group = group
@@ -130,6 +132,7 @@ class _Op:
         self.seq = 0
         self.process = False
         self.sending = False
+        self.wgen = 0  # which stream of a remote handle delivered it
 
     def claim(self, defer: bool = False) -> bool:
         if self.state != _WAITING:
@@ -1059,6 +1062,8 @@ class RemoteChannel(Channel):
         self._closed = False  # the owner said so
         self._ended = False
         self._close_waiters: list[asyncio.Future[None]] = []
+        self._wgen = 0  # bumped each time the handle (re)opens its stream
+        self._resuming = False  # reopening after its session was lost and redialed
         self._watching = False  # the owner tells us of readiness (for select)
         self._hint = (False, False)  # (an item waits for a receiver, a receiver waits)
         self.sent = 0
@@ -1110,6 +1115,53 @@ class RemoteChannel(Channel):
             if task.done():
                 self._opening = None
 
+    def _resume_soon(self) -> None:
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._resume())
+            self._opening.add_done_callback(self._opened_in_background)
+
+    async def _resume(self) -> None:
+        """Reopen on the redialed session: what waited goes on there, what the
+        owner had not confirmed is sent again.  A restarted owner gets
+        ``_RESUME_FOR`` seconds to make the channel again."""
+        loop = asyncio.get_running_loop()
+        peer = self._peer
+        assert peer is not None
+        self._resuming = True
+        delay, deadline = 0.05, None
+        try:
+            while True:
+                try:
+                    await peer.wait_up()
+                    await self._open()
+                    return
+                except ServiceNotFound as exc:
+                    deadline = deadline or loop.time() + _RESUME_FOR
+                    if loop.time() > deadline:
+                        self._error = exc
+                        self._fail_waiting(exc)
+                        return
+                except NetchanError as exc:
+                    if peer.reconnecting or (self._error is None and not peer.closed):
+                        pass  # lost again while reopening: wait for the next session
+                    else:
+                        self._fail_waiting(exc)
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        finally:
+            self._resuming = False
+
+    def _fail_waiting(self, error: NetchanError) -> None:
+        for op in [*self._blocked, *self._recv_ops, *self._rendezvous.values()]:
+            if op.state in (_WAITING, _COMMITTED, _WITHDRAWING):
+                op.finish(error=error)
+        self._blocked.clear()
+        self._recv_ops.clear()
+        self._rendezvous.clear()
+        if self.capacity == 0:
+            self._unacked.clear()
+
     def _open_soon(self) -> None:
         if self._wire is None and self._error is None and self._opening is None:
             self._opening = asyncio.ensure_future(self._open())
@@ -1138,7 +1190,8 @@ class RemoteChannel(Channel):
             wire, reply = await w.open_handle(peer, SERVICE, hello, _max_frame(self._codec.max_message),
                                               _HANDSHAKE_TIMEOUT)
         except w.REFUSALS as exc:
-            self._error = exc
+            if not (self._resuming and isinstance(exc, ServiceNotFound)):
+                self._error = exc  # (a restarted owner may not have made the channel yet)
             raise
         if self._error is not None:  # closed while it opened
             wire.abort()
@@ -1161,6 +1214,7 @@ class RemoteChannel(Channel):
             # an item the owner would refuse fails here, at send, with MessageTooLarge
             self._codec.max_message = min(self._max_message, limit)
         self._wire = wire
+        self._wgen += 1
         self._desire_sent = 0
         self._credit = 0
         self._hint = (False, False)
@@ -1180,6 +1234,8 @@ class RemoteChannel(Channel):
         wire.attach(self._on_frames, lambda error: self._on_wire_end(wire, error))
         if self._resend or self._blocked:
             self._want()
+        if self._recv_ops:
+            self._emit([w.DEMAND, len(self._recv_ops)])  # receives that waited for the new stream
 
     def _on_frames(self, frames: list[Any]) -> None:
         for frame in frames:
@@ -1196,22 +1252,37 @@ class RemoteChannel(Channel):
         elif not isinstance(error, (BrokenError, ClosedError)):
             error = BrokenError(f"channel {self.name!r}: {error}")
         if self._wire is wire:
-            self._broken(error)
+            peer = self._peer
+            if self._error is None and peer is not None and peer.reconnecting:
+                # the session is being redialed: wait for it, then go on there
+                self._broken(error, resume=True)
+                self._resume_soon()
+            else:
+                self._broken(error)
         wire.abort()  # the owner must learn at once: it returns what we held
 
-    def _broken(self, error: NetchanError) -> None:
+    def _broken(self, error: NetchanError, resume: bool = False) -> None:
+        """The stream is gone.  Sends and receives still waiting fail, unless
+        ``resume``: then they wait for the stream the handle reopens."""
         self._wire = None
         self._credit = 0
-        if self.capacity == 0:
+        if self.capacity == 0 and not resume:
             # every rendezvous send in flight fails below, and the owner drops
             # the items nobody took: none may be sent again behind its caller
             self._unacked.clear()
-        for op in [*self._blocked, *self._recv_ops, *self._rendezvous.values()]:
+        # resuming: rendezvous sends in flight are sent again with their own
+        # sequence numbers (a receiver drops a copy it already had by item id)
+        waiting = [] if resume else [*self._blocked, *self._recv_ops, *self._rendezvous.values()]
+        for op in waiting:
             if op.state in (_WAITING, _COMMITTED, _WITHDRAWING):
                 op.finish(error=error)
-        self._blocked.clear()
-        self._recv_ops.clear()
-        self._rendezvous.clear()
+        if not resume:
+            self._blocked.clear()
+            self._recv_ops.clear()
+            self._rendezvous.clear()
+        else:
+            self._blocked = deque(op for op in self._blocked if op.state == _WAITING)
+            self._recv_ops = deque(op for op in self._recv_ops if op.state == _WAITING)
         self._batch.clear()
         self._batch_bytes = 0
         _wake_all(self._close_waiters)
@@ -1318,6 +1389,7 @@ class RemoteChannel(Channel):
             self._emit([w.REQUEUE, dseq])  # its receive was cancelled meanwhile
             return
         op.dseq = dseq
+        op.wgen = self._wgen
         self.received += 1
         try:
             value = self._codec.decode(data)
@@ -1483,8 +1555,7 @@ class RemoteChannel(Channel):
         state = op.state
         op.state = _CANCELLED
         if op.dseq:
-            self._emit([w.REQUEUE, op.dseq])  # delivered, never reached the application
-            op.dseq = 0
+            self._settle_frame(op, w.REQUEUE)  # delivered, never reached the application
         elif state == _WAITING:
             if op in self._recv_ops:
                 self._recv_ops.remove(op)
@@ -1505,17 +1576,22 @@ class RemoteChannel(Channel):
 
     def _consumed(self, op: _Op) -> None:
         if op.dseq and not op.process:
-            self._emit([w.DONE, op.dseq])
-            op.dseq = 0
+            self._settle_frame(op, w.DONE)
 
     def _entered(self, op: _Op) -> None:
-        if op.dseq:
+        if op.dseq and op.wgen == self._wgen:
             self._emit([w.TAKEN, op.dseq])
 
     def _settle(self, op: _Op, ok: bool) -> None:
         if op.dseq:
-            self._emit([w.DONE if ok else w.REQUEUE, op.dseq])
-            op.dseq = 0
+            self._settle_frame(op, w.DONE if ok else w.REQUEUE)
+
+    def _settle_frame(self, op: _Op, kind: int) -> None:
+        # a delivery belongs to the stream it came on: if that one is gone, so
+        # is the owner's record of it (the owner put it back when it lost us)
+        if op.wgen == self._wgen:
+            self._emit([kind, op.dseq])
+        op.dseq = 0
 
     async def send_many(self, values: Iterable[Any]) -> None:
         self._check("send")

@@ -19,12 +19,14 @@ from . import carriers
 from .carriers.base import Listener, PacketPath
 from .engine import Engine, get_engine
 from .errors import (
+    AuthenticationError,
     BrokenError,
     ClosedError,
     ConfigurationError,
     EndOfStream,
     LocalProtocolError,
     NetchanError,
+    NotAllowed,
     ServiceNotFound,
     Timeout,
 )
@@ -62,6 +64,9 @@ _CID_LEN = 8  # both engines' default connection id length
 _MIRROR_WINDOW = 0.5
 #: path probes a node answers per second, all peers together
 _PROBE_ANSWERS_PER_S = 4000
+#: a lost session is dialed again after this long, doubling up to the max
+_REDIAL_MIN = 0.05
+_REDIAL_MAX = 2.0
 
 
 @dataclass(frozen=True)
@@ -354,9 +359,12 @@ class Peer:
     def __init__(self, session: _Session, node_id: str) -> None:
         self._session = session
         self.node_id = node_id
+        #: while the node dials this peer again after its session was lost
+        self._reconnecting: asyncio.Future[None] | None = None
+        self._user_closed = False
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "up"
+        state = "reconnecting" if self.reconnecting else "closed" if self.closed else "up"
         return f"<Peer {self.node_id} {state} via {self._session.path.label}>"
 
     @property
@@ -365,7 +373,26 @@ class Peer:
 
     @property
     def closed(self) -> bool:
-        return self._session.core.closed
+        """True once the session is over for good (not while it is being redialed)."""
+        return self._session.core.closed and not self.reconnecting
+
+    @property
+    def reconnecting(self) -> bool:
+        """The session was lost and the node is dialing this peer again (a peer
+        we dialed comes back as the same Peer, with a new session)."""
+        return self._reconnecting is not None and not self._reconnecting.done()
+
+    async def wait_up(self, timeout: float | None = None) -> None:
+        """Until the session is up again (at once if it is); BrokenError if the
+        peer will not come back, Timeout after ``timeout`` seconds."""
+        fut = self._reconnecting
+        if fut is not None and not fut.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                raise Timeout(f"peer {self.node_id} did not come back within {timeout:g} s") from None
+        if self._session.core.closed:
+            raise BrokenError(f"session with {self.node_id} is over: {self._session.core.error}")
 
     @property
     def error(self) -> NetchanError | None:
@@ -401,6 +428,8 @@ class Peer:
         Raises ServiceNotFound if the peer has no such service, NotAllowed if it
         refuses us, BrokenError if the session is gone.
         """
+        if self.reconnecting:
+            await self.wait_up(timeout)
         session = self._session
         while not session.core.can_open_stream() and not session.core.closed:
             await session.wait_stream_slot()
@@ -474,7 +503,12 @@ class Peer:
         return self.error
 
     async def aclose(self) -> None:
-        """Close the session (streams on both sides end with an error)."""
+        """Close the session (streams on both sides end with an error); it is not redialed."""
+        self._user_closed = True
+        fut = self._reconnecting
+        if fut is not None and not fut.done():
+            fut.set_exception(ClosedError("peer closed"))
+            fut.exception()
         self._session.close()
         await self.wait_closed()
 
@@ -517,6 +551,10 @@ class _Session:
         self._timer_at = 0.0
         self._tx_scheduled = False
         self._generation = 0
+        #: dialing side: how to dial this peer again if the session is lost
+        self.redial: tuple[list[str], str, float | None] | None = None
+        #: the Peer a redialed session takes over (the user keeps one object)
+        self.reuse_peer: Peer | None = None
         #: listening side: other paths that carried authentic packets lately
         #: (a peer that mirrors sends on all of them: so do we, while it does)
         self.alt_paths: dict[PacketPath, float] = {}
@@ -701,7 +739,11 @@ class _Session:
                     self.node._on_datagram(self, ev.service, ev.data)
                 case Authenticated():
                     self.peer_id = ev.peer_id
-                    self.peer = Peer(self, ev.peer_id)
+                    if self.reuse_peer is not None:
+                        self.peer = self.reuse_peer
+                        self.peer._session = self  # the same Peer, a new session
+                    else:
+                        self.peer = Peer(self, ev.peer_id)
                     self.node._on_authenticated(self)
                     if not self.ready.done():
                         self.ready.set_result(self.peer)
@@ -713,6 +755,12 @@ class _Session:
                     self._on_terminated(ev.error)
 
     def _on_terminated(self, error: NetchanError) -> None:
+        peer = self.peer
+        if (self.redial is not None and peer is not None and not peer._user_closed
+                and not self.node._closed and peer._session is self):
+            # first mark it as coming back, then fail the streams: channel
+            # handles that see the break wait for the new session
+            self.node._start_redial(peer, self.redial, error)
         if isinstance(error, ClosedError):
             stream_error: NetchanError = ClosedError("session closed")
         else:
@@ -1003,7 +1051,7 @@ class Node:
     # -- dialing --------------------------------------------------------------------
 
     async def connect(self, url: str | Sequence[str], node_id: str, *, timeout: float | None = None,
-                      paths: str = "failover") -> Peer:
+                      paths: str = "failover", reconnect: bool = True, _peer: Peer | None = None) -> Peer:
         """Open an authenticated session to the node ``node_id`` at ``url``.
 
         ``url`` may be a list of URLs, carriers mixed (``["udp://h:7000",
@@ -1011,6 +1059,14 @@ class Node:
         its own.  ``paths="failover"`` sends on the first healthy path in the
         list and moves to the next when its probes fail (and back when it
         returns); ``"mirror"`` sends every packet on every healthy path.
+
+        With ``reconnect`` (the default), a session that is lost (every path
+        silent for the linger time, or the peer closed or restarted) is
+        dialed again with backoff, and the same Peer carries on with the new
+        session: ``peer.reconnecting`` says so meanwhile, channel handles
+        reopen and send again what their owner had not confirmed.  Only
+        ``peer.aclose()``, closing the node, or a refusal (NotAllowed,
+        AuthenticationError) ends it.
 
         Raises AuthenticationError if the server's key does not match
         ``node_id``, NotAllowed if it does not admit us, Timeout if it cannot
@@ -1026,6 +1082,9 @@ class Node:
             raise ConfigurationError(f"paths must be one of {', '.join(MODES)}, not {paths!r}")
         parsed = [carriers.parse_url(u) for u in urls]
         session = _Session(self, dialed=True)
+        if reconnect:
+            session.redial = (urls, paths, timeout)
+        session.reuse_peer = _peer
         path: PacketPath
         if len(urls) == 1:
             carrier = carriers.get_carrier(parsed[0].scheme)
@@ -1228,6 +1287,39 @@ class Node:
                 if not fut.done():
                     fut.set_result(None)
             wake.clear()
+
+    def _start_redial(self, peer: Peer, spec: tuple[list[str], str, float | None], error: NetchanError) -> None:
+        loop = asyncio.get_running_loop()
+        fut = peer._reconnecting = loop.create_future()
+        self._spawn(self._redial(peer, spec, error, fut), f"netchan redial {peer.node_id[:8]}")
+
+    async def _redial(self, peer: Peer, spec: tuple[list[str], str, float | None], error: NetchanError,
+                      fut: asyncio.Future[None]) -> None:
+        urls, paths, timeout = spec
+        log.info("peer %s lost (%s): dialing again", peer.node_id, error)
+        backoff = _REDIAL_MIN
+        while not fut.done() and not self._closed:
+            try:
+                await self.connect(urls if len(urls) > 1 else urls[0], peer.node_id, timeout=timeout,
+                                   paths=paths, _peer=peer)
+            except (AuthenticationError, NotAllowed) as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()
+                return
+            except (BrokenError, Timeout, ClosedError) as exc:
+                if self._closed or fut.done():
+                    break
+                log.debug("redial %s: %s", peer.node_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _REDIAL_MAX)
+                continue
+            if not fut.done():
+                fut.set_result(None)
+            return
+        if not fut.done():
+            fut.set_exception(ClosedError("node closed"))
+            fut.exception()
 
     def _on_path_event(self, session: _Session, ev: object, mp: MultiPath) -> None:
         match ev:

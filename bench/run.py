@@ -3,6 +3,8 @@
 1. Bulk throughput of one stream, beside raw asyncio TCP on the same event loop.
 2. Channel message rates (64-byte messages) beside pyzmq PUSH/PULL, blocking
    and zmq.asyncio; request/response round trips beside raw asyncio TCP.
+3. Resilience: throughput through a cutting proxy beside the same without
+   cuts; the failover gap; mirror beside one path under 20% loss.
 
 Every figure is the median of ``--runs`` runs (default 3).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import messages  # noqa: E402
+import resilience  # noqa: E402
 from throughput import measure  # noqa: E402
 
 MiB = 1 << 20
@@ -37,15 +40,30 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller transfers")
-    p.add_argument("--only", choices=["bulk", "messages"], help="run one part")
+    p.add_argument("--only", choices=["bulk", "messages", "resilience"], help="run one part")
     a = p.parse_args()
-    if a.only != "messages":
+    if a.only in (None, "bulk"):
         bulk(a)
-    if a.only != "bulk":
+    if a.only in (None, "messages"):
         if a.only is None:
             print()
         messages.run_all(a.runs, a.quick)
+    if a.only in (None, "resilience"):
+        if a.only is None:
+            print()
+        _uvloop_run(resilience.run_all(a.runs, a.quick))
     return 0
+
+
+def _uvloop_run(coro) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        import asyncio
+
+        asyncio.run(coro)
 
 
 def bulk(a: argparse.Namespace) -> None:

@@ -551,7 +551,7 @@ async def test_malformed_frames_end_only_that_handle(memory_url):
                 await asyncio.wait_for(stream2.receive(), 5)
         await good.send("still fine")
         assert await chan.recv() == "still fine"
-        assert not peer.closed
+        assert not peer.closed and peer.reconnects == 0  # the same session throughout
 
 
 async def test_a_malformed_item_from_a_sender_is_refused_before_it_enters(memory_url):

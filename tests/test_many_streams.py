@@ -26,7 +26,7 @@ async def test_ten_thousand_sequential_streams(ids, engine):
                     assert await stream.receive() == msg
                     with pytest.raises(netchan.EndOfStream):
                         await stream.receive()
-            assert not peer.closed
+            assert not peer.closed and peer.reconnects == 0  # the same session throughout
             # nothing accumulates per finished stream
             session = peer._session
             assert len(session.streams) == 0

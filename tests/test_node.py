@@ -288,11 +288,16 @@ async def test_a_lost_session_is_dialed_again_and_the_same_peer_goes_on(memory_u
         stream = await peer.open_stream("echo")  # the same Peer, a new session
         await stream.send(b"back")
         assert await asyncio.wait_for(stream.receive(), 10) == b"back"
+        assert peer.reconnects == 1
         kinds = []
-        async for ev in events:
-            kinds.append(ev.kind)
-            if kinds[-2:] == ["peer down", "peer up"]:
-                break
+
+        async def until_back():
+            async for ev in events:
+                kinds.append(ev.kind)
+                if kinds[-2:] == ["peer down", "peer up"]:
+                    return
+
+        await asyncio.wait_for(until_back(), 10)
         await peer.aclose()
         assert peer.closed and not peer.reconnecting
 
@@ -306,7 +311,7 @@ async def test_session_survives_a_cut_shorter_than_linger(memory_url, ids):
         await asyncio.sleep(2.0)
         faults.cut = False
         assert await asyncio.wait_for(stream.receive(), 10) == b"sent during the cut"
-        assert not peer.closed
+        assert not peer.closed and peer.reconnects == 0  # the same session throughout
 
 
 async def test_closing_a_peer_breaks_its_streams_on_both_sides(memory_url, ids):
@@ -386,7 +391,7 @@ async def test_a_slow_reader_stalls_only_its_own_stream(memory_url, ids):
                     await s.send(b"ping %d" % i)
                     assert await asyncio.wait_for(s.receive(), 5) == b"ping %d" % i
                     await asyncio.sleep(0.5)
-            assert not peer.closed and sent == stuck
+            assert not peer.closed and peer.reconnects == 0 and sent == stuck
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -558,3 +563,28 @@ async def test_closing_a_stream_wakes_a_sender_waiting_for_credit(memory_url, id
             for t in senders:
                 with pytest.raises(netchan.ClosedError):
                     await asyncio.wait_for(t, 5)
+
+
+async def test_closing_a_peer_while_it_is_redialed_keeps_it_closed(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], linger=1.0,
+                            keepalive=0.25) as server, netchan.Node(client_id, linger=1.0, keepalive=0.25) as client:
+        events = client.events()
+        peer = await client.connect(server.addresses[0], server.node_id)
+        faults = netchan.carriers.memory.faults(parse_url(memory_url).host)
+        faults.cut = True
+        await asyncio.wait_for(_kind(events, "peer down"), 10)
+        assert peer.reconnecting
+        faults.cut = False
+        await peer.aclose()  # while a dial may be in flight
+        assert peer.closed and not peer.reconnecting
+        await asyncio.sleep(1.5)  # long enough for a redial to have come back, were one left
+        assert peer.closed and client.peers == [] and peer.reconnects == 0
+    # and events() ends when its node closes
+    assert [ev async for ev in events] == []
+
+
+async def _kind(events, kind):
+    async for ev in events:
+        if ev.kind == kind:
+            return ev

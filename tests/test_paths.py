@@ -40,9 +40,26 @@ def test_failover_prefers_the_first_healthy_path_and_returns_to_it():
             break
     assert s.active == (1,) and s.paths[0].state == "down"
     assert 0.5 <= t <= 0.7  # noticed after down_after, within a probe interval
-    probes, _ = s.poll(t + 0.1)
-    events = _answer_all(s, probes, t + 0.11)  # path 0 is back
+    events = []
+    for k in range(1, 6):  # path 0 is back: trusted after five answers in a row
+        probes, _ = s.poll(t + 0.1 * k)
+        assert s.active == (1,)
+        events += _answer_all(s, probes, t + 0.1 * k + 0.01)
     assert PathUp(0) in events and ActiveChanged((0,)) in events and s.active == (0,)
+
+
+def test_a_lossy_path_that_answers_now_and_then_is_not_trusted_again():
+    s = PathScheduler(2, "failover", now=0.0, probe_interval=0.1, down_after=0.5)
+    probes, _ = s.poll(0.0)
+    _answer_all(s, probes, 0.01)
+    switches = 0
+    t = 0.0
+    for k in range(600):  # a minute; path 0 loses three probes in four
+        t += 0.1
+        probes, events = s.poll(t)
+        switches += sum(isinstance(ev, ActiveChanged) for ev in events)
+        _answer_all(s, probes, t + 0.001, only={0, 1} if k % 4 == 0 else {1})
+    assert switches <= 1 and s.active == (1,)
 
 
 def test_mirror_uses_every_healthy_path():

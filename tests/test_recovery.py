@@ -92,11 +92,16 @@ async def test_a_restarted_server_gets_every_item_and_the_sender_never_notices(t
                 assert ids.setdefault(value, item_id) == item_id  # a copy has the same id
             assert len(got) - total <= 1  # at most the one in flight at the kill
             assert not peer.reconnecting and not peer.closed
+            assert peer.reconnects == 1
             kinds = []
-            async for ev in events:  # it was a new session: the old one went down first
-                kinds.append(ev.kind)
-                if kinds[-2:] == ["peer down", "peer up"]:
-                    break
+
+            async def until_back():
+                async for ev in events:  # it was a new session: the old one went down first
+                    kinds.append(ev.kind)
+                    if kinds[-2:] == ["peer down", "peer up"]:
+                        return
+
+            await asyncio.wait_for(until_back(), 10)
             print(f"items taken {len(got)} for {total} sent; events {kinds}")
     finally:
         for proc in procs:

@@ -56,7 +56,7 @@ async def test_64_mib_through_one_stream_while_the_tcp_connection_is_cut(ids, en
                 assert got == sent.digest()
                 assert cutter.cuts >= 5
                 assert cutter.connections >= 6  # every cut was redialed
-                assert not peer.closed
+                assert not peer.closed and peer.reconnects == 0  # the same session throughout
 
 
 async def test_echo_keeps_working_across_cuts_on_a_schedule(ids):
@@ -97,7 +97,7 @@ async def test_a_silent_tcp_connection_is_detected_and_redialed(ids):
                 assert await asyncio.wait_for(stream.receive(), 15) == b"after the blackhole"
                 assert cutter.connections == 2  # a new connection carried it
                 assert asyncio.get_running_loop().time() - t0 >= 0.9  # after the silence
-                assert not peer.closed
+                assert not peer.closed and peer.reconnects == 0  # the same session throughout
 
 
 @pytest.mark.async_timeout(120)
@@ -143,4 +143,4 @@ async def test_256_mib_through_a_proxy_that_cuts_every_half_to_two_seconds(ids):
                 n, got = await asyncio.wait_for(digest, 100)
                 assert n == total and got == sent.digest()
                 assert cutter.cuts >= 3 and cutter.connections > cutter.cuts
-                assert not peer.closed
+                assert not peer.closed and peer.reconnects == 0  # the same session throughout

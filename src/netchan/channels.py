@@ -1152,7 +1152,13 @@ class RemoteChannel(Channel):
         finally:
             self._resuming = False
 
+    def _resuming_now(self) -> bool:
+        peer = self._peer
+        return self._error is None and self._opening is not None and peer is not None and not peer.closed
+
     def _fail_waiting(self, error: NetchanError) -> None:
+        if self._error is None:
+            self._error = error  # the handle is over: later calls get this error too
         for op in [*self._blocked, *self._recv_ops, *self._rendezvous.values()]:
             if op.state in (_WAITING, _COMMITTED, _WITHDRAWING):
                 op.finish(error=error)
@@ -1674,6 +1680,9 @@ class RemoteChannel(Channel):
         """Until the owner has accepted every item sent so far (BrokenError if the handle broke)."""
         while self._unacked:
             if self._wire is None:
+                if self._resuming_now():
+                    await self._ready()  # the handle reopens on the redialed session
+                    continue
                 raise BrokenError(f"channel {self.name!r}: {len(self._unacked)} items not yet accepted")
             fut = asyncio.get_running_loop().create_future()
             self._close_waiters.append(fut)
@@ -1691,6 +1700,10 @@ class RemoteChannel(Channel):
         self._emit([w.CLOSE])
         while not self._closed:
             if self._wire is None:
+                if self._resuming_now():
+                    await self._ready()
+                    self._emit([w.CLOSE])  # again, on the new stream
+                    continue
                 raise BrokenError(f"channel {self.name!r}: lost before the close was confirmed")
             fut = asyncio.get_running_loop().create_future()
             self._close_waiters.append(fut)

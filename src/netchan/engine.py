@@ -236,10 +236,31 @@ class _AioquicEngine(Engine):
 
         self._one_rtt = Epoch.ONE_RTT
 
+        from aioquic.buffer import Buffer
+        from aioquic.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
+
+        class Connection(QuicConnection):
+            # aioquic neither announces its max_udp_payload_size nor obeys the
+            # peer's: a server that met a client on a stream carrier would keep
+            # sending large packets after the client moved to a datagram path
+            def _serialize_transport_parameters(self) -> bytes:
+                data = super()._serialize_transport_parameters()
+                params = pull_quic_transport_parameters(Buffer(data=data))
+                params.max_udp_payload_size = self._max_datagram_size
+                buf = Buffer(capacity=len(data) + 64)
+                push_quic_transport_parameters(buf, params)
+                return buf.data
+
+            def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+                super()._parse_transport_parameters(data, from_session_ticket)
+                limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+                if limit is not None and 1200 <= limit < self._max_datagram_size:
+                    self._max_datagram_size = limit
+
         super().__init__()
         self.events = events
         self._config_cls = QuicConfiguration
-        self._conn_cls = QuicConnection
+        self._conn_cls = Connection
 
     def _make_credentials(self, identity):
         return identity.certificate(), identity.private_key

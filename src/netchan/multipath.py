@@ -56,6 +56,7 @@ class MultiPath(PacketPath):
         self.label = " + ".join(urls) if len(urls) > 1 else urls[0]
         self._timer: asyncio.TimerHandle | None = None
         self._index: dict[PacketPath, int] = {}
+        self._generations: dict[PacketPath, int] = {}
         self.closed = False
         self.switches = 0
         #: the node id this session dials (for events before it is authenticated)
@@ -140,7 +141,8 @@ class MultiPath(PacketPath):
     def path_writable(self, path: PacketPath) -> None:
         i = self._index.get(path)
         if i is not None and i in self.sched.active:
-            if path.generation:
+            if self._generations.get(path, 0) != path.generation:
+                self._generations[path] = path.generation
                 self.generation += 1  # a redialed connection: the session probes at once
             self._sink.path_writable(self)
 

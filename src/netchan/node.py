@@ -62,8 +62,9 @@ _CID_LEN = 8  # both engines' default connection id length
 #: a listening session keeps mirroring to another path of its peer this long
 #: after that path last carried an authentic packet
 _MIRROR_WINDOW = 0.5
-#: path probes a node answers per second, all peers together
+#: path probes a node answers per second on paths no session has proven, and on any one path
 _PROBE_ANSWERS_PER_S = 4000
+_PROBE_ANSWERS_PER_PATH = 40
 #: a lost session is dialed again after this long, doubling up to the max
 _REDIAL_MIN = 0.05
 _REDIAL_MAX = 2.0
@@ -361,7 +362,10 @@ class Peer:
         self.node_id = node_id
         #: while the node dials this peer again after its session was lost
         self._reconnecting: asyncio.Future[None] | None = None
+        self._redial_task: asyncio.Task[Any] | None = None
         self._user_closed = False
+        #: how many times this peer came back with a new session
+        self.reconnects = 0
 
     def __repr__(self) -> str:
         state = "reconnecting" if self.reconnecting else "closed" if self.closed else "up"
@@ -498,9 +502,19 @@ class Peer:
         self._session.schedule_transmit()
 
     async def wait_closed(self) -> NetchanError | None:
-        """Wait until the session ends; returns why."""
-        await asyncio.shield(self._session.done)
-        return self.error
+        """Wait until the peer is over for good (a session that is redialed
+        and comes back does not count); returns why."""
+        while True:
+            await asyncio.shield(self._session.done)
+            fut = self._reconnecting
+            if fut is None or self._user_closed:
+                return self.error
+            try:
+                await asyncio.shield(fut)
+            except NetchanError as exc:
+                return exc
+            if self._session.core.closed and not self.reconnecting:
+                return self.error
 
     async def aclose(self) -> None:
         """Close the session (streams on both sides end with an error); it is not redialed."""
@@ -509,8 +523,11 @@ class Peer:
         if fut is not None and not fut.done():
             fut.set_exception(ClosedError("peer closed"))
             fut.exception()
+        task = self._redial_task
+        if task is not None and not task.done():
+            task.cancel()  # a dial in flight must not bring it back
         self._session.close()
-        await self.wait_closed()
+        await asyncio.shield(self._session.done)
 
     async def __aenter__(self) -> Peer:
         return self
@@ -558,6 +575,7 @@ class _Session:
         #: listening side: other paths that carried authentic packets lately
         #: (a peer that mirrors sends on all of them: so do we, while it does)
         self.alt_paths: dict[PacketPath, float] = {}
+        self._path_seen = 0.0  # when self.path last carried an authentic packet
 
     # -- PacketSink -----------------------------------------------------------
 
@@ -572,13 +590,16 @@ class _Session:
             owner = self.node._by_path.get(path)
             if owner is None or owner is self:
                 path.confirm()
+                now = self.loop.time()
                 if path is not self.path:
                     # the peer moved (a new UDP source, say, or another of its
                     # paths): answer there from now on, and on the old one too
                     # while it keeps carrying authentic packets
-                    self.alt_paths[self.path] = self.loop.time()
+                    if self.path.label != path.label:  # (a new object for the same address is no other path)
+                        self.alt_paths[self.path] = self._path_seen
                     self.alt_paths.pop(path, None)
                     self.node._move_path(self, path)
+                self._path_seen = now
         self._process_events()
         # at the end of this turn: tasks woken by these packets run first, so
         # their replies leave together with our acknowledgements
@@ -740,8 +761,12 @@ class _Session:
                 case Authenticated():
                     self.peer_id = ev.peer_id
                     if self.reuse_peer is not None:
+                        if self.reuse_peer._user_closed:
+                            self.close(ClosedError("peer closed"))  # it was closed meanwhile
+                            return
                         self.peer = self.reuse_peer
                         self.peer._session = self  # the same Peer, a new session
+                        self.peer.reconnects += 1
                     else:
                         self.peer = Peer(self, ev.peer_id)
                     self.node._on_authenticated(self)
@@ -860,6 +885,7 @@ class Node:
         self._event_queues: list[tuple[deque[PeerEvent | None], list[asyncio.Future[None]]]] = []
         self._probe_budget = _PROBE_ANSWERS_PER_S
         self._probe_refill = 0.0
+        self._probe_counts: dict[PacketPath, int] = {}
 
     @property
     def node_id(self) -> str:
@@ -945,6 +971,7 @@ class Node:
         for listener in self._listeners:
             await listener.aclose()
         await asyncio.sleep(0.06)  # dialed paths close 50 ms after their session
+        self._emit(None)  # every events() iterator ends
         if cancelled is not None:
             raise cancelled
         if undelivered:
@@ -1179,10 +1206,18 @@ class Node:
         if now >= self._probe_refill:
             self._probe_refill = now + 1.0
             self._probe_budget = _PROBE_ANSWERS_PER_S
-        if self._probe_budget <= 0 or not path.writable:
+            self._probe_counts.clear()
+        # each path (one source address, one tcp dialer) gets a few answers a
+        # second of its own, so a flood from elsewhere cannot starve a peer's
+        # probes; paths no session has proven also share a budget
+        count = self._probe_counts.get(path, 0)
+        known = path in self._by_path
+        if count >= _PROBE_ANSWERS_PER_PATH or (not known and self._probe_budget <= 0) or not path.writable:
             self.packets_dropped += 1
             return
-        self._probe_budget -= 1
+        self._probe_counts[path] = count + 1
+        if not known:
+            self._probe_budget -= 1
         path.send_packets([answer])
 
     def path_writable(self, path: PacketPath) -> None:
@@ -1291,12 +1326,24 @@ class Node:
     def _start_redial(self, peer: Peer, spec: tuple[list[str], str, float | None], error: NetchanError) -> None:
         loop = asyncio.get_running_loop()
         fut = peer._reconnecting = loop.create_future()
-        self._spawn(self._redial(peer, spec, error, fut), f"netchan redial {peer.node_id[:8]}")
+        peer._redial_task = self._spawn(self._redial(peer, spec, error, fut), f"netchan redial {peer.node_id[:8]}")
 
     async def _redial(self, peer: Peer, spec: tuple[list[str], str, float | None], error: NetchanError,
                       fut: asyncio.Future[None]) -> None:
         urls, paths, timeout = spec
         log.info("peer %s lost (%s): dialing again", peer.node_id, error)
+        try:
+            await self._redial_loop(peer, urls, paths, timeout, fut)
+        except BaseException as exc:
+            if not fut.done():
+                # whatever went wrong, nobody may wait for this peer forever
+                fut.set_exception(exc if isinstance(exc, NetchanError) else ClosedError(f"redial stopped: {exc!r}"))
+                fut.exception()
+            if not isinstance(exc, (asyncio.CancelledError, NetchanError)):
+                log.exception("redialing %s failed", peer.node_id)
+
+    async def _redial_loop(self, peer: Peer, urls: list[str], paths: str, timeout: float | None,
+                           fut: asyncio.Future[None]) -> None:
         backoff = _REDIAL_MIN
         while not fut.done() and not self._closed:
             try:
@@ -1307,8 +1354,8 @@ class Node:
                     fut.set_exception(exc)
                     fut.exception()
                 return
-            except (BrokenError, Timeout, ClosedError) as exc:
-                if self._closed or fut.done():
+            except NetchanError as exc:
+                if self._closed or fut.done() or peer._user_closed:
                     break
                 log.debug("redial %s: %s", peer.node_id, exc)
                 await asyncio.sleep(backoff)

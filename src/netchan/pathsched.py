@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 MODES = ("failover", "mirror")
+#: failover leaves a path losing more probes than this (of the last 50) while
+#: another is healthy, and trusts it again below the second figure
+DEGRADED_LOSS = 0.5
+HEALTHY_LOSS = 0.25
 PROBE = b"\x00NCP?"
 ANSWER = b"\x00NCP!"
 _NONCE = 8
@@ -99,6 +103,9 @@ class PathStatus:
     recent: deque[bool] = field(default_factory=lambda: deque(maxlen=50))
     outstanding: dict[bytes, float] = field(default_factory=dict)  # nonce -> sent at
     samples: deque[float] = field(default_factory=lambda: deque(maxlen=9))
+    streak: int = 0  # answers in a row
+    #: up, but losing too many probes to be first choice (with hysteresis)
+    degraded: bool = False
 
     @property
     def rtt(self) -> float | None:
@@ -118,7 +125,7 @@ class PathScheduler:
     """Probing, up/down state and the choice of paths for ``n`` paths."""
 
     def __init__(self, n: int, mode: str = "failover", *, now: float,
-                 probe_interval: float = 0.1, down_after: float = 0.7) -> None:
+                 probe_interval: float = 0.1, down_after: float = 0.7, up_after: int = 5) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"paths must be one of {', '.join(MODES)}, not {mode!r}")
         if n < 1:
@@ -128,6 +135,9 @@ class PathScheduler:
         self.mode = mode
         self.probe_interval = probe_interval
         self.down_after = down_after
+        #: a path that went down is up again after this many answers in a row
+        #: (one lucky answer on a lossy path does not make it first choice again)
+        self.up_after = max(1, up_after)
         self.paths = [PathStatus(i) for i in range(n)]
         self._since = [now] * n  # since when each path has had no answer
         self._next_probe = now
@@ -140,7 +150,10 @@ class PathScheduler:
         """The paths a packet goes on now."""
         up = [p.index for p in self.paths if p.state == "up"]
         if up:
-            return tuple(up) if self.mode == "mirror" else (up[0],)
+            if self.mode == "mirror":
+                return tuple(up)
+            good = [i for i in up if not self.paths[i].degraded]
+            return ((good or up)[0],)
         maybe = [p.index for p in self.paths if p.state != "down"]
         return tuple(maybe or range(len(self.paths)))
 
@@ -160,6 +173,7 @@ class PathScheduler:
                 if now - sent > self.down_after:
                     del p.outstanding[nonce]
                     p.recent.append(False)
+                    p.streak = 0
             if p.state != "down" and now - self._since[p.index] >= self.down_after:
                 if p.state == "up" or p.last_answer is None:
                     reason = (f"no answer to probes for {self.down_after:g} s" if p.last_answer is not None
@@ -185,6 +199,11 @@ class PathScheduler:
         sent = p.outstanding.pop(packet[len(ANSWER):], None)
         if sent is None:
             return events  # not ours, a duplicate, or too late to count
+        older = [n for n, t in p.outstanding.items() if t < sent]
+        for n in older:  # sent before this one and still unanswered: lost
+            del p.outstanding[n]
+            p.recent.append(False)
+            p.streak = 0
         rtt = max(0.0, now - sent)
         p.samples.append(rtt)
         if p.srtt is None:
@@ -194,8 +213,16 @@ class PathScheduler:
             p.srtt = 0.875 * p.srtt + 0.125 * rtt
         p.answers += 1
         p.recent.append(True)
+        p.streak += 1
         p.last_answer = now
         self._since[index] = now
+        if p.state == "down" and p.streak < self.up_after:
+            return events  # alive again, maybe: not trusted yet
+        if p.state == "down":
+            # back: judge its loss afresh (the outage is not loss)
+            p.recent.clear()
+            p.recent.extend([True] * p.streak)
+            p.degraded = False
         if p.state != "up":
             p.state = "up"
             events.append(PathUp(index))
@@ -210,7 +237,17 @@ class PathScheduler:
                 deadline = min(deadline, self._since[p.index] + self.down_after)
         return deadline
 
+    def _grade(self, p: PathStatus) -> None:
+        if len(p.recent) < 10:
+            return  # too few probes settled to judge
+        if not p.degraded and p.loss > DEGRADED_LOSS:
+            p.degraded = True
+        elif p.degraded and p.loss < HEALTHY_LOSS:
+            p.degraded = False
+
     def _update_active(self, events: list[object]) -> None:
+        for p in self.paths:
+            self._grade(p)
         active = self.choose()
         if active != self._active:
             self._active = active

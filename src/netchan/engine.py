@@ -93,6 +93,10 @@ class Engine:
     def peer_certificate_der(self, conn: Any) -> bytes | None:
         raise NotImplementedError
 
+    def peer_payload_limit(self, conn: Any) -> int | None:
+        """The largest packet the peer said it takes (its max_udp_payload_size), once known."""
+        return None
+
     def send_backlog(self, conn: Any, stream_id: int) -> int:
         """Bytes of the stream not yet acknowledged or not yet sent (engine-specific)."""
         raise NotImplementedError
@@ -197,6 +201,10 @@ class _Qh3Engine(Engine):
             config.signature_algorithms = [self._tls.SignatureAlgorithm.ED25519]
         config.netchan_packet_size = packet_size  # read by Bridge
 
+    def peer_payload_limit(self, conn):
+        params = conn._applied_transport_parameters
+        return params.max_udp_payload_size if params is not None else None
+
     def peer_certificate_der(self, conn):
         cert = conn.get_peercert()
         return None if cert is None else cert.public_bytes()
@@ -264,6 +272,9 @@ class _AioquicEngine(Engine):
 
     def _make_credentials(self, identity):
         return identity.certificate(), identity.private_key
+
+    def peer_payload_limit(self, conn):
+        return conn._max_datagram_size  # lowered to the peer's limit (Connection above)
 
     def peer_certificate_der(self, conn):
         cert = conn.tls._peer_certificate if conn.tls is not None else None

@@ -27,6 +27,7 @@ from .errors import (
     LocalProtocolError,
     NetchanError,
     NotAllowed,
+    ProtocolError,
     ServiceNotFound,
     Timeout,
 )
@@ -62,9 +63,11 @@ _CID_LEN = 8  # both engines' default connection id length
 #: a listening session keeps mirroring to another path of its peer this long
 #: after that path last carried an authentic packet
 _MIRROR_WINDOW = 0.5
-#: path probes a node answers per second on paths no session has proven, and on any one path
-_PROBE_ANSWERS_PER_S = 4000
+#: path probes a node answers per second on any one path (a victim of spoofed
+#: probes gets at most this many small answers), and on all paths no session
+#: has proven (a bound on the work a flood costs us)
 _PROBE_ANSWERS_PER_PATH = 40
+_PROBE_ANSWERS_PER_S = 50000
 #: a lost session is dialed again after this long, doubling up to the max
 _REDIAL_MIN = 0.05
 _REDIAL_MAX = 2.0
@@ -1349,8 +1352,8 @@ class Node:
             try:
                 await self.connect(urls if len(urls) > 1 else urls[0], peer.node_id, timeout=timeout,
                                    paths=paths, _peer=peer)
-            except (AuthenticationError, NotAllowed) as exc:
-                if not fut.done():
+            except (AuthenticationError, NotAllowed, ProtocolError) as exc:
+                if not fut.done():  # refused, or it speaks another protocol: asking again changes nothing
                     fut.set_exception(exc)
                     fut.exception()
                 return

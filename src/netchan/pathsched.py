@@ -173,7 +173,8 @@ class PathScheduler:
                 if now - sent > self.down_after:
                     del p.outstanding[nonce]
                     p.recent.append(False)
-                    p.streak = 0
+                    if p.last_answer is None or sent > p.last_answer:
+                        p.streak = 0  # silence since the last answer (not a late or reordered one)
             if p.state != "down" and now - self._since[p.index] >= self.down_after:
                 if p.state == "up" or p.last_answer is None:
                     reason = (f"no answer to probes for {self.down_after:g} s" if p.last_answer is not None
@@ -199,11 +200,6 @@ class PathScheduler:
         sent = p.outstanding.pop(packet[len(ANSWER):], None)
         if sent is None:
             return events  # not ours, a duplicate, or too late to count
-        older = [n for n, t in p.outstanding.items() if t < sent]
-        for n in older:  # sent before this one and still unanswered: lost
-            del p.outstanding[n]
-            p.recent.append(False)
-            p.streak = 0
         rtt = max(0.0, now - sent)
         p.samples.append(rtt)
         if p.srtt is None:

@@ -660,6 +660,11 @@ class SessionCore:
         self._terminate(error)
 
     def _on_handshake_completed(self) -> None:
+        limit = self.engine.peer_payload_limit(self._quic)
+        if limit:
+            # what we may put in one packet is also bounded by what the peer
+            # takes (a peer with several paths announces the smallest)
+            self.packet_size = min(self.packet_size, max(1200, limit))
         if not self.is_client:
             return
         der = self.engine.peer_certificate_der(self._quic)

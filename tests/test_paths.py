@@ -14,6 +14,8 @@ import netchan
 from netchan.chaos import TcpCutter, UdpChaos
 from netchan.pathsched import ANSWER, PROBE, ActiveChanged, PathDown, PathScheduler, PathUp, answer_for
 
+from .helpers import wait_for_condition
+
 # -- the scheduler, no network -------------------------------------------------------------
 
 
@@ -230,6 +232,8 @@ async def test_mirror_over_two_lossy_paths_beats_one(ids):
                 async with netchan.Node(client_id) as client:
                     peer = await client.connect([p.url for p in proxies], server.node_id, paths=mode,
                                                 timeout=20)
+                    if n == 2:  # mirroring starts once both paths answered a probe
+                        await wait_for_condition(lambda peer=peer: all(p.state == "up" for p in peer.paths))
                     started = time.monotonic()
                     assert await _upload(peer, data) == digest  # delivered correctly
                     times[label] = time.monotonic() - started

@@ -21,6 +21,7 @@ import time
 
 import netchan
 from netchan.chaos import TcpCutter, UdpChaos
+from netchan.testing import sha256_sink, upload
 
 MiB = 1 << 20
 _BLOCK = os.urandom(MiB)
@@ -31,33 +32,18 @@ def _hostport(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def _sink(stream, peer) -> None:
-    digest = hashlib.sha256()
-    while True:
-        try:
-            digest.update(await stream.receive(1 << 20))
-        except netchan.EndOfStream:
-            break
-    await stream.send(digest.hexdigest().encode())
-    await stream.send_eof()
-
-
 async def _upload(peer, size: int) -> float:
+    """Seconds to move ``size`` bytes to the peer's sink, checked end to end."""
     started = time.perf_counter()
-    stream = await peer.open_stream("sink")
     sent = hashlib.sha256()
-    for i in range(size // MiB):
-        chunk = _BLOCK[i % 1024:] + _BLOCK[:i % 1024]
-        sent.update(chunk)
-        await stream.send(chunk)
-    await stream.send_eof()
-    answer = b""
-    while True:
-        try:
-            answer += await stream.receive()
-        except netchan.EndOfStream:
-            break
-    if answer.decode() != sent.hexdigest():
+
+    def chunks():
+        for i in range(size // MiB):
+            chunk = _BLOCK[i % 1024:] + _BLOCK[:i % 1024]
+            sent.update(chunk)
+            yield chunk
+
+    if await upload(peer, chunks()) != sent.hexdigest():
         raise RuntimeError("the far end saw different bytes")
     return time.perf_counter() - started
 
@@ -68,7 +54,7 @@ async def cut_throughput(size: int) -> tuple[float, float, int]:
     rates = []
     cuts = 0
     async with netchan.Node(a, ["tcp://127.0.0.1:0"], allow=[b.node_id]) as server:
-        server.serve("sink", _sink)
+        server.serve("sink", sha256_sink)
         for cut_every in (None, 1.0):
             async with TcpCutter(_hostport(server.addresses[0]), cut_every=cut_every) as cutter, \
                     netchan.Node(b) as client:
@@ -127,7 +113,7 @@ async def mirror_vs_single(size: int) -> tuple[float, float]:
     a, b = netchan.Identity.generate(), netchan.Identity.generate()
     out = []
     async with netchan.Node(a, ["udp://127.0.0.1:0"], allow=[b.node_id]) as server:
-        server.serve("sink", _sink)
+        server.serve("sink", sha256_sink)
         for n, mode in ((1, "failover"), (2, "mirror")):
             proxies = [await UdpChaos(_hostport(server.addresses[0]), loss=0.2, seed=20 + k).start()
                        for k in range(n)]

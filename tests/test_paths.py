@@ -13,6 +13,7 @@ import pytest
 import netchan
 from netchan.chaos import TcpCutter, UdpChaos
 from netchan.pathsched import ANSWER, PROBE, ActiveChanged, PathDown, PathScheduler, PathUp, answer_for
+from netchan.testing import sha256_sink, upload
 
 from .helpers import wait_for_condition
 
@@ -95,7 +96,7 @@ def test_answers_that_are_not_ours_change_nothing():
     assert s.paths[0].state == "unknown"
 
 
-def test_rtt_is_smoothed_and_loss_counted():
+def test_rtt_is_the_median_of_recent_answers_and_loss_is_counted():
     s = PathScheduler(1, "failover", now=0.0, probe_interval=0.1, down_after=0.35)
     t = 0.0
     for k in range(20):
@@ -105,7 +106,7 @@ def test_rtt_is_smoothed_and_loss_counted():
         t += 0.1
     assert s.paths[0].state == "up"  # a lost probe now and then does not take it down
     s.poll(t + 1)  # settles the last probes
-    assert s.paths[0].srtt == pytest.approx(0.010, abs=1e-6)
+    assert s.paths[0].rtt == pytest.approx(0.010, abs=1e-6)
     assert 0.2 <= s.paths[0].loss <= 0.3
 
 
@@ -122,30 +123,6 @@ def test_bad_modes_and_settings_are_refused():
 def _hostport(url):
     host, port = url.split("://", 1)[1].rsplit(":", 1)
     return host, int(port)
-
-
-async def _sink(stream, peer):
-    digest = hashlib.sha256()
-    while True:
-        try:
-            digest.update(await stream.receive())
-        except netchan.EndOfStream:
-            break
-    await stream.send(digest.hexdigest().encode())
-    await stream.send_eof()
-
-
-async def _upload(peer, data, chunk=65536):
-    stream = await peer.open_stream("sink")
-    for i in range(0, len(data), chunk):
-        await stream.send(data[i:i + chunk])
-    await stream.send_eof()
-    answer = b""
-    while True:
-        try:
-            answer += await stream.receive()
-        except netchan.EndOfStream:
-            return answer.decode()
 
 
 async def _next_event(events, kind, timeout=10.0):
@@ -224,7 +201,7 @@ async def test_mirror_over_two_lossy_paths_beats_one(ids):
     digest = hashlib.sha256(data).hexdigest()
     times = {}
     async with netchan.Node(server_id, ["udp://127.0.0.1:0"], allow=[client_id.node_id]) as server:
-        server.serve("sink", _sink)
+        server.serve("sink", sha256_sink)
         for label, n, mode in (("one path", 1, "failover"), ("mirror", 2, "mirror")):
             proxies = [await UdpChaos(_hostport(server.addresses[0]), loss=0.2, seed=10 + k).start()
                        for k in range(n)]
@@ -235,7 +212,8 @@ async def test_mirror_over_two_lossy_paths_beats_one(ids):
                     if n == 2:  # mirroring starts once both paths answered a probe
                         await wait_for_condition(lambda peer=peer: all(p.state == "up" for p in peer.paths))
                     started = time.monotonic()
-                    assert await _upload(peer, data) == digest  # delivered correctly
+                    chunks = (data[i:i + 65536] for i in range(0, len(data), 65536))
+                    assert await upload(peer, chunks) == digest  # delivered correctly
                     times[label] = time.monotonic() - started
                     if n == 2:
                         assert all(p.active for p in peer.paths)

@@ -14,6 +14,36 @@ from netchan.chaos import TcpCutter
 from .helpers import echo
 
 
+def _digest_sink(digest, progress):
+    """A service that hashes what it receives, awaits ``progress(bytes so far)``
+    after each read, and sets ``digest`` to (bytes, sha256) at the end."""
+
+    async def sink(stream, peer):
+        h, n = hashlib.sha256(), 0
+        while True:
+            try:
+                data = await stream.receive(1 << 20)
+            except netchan.EndOfStream:
+                break
+            h.update(data)
+            n += len(data)
+            await progress(n)
+        digest.set_result((n, h.digest()))
+
+    return sink
+
+
+async def _send_rotated(stream, total, block):
+    """Send ``total`` bytes as rotations of ``block``, then EOF; returns their sha256."""
+    sent = hashlib.sha256()
+    for i in range(total // len(block)):
+        chunk = block[i:] + block[:i]
+        sent.update(chunk)
+        await stream.send(chunk)
+    await stream.send_eof()
+    return sent.digest()
+
+
 @pytest.mark.async_timeout(120)
 async def test_64_mib_through_one_stream_while_the_tcp_connection_is_cut(ids, engine):
     server_id, client_id = ids
@@ -27,33 +57,21 @@ async def test_64_mib_through_one_stream_while_the_tcp_connection_is_cut(ids, en
         host, port = server.addresses[0].removeprefix("tcp://").rsplit(":", 1)
         async with TcpCutter((host, int(port))) as cutter:
 
-            async def sink(stream, peer):
-                h, n, next_cut = hashlib.sha256(), 0, cut_every_bytes
-                while True:
-                    try:
-                        data = await stream.receive(1 << 20)
-                    except netchan.EndOfStream:
-                        break
-                    h.update(data)
-                    n += len(data)
-                    if n >= next_cut:  # cut in the middle of the transfer
-                        cutter.cut()
-                        next_cut += cut_every_bytes
-                digest.set_result((n, h.digest()))
+            next_cut = cut_every_bytes
 
-            server.serve("sink", sink)
+            async def progress(n):
+                nonlocal next_cut
+                if n >= next_cut:  # cut in the middle of the transfer
+                    cutter.cut()
+                    next_cut += cut_every_bytes
+
+            server.serve("sink", _digest_sink(digest, progress))
             async with netchan.Node(client_id, engine=engine) as client:
                 peer = await client.connect(cutter.url, node_id=server.node_id)
-                stream = await peer.open_stream("sink")
-                sent = hashlib.sha256()
-                for i in range(total // len(block)):
-                    chunk = block[i:] + block[:i]
-                    sent.update(chunk)
-                    await stream.send(chunk)
-                await stream.send_eof()
+                sent = await _send_rotated(await peer.open_stream("sink"), total, block)
                 n, got = await digest
                 assert n == total
-                assert got == sent.digest()
+                assert got == sent
                 assert cutter.cuts >= 5
                 assert cutter.connections >= 6  # every cut was redialed
                 assert not peer.closed and peer.reconnects == 0  # the same session throughout
@@ -111,36 +129,24 @@ async def test_256_mib_through_a_proxy_that_cuts_every_half_to_two_seconds(ids):
         host, port = server.addresses[0].removeprefix("tcp://").rsplit(":", 1)
         async with TcpCutter((host, int(port)), cut_every=(0.5, 2.0), seed=4) as cutter:
 
-            async def sink(stream, peer):
-                h, n, pause_at = hashlib.sha256(), 0, total // 4
-                while True:
-                    try:
-                        data = await stream.receive(1 << 20)
-                    except netchan.EndOfStream:
-                        break
-                    h.update(data)
-                    n += len(data)
-                    if n >= pause_at and pause_at < total:
-                        # at each quarter, stop reading until the next cut has
-                        # happened: every cut finds data in flight, however fast
-                        # the machine moves the rest
-                        cuts = cutter.cuts
-                        while cutter.cuts == cuts:
-                            await asyncio.sleep(0.05)
-                        pause_at += total // 4
-                digest.set_result((n, h.digest()))
+            pause_at = total // 4
 
-            server.serve("sink", sink)
+            async def progress(n):
+                nonlocal pause_at
+                if n >= pause_at and pause_at < total:
+                    # at each quarter, stop reading until the next cut has
+                    # happened: every cut finds data in flight, however fast
+                    # the machine moves the rest
+                    cuts = cutter.cuts
+                    while cutter.cuts == cuts:
+                        await asyncio.sleep(0.05)
+                    pause_at += total // 4
+
+            server.serve("sink", _digest_sink(digest, progress))
             async with netchan.Node(client_id) as client:
                 peer = await client.connect(cutter.url, node_id=server.node_id)
-                stream = await peer.open_stream("sink")
-                sent = hashlib.sha256()
-                for i in range(total // len(block)):
-                    chunk = block[i:] + block[:i]
-                    sent.update(chunk)
-                    await stream.send(chunk)  # no error reaches the sender
-                await stream.send_eof()
+                sent = await _send_rotated(await peer.open_stream("sink"), total, block)  # no error raised
                 n, got = await asyncio.wait_for(digest, 100)
-                assert n == total and got == sent.digest()
+                assert n == total and got == sent
                 assert cutter.cuts >= 3 and cutter.connections > cutter.cuts
                 assert not peer.closed and peer.reconnects == 0  # the same session throughout

@@ -1115,11 +1115,6 @@ class RemoteChannel(Channel):
             if task.done():
                 self._opening = None
 
-    def _resume_soon(self) -> None:
-        if self._opening is None:
-            self._opening = asyncio.ensure_future(self._resume())
-            self._opening.add_done_callback(self._opened_in_background)
-
     async def _resume(self) -> None:
         """Reopen on the redialed session: what waited goes on there, what the
         owner had not confirmed is sent again.  A restarted owner gets
@@ -1168,9 +1163,10 @@ class RemoteChannel(Channel):
         if self.capacity == 0:
             self._unacked.clear()
 
-    def _open_soon(self) -> None:
+    def _open_soon(self, resume: bool = False) -> None:
+        """Open (or, after a redial, resume) in the background; errors reach the next caller."""
         if self._wire is None and self._error is None and self._opening is None:
-            self._opening = asyncio.ensure_future(self._open())
+            self._opening = asyncio.ensure_future(self._resume() if resume else self._open())
             self._opening.add_done_callback(self._opened_in_background)
 
     def _opened_in_background(self, task: asyncio.Task[None]) -> None:
@@ -1262,7 +1258,7 @@ class RemoteChannel(Channel):
             if self._error is None and peer is not None and peer.reconnecting:
                 # the session is being redialed: wait for it, then go on there
                 self._broken(error, resume=True)
-                self._resume_soon()
+                self._open_soon(resume=True)
             else:
                 self._broken(error)
         wire.abort()  # the owner must learn at once: it returns what we held

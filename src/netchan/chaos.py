@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from .faults import Faults
 
@@ -250,6 +250,16 @@ class _Back(asyncio.DatagramProtocol):
         pass  # the target is not listening (yet): datagrams are lost, as UDP's are
 
 
+def _through(faults: Faults, data: bytes, client: Any, send: Callable[[bytes, Any], None]) -> None:
+    """Pass one datagram through ``faults``: each surviving copy is sent now or after its delay."""
+    loop = asyncio.get_running_loop()
+    for delay, packet in faults.plan([data]):
+        if delay > 0:
+            loop.call_later(delay, send, packet, client)
+        else:
+            send(packet, client)
+
+
 class UdpChaos:
     """Forward UDP from ``listen`` to ``target`` through :class:`netchan.faults.Faults`.
 
@@ -353,12 +363,7 @@ class UdpChaos:
             back.transport.sendto(data)  # type: ignore[union-attr]
 
     def _from_client(self, data: bytes, client: Any) -> None:
-        loop = asyncio.get_running_loop()
-        for delay, packet in self.up.plan([data]):
-            if delay > 0:
-                loop.call_later(delay, self._send_up, packet, client)
-            else:
-                self._send_up(packet, client)
+        _through(self.up, data, client, self._send_up)
 
     def _send_up(self, data: bytes, client: Any) -> None:
         if self._closed:
@@ -373,12 +378,7 @@ class UdpChaos:
             self._open_back(client)
 
     def _to_client(self, data: bytes, client: Any) -> None:
-        loop = asyncio.get_running_loop()
-        for delay, packet in self.down.plan([data]):
-            if delay > 0:
-                loop.call_later(delay, self._send_down, packet, client)
-            else:
-                self._send_down(packet, client)
+        _through(self.down, data, client, self._send_down)
 
     def _send_down(self, data: bytes, client: Any) -> None:
         if not self._closed and self._front is not None:

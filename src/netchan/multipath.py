@@ -39,7 +39,7 @@ class PathInfo:
 class MultiPath(PacketPath):
     """The paths of one dialed session, scheduled as one."""
 
-    def __init__(self, urls: list[str], mode: str, sink: PacketSink, *,
+    def __init__(self, urls: list[str], mode: str, sink: PacketSink, *, expected: str = "",
                  probe_interval: float = 0.1, down_after: float = 0.7,
                  on_event: Callable[[object, MultiPath], None] | None = None) -> None:
         self.urls = urls
@@ -60,7 +60,7 @@ class MultiPath(PacketPath):
         self.closed = False
         self.switches = 0
         #: the node id this session dials (for events before it is authenticated)
-        self.expected = ""
+        self.expected = expected
 
     async def dial(self) -> None:
         """Dial every URL; at least one must succeed (the error of each that

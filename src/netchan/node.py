@@ -586,14 +586,14 @@ class _Session:
         core = self.core
         if core is None or self.done.done():
             return
-        authentic = core.receive_packets(packets, self.loop.time())
+        now = self.loop.time()
+        authentic = core.receive_packets(packets, now)
         if authentic and not self.dialed:
             # Forged or replayed packets are not authentic and move nothing,
             # and a path another session owns is not ours to take.
             owner = self.node._by_path.get(path)
             if owner is None or owner is self:
                 path.confirm()
-                now = self.loop.time()
                 if path is not self.path:
                     # the peer moved (a new UDP source, say, or another of its
                     # paths): answer there from now on, and on the old one too
@@ -1123,9 +1123,8 @@ class Node:
             except OSError as exc:
                 raise BrokenError(f"cannot dial {urls[0]}: {exc.strerror or exc}") from None
         else:
-            multi = MultiPath([str(u) for u in urls], paths, session,
+            multi = MultiPath(urls, paths, session, expected=expected,
                               on_event=lambda ev, mp: self._on_path_event(session, ev, mp))
-            multi.expected = expected
             try:
                 await multi.dial()
             except OSError:

@@ -94,8 +94,6 @@ class PathStatus:
 
     index: int
     state: str = "unknown"  # "up", "down", "unknown"
-    srtt: float | None = None
-    rttvar: float = 0.0
     last_answer: float | None = None
     probes_sent: int = 0
     answers: int = 0
@@ -202,11 +200,6 @@ class PathScheduler:
             return events  # not ours, a duplicate, or too late to count
         rtt = max(0.0, now - sent)
         p.samples.append(rtt)
-        if p.srtt is None:
-            p.srtt, p.rttvar = rtt, rtt / 2
-        else:  # RFC 6298 smoothing
-            p.rttvar = 0.75 * p.rttvar + 0.25 * abs(p.srtt - rtt)
-            p.srtt = 0.875 * p.srtt + 0.125 * rtt
         p.answers += 1
         p.recent.append(True)
         p.streak += 1

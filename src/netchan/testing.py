@@ -12,15 +12,47 @@ protocol behaviour can be checked fast and deterministically::
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .engine import get_engine
+from .errors import EndOfStream
 from .identity import Identity
 from .session import SessionConfig, SessionCore, SessionEvent
 
-__all__ = ["ManualClock", "SessionPair"]
+if TYPE_CHECKING:
+    from .node import Peer, Stream
+
+__all__ = ["ManualClock", "SessionPair", "sha256_sink", "upload"]
+
+
+async def sha256_sink(stream: Stream, peer: Peer) -> None:
+    """A service that reads to the end and answers the sha256 (hex) of what it read."""
+    digest = hashlib.sha256()
+    while True:
+        try:
+            digest.update(await stream.receive(1 << 20))
+        except EndOfStream:
+            break
+    await stream.send(digest.hexdigest().encode())
+    await stream.send_eof()
+
+
+async def upload(peer: Peer, chunks: Iterable[bytes], service: str = "sink") -> str:
+    """Send ``chunks`` on one stream to ``service`` (a :func:`sha256_sink`);
+    returns the digest the far end answered."""
+    stream = await peer.open_stream(service)
+    for chunk in chunks:
+        await stream.send(chunk)
+    await stream.send_eof()
+    answer = b""
+    while True:
+        try:
+            answer += await stream.receive()
+        except EndOfStream:
+            return answer.decode()
 
 
 @dataclass

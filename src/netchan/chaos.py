@@ -37,6 +37,9 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.other: _Pipe | None = None
         self._pending: list[bytes] = []
+        self._free_at = 0.0  # when the rate limit lets this side read again
+        self._throttled = False
+        self._paused_by_peer = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -48,12 +51,31 @@ class _Pipe(asyncio.Protocol):
             transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
-        self.cutter.bytes_forwarded += len(data)
+        cutter = self.cutter
+        cutter.bytes_forwarded += len(data)
         other = self.other
         if other is None or other.transport is None:
             self._pending.append(data)  # upstream not connected yet
+        else:
+            other.transport.write(data)
+        if cutter.rate and self.transport is not None:
+            # a link of ``rate`` bytes/s: read nothing more until this much
+            # would have crossed it (backpressure reaches the sender through
+            # the socket buffers, as on a slow network)
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            self._free_at = max(self._free_at, now) + len(data) / cutter.rate
+            if self._free_at > now + 0.001:
+                self.transport.pause_reading()
+                self._throttled = True
+                loop.call_at(self._free_at, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._throttled = False
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.cutter.blackhole or self._paused_by_peer:
             return
-        other.transport.write(data)
+        transport.resume_reading()
 
     def attach(self, other: _Pipe) -> None:
         self.other = other
@@ -64,14 +86,20 @@ class _Pipe(asyncio.Protocol):
     # the peer's buffer filled: stop reading from this side until it drains
     # (a stalled pipe stays paused: resume_writing only follows pause_writing)
     def pause_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.pause_reading()
+        other = self.other
+        if other is not None and other.transport is not None:
+            other._paused_by_peer = True
+            other.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.cutter.blackhole:
+        other = self.other
+        if other is None:
             return
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.resume_reading()
+        other._paused_by_peer = False
+        if self.cutter.blackhole or other._throttled:
+            return
+        if other.transport is not None:
+            other.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
         self.cutter._pipes.discard(self)
@@ -96,8 +124,11 @@ class TcpCutter:
         listen: tuple[str, int] = ("127.0.0.1", 0),
         cut_every: float | tuple[float, float] | None = None,
         seed: int | None = None,
+        rate: float | None = None,
     ) -> None:
         self.target = target
+        #: bytes per second each direction of each connection may carry (None: no limit)
+        self.rate = rate
         self.listen = listen
         self.cut_every = cut_every
         self.rng = random.Random(seed)

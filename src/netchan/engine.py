@@ -114,6 +114,14 @@ class Engine:
         """False while the peer's limit on concurrent streams is reached."""
         return True
 
+    def path_replaced(self, conn: Any, now: float, uid: int) -> None:
+        """The carrier connection under the session was replaced (a redial, a
+        failover): whatever was in flight on the old one is gone.  Make the
+        engine send again at once and elicit an acknowledgement (PING
+        ``uid``) that is not held back by a congestion window full of
+        packets that will never arrive."""
+        conn.send_ping(uid)
+
     def receive_packets(self, conn: Any, packets: list[bytes], now: float) -> bool:
         """Feed packets; True if one of them was a new, authenticated packet of
         an established connection (only such packets may move a path)."""
@@ -286,6 +294,21 @@ class _AioquicEngine(Engine):
             return 0
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
+
+    def path_replaced(self, conn, now, uid):
+        # aioquic sends nothing, not even a PING, while its congestion window
+        # is full, and learns of the loss only at its next retransmission
+        # timeout, which backs off while the carrier is down.  The packets the
+        # old connection carried are gone: they leave the window at once and
+        # their data is queued again.  (A cut is no sign of congestion, so
+        # the window itself is not reduced.)
+        space = conn._spaces.get(self._one_rtt) if conn._handshake_complete else None
+        if space is not None and space.sent_packets:
+            conn._loss._on_packets_lost(
+                congestion_event=False, now=now, packets=list(space.sent_packets.values()), space=space
+            )
+        conn._loss._pto_count = 0  # a new connection: no backed-off timer from the old one
+        conn.send_ping(uid)
 
     def receive_packets(self, conn, packets, now):
         space = conn._spaces.get(self._one_rtt) if conn._handshake_complete else None

@@ -59,6 +59,7 @@ class MultiPath(PacketPath):
         self._generations: dict[PacketPath, int] = {}
         self.closed = False
         self.switches = 0
+        self._was_active = self.sched.active
         #: the node id this session dials (for events before it is authenticated)
         self.expected = expected
 
@@ -168,9 +169,12 @@ class MultiPath(PacketPath):
                     log.info("path up: %s", self.urls[i])
                 case PathDown(index=i, reason=reason):
                     log.info("path down: %s (%s)", self.urls[i], reason)
-                case ActiveChanged():
+                case ActiveChanged(indexes=now_active):
                     self.switches += 1
-                    self.generation += 1  # packets in flight on the old path: probe at once
+                    if set(self._was_active) - set(now_active):
+                        # a path we sent on was left: what it carried is lost
+                        self.generation += 1
+                    self._was_active = now_active
                     self._sink.path_writable(self)
             if self._on_event is not None:
                 self._on_event(ev, self)

@@ -63,6 +63,10 @@ _CID_LEN = 8  # both engines' default connection id length
 #: a listening session keeps mirroring to another path of its peer this long
 #: after that path last carried an authentic packet
 _MIRROR_WINDOW = 0.5
+#: a listening session whose peer moves to another path after this long
+#: without an authentic packet on the old one takes it that the peer left the
+#: old path (failover, not mirroring) and resends what it had in flight there
+_LEFT_AFTER = 0.25
 #: path probes a node answers per second on any one path (a victim of spoofed
 #: probes gets at most this many small answers), and on all paths no session
 #: has proven (a bound on the work a flood costs us)
@@ -570,7 +574,7 @@ class _Session:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tx_scheduled = False
-        self._generation = 0
+        self._generations: dict[PacketPath, int] = {}  # the connection of each path we know
         #: dialing side: how to dial this peer again if the session is lost
         self.redial: tuple[list[str], str, float | None] | None = None
         #: the Peer a redialed session takes over (the user keeps one object)
@@ -601,7 +605,12 @@ class _Session:
                     if self.path.label != path.label:  # (a new object for the same address is no other path)
                         self.alt_paths[self.path] = self._path_seen
                     self.alt_paths.pop(path, None)
+                    left = now - self._path_seen > _LEFT_AFTER
                     self.node._move_path(self, path)
+                    if left:
+                        # the peer left a path that went silent (failover):
+                        # what we sent on it since is lost; resend it here
+                        core.path_replaced(now)
                 self._path_seen = now
         self._process_events()
         # at the end of this turn: tasks woken by these packets run first, so
@@ -610,9 +619,10 @@ class _Session:
 
     def path_writable(self, path: PacketPath) -> None:
         if path is self.path and self.core is not None:
-            if path.generation != self._generation:
-                self._generation = path.generation
-                self.core.probe(self.loop.time())
+            if path.generation != self._generations.get(path, 0):
+                # a new connection under the path: what the old one carried is lost
+                self._generations[path] = path.generation
+                self.core.path_replaced(self.loop.time())
             self._transmit()
 
     # -- driving the core ---------------------------------------------------------

@@ -423,6 +423,20 @@ class SessionCore:
         except Exception as exc:
             self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
 
+    def path_replaced(self, now: float) -> None:
+        """The carrier connection under the session was replaced (a tcp
+        redial, a move to another path): what the old one carried is lost.
+        The engine resends it now rather than after timers that backed off
+        while the carrier was down, and a PING finds out what did arrive."""
+        if self.closed:
+            return
+        self._last_ping = now
+        self._ping_uid += 1
+        try:
+            self.engine.path_replaced(self._quic, now, self._ping_uid)
+        except Exception as exc:
+            self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
+
     def next_event(self) -> SessionEvent | None:
         return self._events.popleft() if self._events else None
 

@@ -114,6 +114,11 @@ class Engine:
         """False while the peer's limit on concurrent streams is reached."""
         return True
 
+    def send_probe(self, conn: Any, uid: int) -> None:
+        """Send a PING now, even if the congestion window is full (a keepalive
+        that finds out whether a silent path came back)."""
+        conn.send_ping(uid)
+
     def path_replaced(self, conn: Any, now: float, uid: int) -> None:
         """The carrier connection under the session was replaced (a redial, a
         failover): whatever was in flight on the old one is gone.  Make the
@@ -294,6 +299,10 @@ class _AioquicEngine(Engine):
             return 0
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
+
+    def send_probe(self, conn, uid):
+        conn.send_ping(uid)
+        conn._probe_pending = True  # what lets aioquic send beyond a full window
 
     def path_replaced(self, conn, now, uid):
         # aioquic sends nothing, not even a PING, while its congestion window

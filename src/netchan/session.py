@@ -419,7 +419,7 @@ class SessionCore:
         self._last_ping = now
         self._ping_uid += 1
         try:
-            self._quic.send_ping(self._ping_uid)
+            self.engine.send_probe(self._quic, self._ping_uid)
         except Exception as exc:
             self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
 

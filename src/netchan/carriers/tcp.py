@@ -19,7 +19,6 @@ import asyncio
 import os
 import socket
 import struct
-import sys
 import time
 
 from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
@@ -30,17 +29,14 @@ DEFAULT_PACKET_SIZE = 60000
 MAGIC = b"NCT\x01"
 _TOKEN_LEN = 16
 _PREAMBLE_LEN = len(MAGIC) + _TOKEN_LEN
-#: What a connection may hold below the session.  Everything in it is lost
-#: when the connection breaks, and the session learns of it only after the
-#: redial, so it is kept small: the transport's buffer pauses the session at
-#: _HIGH_WATER, and the kernel takes no more once _NOTSENT_LOWAT bytes wait
-#: unsent in the socket (TCP_NOTSENT_LOWAT: what TCP has sent but not yet
-#: had acknowledged is not counted, so the window still grows to fill a
-#: long, fast network).
+#: What a connection may hold in its transport's buffer before the session
+#: is paused.  Whatever is below the session when a connection breaks is
+#: lost, and only resent once the redial tells the session, so this is kept
+#: small.  (The kernel's socket buffer comes on top.  TCP_NOTSENT_LOWAT
+#: would bound that too, but measured through a cutting proxy it made each
+#: cut cost ~80 ms of silence instead of ~20 ms, so it is not set.)
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
-_NOTSENT_LOWAT = 128 * 1024
-_TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
 _LEN = struct.Struct("!H")
 _MAX_FRAME = 2 + 65535
 _BUFFER_MIN = 16 * 1024  # what an unproven connection reads into (it grows to fit a frame)
@@ -93,11 +89,6 @@ class _FramedProtocol(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            if _TCP_NOTSENT_LOWAT is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
-                except OSError:
-                    pass  # not on this system: the transport's limit still holds
         transport.set_write_buffer_limits(high=_HIGH_WATER, low=_LOW_WATER)
 
     def enlarge(self) -> None:

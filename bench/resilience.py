@@ -2,7 +2,7 @@
 
 1. One stream over the tcp carrier through a proxy that cuts every connection
    every second, as a ratio to the same transfer through the same proxy
-   without cuts.
+   without cuts, for writes of 16 KiB, 64 KiB and 1 MiB.
 2. Failover gap: a transfer over udp + tcp paths; the active udp path is
    blackholed; the gap is the longest pause in arrivals (median of several).
 3. Mirror: an upload over two udp paths with 20% loss each, beside the same
@@ -24,7 +24,11 @@ from netchan.chaos import TcpCutter, UdpChaos
 from netchan.testing import sha256_sink, upload
 
 MiB = 1 << 20
-_BLOCK = os.urandom(MiB)
+KiB = 1 << 10
+_BLOCK = os.urandom(MiB + 4096)
+#: write sizes of the cut-throughput figures: what tunnels, a user's loop and
+#: a bulk copy write
+WRITE_SIZES = (16 * KiB, 64 * KiB, 1 * MiB)
 
 
 def _hostport(url: str) -> tuple[str, int]:
@@ -32,14 +36,16 @@ def _hostport(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def _upload(peer, size: int) -> float:
-    """Seconds to move ``size`` bytes to the peer's sink, checked end to end."""
+async def _upload(peer, size: int, write: int = MiB) -> float:
+    """Seconds to move ``size`` bytes in writes of ``write`` bytes to the
+    peer's sink, checked end to end."""
     started = time.perf_counter()
     sent = hashlib.sha256()
 
     def chunks():
-        for i in range(size // MiB):
-            chunk = _BLOCK[i % 1024:] + _BLOCK[:i % 1024]
+        for i in range(size // write):
+            k = i % 4096
+            chunk = _BLOCK[k:k + write]
             sent.update(chunk)
             yield chunk
 
@@ -48,7 +54,7 @@ async def _upload(peer, size: int) -> float:
     return time.perf_counter() - started
 
 
-async def cut_throughput(size: int) -> tuple[float, float, int]:
+async def cut_throughput(size: int, write: int) -> tuple[float, float, int]:
     """MB/s through the proxy without and with a cut every second, and the cuts."""
     a, b = netchan.Identity.generate(), netchan.Identity.generate()
     rates = []
@@ -59,7 +65,7 @@ async def cut_throughput(size: int) -> tuple[float, float, int]:
             async with TcpCutter(_hostport(server.addresses[0]), cut_every=cut_every) as cutter, \
                     netchan.Node(b) as client:
                 peer = await client.connect(cutter.url, server.node_id)
-                rates.append(size / MiB / await _upload(peer, size))
+                rates.append(size / MiB / await _upload(peer, size, write))
                 cuts = cutter.cuts
     return rates[0], rates[1], cuts
 
@@ -131,13 +137,19 @@ async def mirror_vs_single(size: int) -> tuple[float, float]:
 async def run_all(runs: int, quick: bool) -> None:
     size = 1024 * MiB  # long enough for several cuts, quick or not
     print(f"Resilience (both nodes in one process, loopback; median of {runs} runs)\n")
-    results = [await cut_throughput(size) for _ in range(runs)]
-    clean = statistics.median(r[0] for r in results)
-    cut = statistics.median(r[1] for r in results)
     print(f"{'one stream, tcp, through the proxy':44} {'MB/s':>9} {'ratio':>7}   runs (MB/s)")
-    print(f"{'  no cuts':44} {clean:9.1f} {1:7.2f}   " + ", ".join(f"{r[0]:.0f}" for r in results))
-    print(f"{'  a cut every 1 s':44} {cut:9.1f} {cut / clean:7.2f}   " + ", ".join(f"{r[1]:.0f}" for r in results)
-          + f"   ({statistics.median(r[2] for r in results):.0f} cuts per run)")
+    for write in WRITE_SIZES:
+        results = [await cut_throughput(size, write) for _ in range(runs)]
+        clean = statistics.median(r[0] for r in results)
+        cut = statistics.median(r[1] for r in results)
+        ratios = ", ".join(f"{r[1] / r[0]:.2f}" for r in results)
+        label = f"{write // KiB} KiB writes" if write < MiB else f"{write // MiB} MiB writes"
+        print(f"{'  ' + label + ', no cuts':44} {clean:9.1f} {1:7.2f}   "
+              + ", ".join(f"{r[0]:.0f}" for r in results))
+        print(f"{'  ' + label + ', a cut every 1 s':44} {cut:9.1f} {cut / clean:7.2f}   "
+              + ", ".join(f"{r[1]:.0f}" for r in results)
+              + f"   (ratios {ratios}; {statistics.median(r[2] for r in results):.0f} cuts per run)",
+              flush=True)
     gaps = await failover_gaps(max(5, runs))
     print(f"\nfailover gap, udp blackholed -> tcp (default probes: 0.1 s, down after 0.7 s)")
     print(f"  median {statistics.median(gaps) * 1000:.0f} ms   all: "

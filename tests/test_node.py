@@ -157,10 +157,10 @@ async def test_oversized_datagram_is_refused_and_session_unharmed(listen_url, id
         server.serve_datagrams("dg", lambda data, peer: received.put_nowait(data))
         async with netchan.Node(client_id) as client:
             peer = await client.connect(server.addresses[0], node_id=server.node_id)
-            limit = peer.max_datagram_size
+            limit = peer.max_datagram_size("dg")
             assert limit > 1000
             with pytest.raises(netchan.DatagramTooLarge):
-                peer.send_datagram("dg", b"x" * (limit + 100))
+                peer.send_datagram("dg", b"x" * (limit + 1))  # one byte over
             with pytest.raises(ValueError):  # it is also a ValueError
                 peer.send_datagram("dg", b"x" * 100_000)
             for _ in range(20):  # udp may lose one; keep trying for a bounded time
@@ -174,6 +174,29 @@ async def test_oversized_datagram_is_refused_and_session_unharmed(listen_url, id
             async with await peer.open_stream("echo") as s:
                 await s.send(b"still here")
                 assert await s.receive() == b"still here"
+
+
+@pytest.mark.parametrize("service", ["d", "sixteen-bytes-16", "a service name of forty-one bytes in all"])
+async def test_max_datagram_size_is_exact_for_each_service(listen_url, ids, engine, service):
+    server_id, client_id = ids
+    received: asyncio.Queue = asyncio.Queue()
+    async with netchan.Node(server_id, [listen_url], allow=[client_id.node_id], engine=engine) as server:
+        server.serve_datagrams(service, lambda data, peer: received.put_nowait(data))
+        async with netchan.Node(client_id, engine=engine) as client:
+            peer = await client.connect(server.addresses[0], node_id=server.node_id)
+            limit = peer.max_datagram_size(service)
+            assert peer.max_datagram_size("x") - limit == len(service.encode()) - 1
+            with pytest.raises(netchan.DatagramTooLarge):
+                peer.send_datagram(service, b"o" * (limit + 1))
+            payload = os.urandom(limit)
+            for _ in range(20):  # udp may lose one; keep trying for a bounded time
+                peer.send_datagram(service, payload)  # at the limit: accepted
+                try:
+                    data = await asyncio.wait_for(received.get(), 0.5)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+            assert data == payload  # and delivered whole
 
 
 async def test_garbage_at_listening_ports_harms_no_session(ids):

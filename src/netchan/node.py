@@ -428,10 +428,14 @@ class Peer:
         return [PathInfo(url=label, carrier=label.split(" ", 1)[0], state="down" if self.closed else "up",
                          rtt=None, loss=0.0, active=not self.closed, error=path.last_error)]
 
-    @property
-    def max_datagram_size(self) -> int:
-        """Largest datagram payload for a service name of up to 16 bytes."""
-        return self._session.core.max_datagram_payload("x" * 16)
+    def max_datagram_size(self, service: str) -> int:
+        """The largest payload :meth:`send_datagram` takes for ``service`` on
+        this session now: a payload of this size is sent, one byte more
+        raises DatagramTooLarge.  (The service name travels in each
+        datagram, so a longer name leaves less room; the size also follows
+        the session's packet size, which the peer's limit and every path
+        bound.)"""
+        return self._session.core.max_datagram_payload(service)
 
     async def open_stream(self, service: str, *, timeout: float | None = None) -> Stream:
         """Open a stream to ``service`` on this peer.

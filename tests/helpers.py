@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import time
 
 import netchan
+
+#: a transfer that makes no progress for this long has stalled
+STALL = 5.0
 
 
 async def echo(stream, peer):
@@ -54,3 +59,44 @@ async def echo_session(url, ids, engine=None, server_options=None, **client_opti
         async with netchan.Node(client_id, engine=engine, **client_options) as client:
             peer = await client.connect(server.addresses[0], node_id=server.node_id)
             yield server, client, peer
+
+
+class Sink:
+    """A service that hashes what it receives and notes when bytes arrive;
+    ``progress(bytes so far)``, if given, is awaited after each read."""
+
+    def __init__(self, progress=None) -> None:
+        self.progress = progress
+        self.received = 0
+        self.arrivals: list[tuple[float, int]] = []  # (time, bytes so far)
+        self.digest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def __call__(self, stream, peer) -> None:
+        h = hashlib.sha256()
+        while True:
+            try:
+                data = await stream.receive(1 << 20)
+            except netchan.EndOfStream:
+                break
+            h.update(data)
+            self.received += len(data)
+            self.arrivals.append((time.monotonic(), self.received))
+            if self.progress is not None:
+                await self.progress(self.received)
+        self.digest.set_result(h.digest())
+
+    def longest_gap(self, after: float) -> float:
+        times = [t for t, _ in self.arrivals]
+        gaps = [b - a for a, b in zip(times, times[1:]) if b > after]
+        return max(gaps, default=0.0)
+
+    async def result(self, describe=lambda: "") -> bytes:
+        """The digest, failing if no byte arrived for STALL seconds."""
+        last, since = -1, time.monotonic()
+        while not self.digest.done():
+            if self.received != last:
+                last, since = self.received, time.monotonic()
+            elif time.monotonic() - since > STALL:
+                raise AssertionError(f"stalled for {STALL:g} s at {self.received} bytes: {describe()}")
+            await asyncio.wait([self.digest], timeout=0.1)
+        return self.digest.result()

@@ -12,7 +12,7 @@ import pytest
 
 import netchan
 from netchan.chaos import TcpCutter, UdpChaos
-from netchan.faults import Faults, parse_fraction, parse_seconds
+from netchan.faults import Faults, parse_fraction, parse_rate, parse_seconds
 
 from .helpers import wait_for_condition
 
@@ -77,6 +77,10 @@ def test_fractions_and_durations_parse_as_written():
             parse_fraction(bad)
     with pytest.raises(netchan.ConfigurationError):
         parse_seconds("soon")
+    assert parse_rate("16MB/s") == 16e6 and parse_rate("500kB/s") == 5e5 and parse_rate("2e6") == 2e6
+    for bad in ("fast", "0", "-1MB/s"):
+        with pytest.raises(netchan.ConfigurationError):
+            parse_rate(bad)
 
 
 async def test_udp_proxy_loses_delays_and_duplicates_as_told():
@@ -125,6 +129,42 @@ async def test_udp_blackhole_on_demand_and_rebinding():
         assert echo.sources[-1] != first and chaos.rebinds == 1
     finally:
         await _close(echo_t, chaos, client_t)
+
+
+async def test_tcp_rate_limit_holds_each_direction_to_its_rate():
+    received = 0
+    done = asyncio.Event()
+    total = 1_000_000
+
+    async def handle(reader, writer):
+        nonlocal received
+        while data := await reader.read(65536):
+            received += len(data)
+            if received >= total:
+                done.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        async with TcpCutter(server.sockets[0].getsockname()[:2], rate=1e6) as cutter:
+            reader, writer = await asyncio.open_connection(*cutter.address)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            writer.write(os.urandom(total))
+            await asyncio.wait_for(done.wait(), 10)
+            elapsed = loop.time() - started
+            # it cannot cross faster than the link: 1 MB at 1 MB/s, less
+            # the first read (up to 256 KiB), which goes at once
+            assert elapsed >= (total - 262144) / 1e6 * 0.95
+            assert received == total
+            cutter.stall()  # a stalled connection stays stalled once the rate allows reading
+            writer.write(b"x" * 1000)
+            await asyncio.sleep(0.2)
+            assert received == total
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_tcp_blackhole_holds_bytes_until_cleared():

@@ -22,52 +22,15 @@ import pytest
 import netchan
 from netchan.chaos import TcpCutter, UdpChaos
 
+from .helpers import Sink
+
 MiB = 1 << 20
 KiB = 1 << 10
-#: a transfer that makes no progress for this long has stalled
-STALL = 5.0
 #: the proxy's link, each direction of each connection: the transfer lasts a
 #: few seconds and the proxy's buffers stay full, as on a slow network
 RATE = 16e6
 #: the longest silence a cut may cause
 MAX_PAUSE = 0.4
-
-
-class Sink:
-    """A service that hashes what it receives and notes when bytes arrive."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.arrivals: list[tuple[float, int]] = []  # (time, bytes so far)
-        self.digest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    async def __call__(self, stream, peer) -> None:
-        h = hashlib.sha256()
-        while True:
-            try:
-                data = await stream.receive(1 << 20)
-            except netchan.EndOfStream:
-                break
-            h.update(data)
-            self.received += len(data)
-            self.arrivals.append((time.monotonic(), self.received))
-        self.digest.set_result(h.digest())
-
-    def longest_gap(self, after: float) -> float:
-        times = [t for t, _ in self.arrivals]
-        gaps = [b - a for a, b in zip(times, times[1:]) if b > after]
-        return max(gaps, default=0.0)
-
-    async def result(self, describe) -> bytes:
-        """The digest, failing if no byte arrived for STALL seconds."""
-        last, since = -1, time.monotonic()
-        while not self.digest.done():
-            if self.received != last:
-                last, since = self.received, time.monotonic()
-            elif time.monotonic() - since > STALL:
-                raise AssertionError(f"stalled for {STALL:g} s at {self.received} bytes: {describe()}")
-            await asyncio.wait([self.digest], timeout=0.1)
-        return self.digest.result()
 
 
 def _pieces(size: int, seed: int):

@@ -11,26 +11,7 @@ import pytest
 import netchan
 from netchan.chaos import TcpCutter
 
-from .helpers import echo
-
-
-def _digest_sink(digest, progress):
-    """A service that hashes what it receives, awaits ``progress(bytes so far)``
-    after each read, and sets ``digest`` to (bytes, sha256) at the end."""
-
-    async def sink(stream, peer):
-        h, n = hashlib.sha256(), 0
-        while True:
-            try:
-                data = await stream.receive(1 << 20)
-            except netchan.EndOfStream:
-                break
-            h.update(data)
-            n += len(data)
-            await progress(n)
-        digest.set_result((n, h.digest()))
-
-    return sink
+from .helpers import Sink, echo
 
 
 async def _send_rotated(stream, total, block):
@@ -49,7 +30,6 @@ async def test_64_mib_through_one_stream_while_the_tcp_connection_is_cut(ids, en
     server_id, client_id = ids
     total = 64 * 1024 * 1024
     cut_every_bytes = 8 * 1024 * 1024
-    digest = asyncio.get_running_loop().create_future()
     block = os.urandom(1 << 20)
 
     async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id],
@@ -65,12 +45,13 @@ async def test_64_mib_through_one_stream_while_the_tcp_connection_is_cut(ids, en
                     cutter.cut()
                     next_cut += cut_every_bytes
 
-            server.serve("sink", _digest_sink(digest, progress))
+            sink = Sink(progress)
+            server.serve("sink", sink)
             async with netchan.Node(client_id, engine=engine) as client:
                 peer = await client.connect(cutter.url, node_id=server.node_id)
                 sent = await _send_rotated(await peer.open_stream("sink"), total, block)
-                n, got = await digest
-                assert n == total
+                got = await sink.result()
+                assert sink.received == total
                 assert got == sent
                 assert cutter.cuts >= 5
                 assert cutter.connections >= 6  # every cut was redialed
@@ -123,7 +104,6 @@ async def test_256_mib_through_a_proxy_that_cuts_every_half_to_two_seconds(ids):
     server_id, client_id = ids
     total = 256 * 1024 * 1024
     block = os.urandom(1 << 20)
-    digest = asyncio.get_running_loop().create_future()
 
     async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id]) as server:
         host, port = server.addresses[0].removeprefix("tcp://").rsplit(":", 1)
@@ -142,11 +122,12 @@ async def test_256_mib_through_a_proxy_that_cuts_every_half_to_two_seconds(ids):
                         await asyncio.sleep(0.05)
                     pause_at += total // 4
 
-            server.serve("sink", _digest_sink(digest, progress))
+            sink = Sink(progress)
+            server.serve("sink", sink)
             async with netchan.Node(client_id) as client:
                 peer = await client.connect(cutter.url, node_id=server.node_id)
                 sent = await _send_rotated(await peer.open_stream("sink"), total, block)  # no error raised
-                n, got = await asyncio.wait_for(digest, 100)
-                assert n == total and got == sent
+                got = await asyncio.wait_for(sink.result(), 100)
+                assert sink.received == total and got == sent
                 assert cutter.cuts >= 3 and cutter.connections > cutter.cuts
                 assert not peer.closed and peer.reconnects == 0  # the same session throughout

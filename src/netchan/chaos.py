@@ -40,6 +40,7 @@ class _Pipe(asyncio.Protocol):
         self._free_at = 0.0  # when the rate limit lets this side read again
         self._throttled = False
         self._paused_by_peer = False
+        self._stalled = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -73,9 +74,14 @@ class _Pipe(asyncio.Protocol):
     def _unthrottle(self) -> None:
         self._throttled = False
         transport = self.transport
-        if transport is None or transport.is_closing() or self.cutter.blackhole or self._paused_by_peer:
+        if transport is None or transport.is_closing() or not self.may_read:
             return
         transport.resume_reading()
+
+    @property
+    def may_read(self) -> bool:
+        """Nothing holds this side back: no blackhole, stall, rate limit or full peer."""
+        return not (self.cutter.blackhole or self._stalled or self._throttled or self._paused_by_peer)
 
     def attach(self, other: _Pipe) -> None:
         self.other = other
@@ -96,9 +102,7 @@ class _Pipe(asyncio.Protocol):
         if other is None:
             return
         other._paused_by_peer = False
-        if self.cutter.blackhole or other._throttled:
-            return
-        if other.transport is not None:
+        if other.transport is not None and other.may_read:
             other.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
@@ -116,6 +120,8 @@ class TcpCutter:
 
     ``cut_every`` is a number of seconds or a ``(low, high)`` range drawn from
     a generator seeded with ``seed``; ``None`` cuts only when :meth:`cut` is called.
+    ``rate`` (bytes per second) makes each direction of each connection a slow
+    link: the proxy's buffers fill, so a cut finds data in flight.
     """
 
     def __init__(
@@ -203,7 +209,7 @@ class TcpCutter:
             if pipe.transport is not None and not pipe.transport.is_closing():
                 if on:
                     pipe.transport.pause_reading()
-                else:
+                elif pipe.may_read:
                     pipe.transport.resume_reading()
 
     def stall(self) -> int:
@@ -211,6 +217,7 @@ class TcpCutter:
         blackhole); new connections flow normally.  Returns how many stalled."""
         pipes = list(self._pipes)
         for pipe in pipes:
+            pipe._stalled = True
             if pipe.transport is not None:
                 pipe.transport.pause_reading()
         self.stalls += 1

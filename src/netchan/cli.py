@@ -12,7 +12,7 @@ import time
 
 from . import DEFAULT_ENGINE, ENGINES
 from .errors import NetchanError
-from .faults import parse_fraction, parse_seconds
+from .faults import parse_fraction, parse_rate, parse_seconds
 from .identity import Identity
 from .node import ANY, PING_SERVICE, Node, echo_service
 
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "tcp":
             k.add_argument("--cut-every", type=_interval, default=None, metavar="T|LOW-HIGH",
                            help="cut every connection every T (e.g. 2s), or at random in LOW-HIGH")
+            k.add_argument("--rate", type=_arg(parse_rate), default=None, metavar="BYTES/S",
+                           help="limit each direction of each connection (e.g. 16MB/s, 500kB/s)")
         else:
             for name, help_ in (("loss", "fraction dropped (5%% or 0.05)"), ("duplicate", "fraction sent twice"),
                                 ("reorder", "fraction held back so later packets overtake them")):
@@ -247,7 +249,7 @@ async def _chaos(args: argparse.Namespace) -> int:
 
     proxy: TcpCutter | UdpChaos
     if args.kind == "tcp":
-        proxy = TcpCutter(args.to, args.listen, cut_every=args.cut_every, seed=args.seed)
+        proxy = TcpCutter(args.to, args.listen, cut_every=args.cut_every, seed=args.seed, rate=args.rate)
     else:
         proxy = UdpChaos(args.to, args.listen, loss=args.loss, delay=args.delay, jitter=args.jitter,
                          duplicate=args.duplicate, reorder=args.reorder, seed=args.seed)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["Faults", "parse_fraction", "parse_seconds"]
+__all__ = ["Faults", "parse_fraction", "parse_seconds", "parse_rate"]
 
 
 @dataclass
@@ -99,21 +99,40 @@ def parse_fraction(text: str | float) -> float:
     return value
 
 
+def _scaled(text: str, units: tuple[tuple[str, float], ...], error: str) -> float:
+    """The number in ``text`` times the factor of its unit suffix, if any."""
+    t = text.strip().lower()
+    scale = 1.0
+    for suffix, factor in units:
+        if t.endswith(suffix):
+            t, scale = t[: -len(suffix)], factor
+            break
+    try:
+        return float(t) * scale
+    except ValueError:
+        raise ConfigurationError(error) from None
+
+
 def parse_seconds(text: str | float) -> float:
     """``"20ms"``, ``"2s"``, ``"1.5"`` (seconds), ``"500us"`` as seconds."""
     if isinstance(text, (int, float)):
         value = float(text)
     else:
-        t = text.strip().lower()
-        scale = 1.0
-        for suffix, factor in (("ms", 1e-3), ("us", 1e-6), ("µs", 1e-6), ("s", 1.0), ("m", 60.0)):
-            if t.endswith(suffix):
-                t, scale = t[: -len(suffix)], factor
-                break
-        try:
-            value = float(t) * scale
-        except ValueError:
-            raise ConfigurationError(f"not a duration: {text!r} (write 20ms, 2s or 1.5)") from None
+        value = _scaled(text, (("ms", 1e-3), ("us", 1e-6), ("µs", 1e-6), ("s", 1.0), ("m", 60.0)),
+                        f"not a duration: {text!r} (write 20ms, 2s or 1.5)")
     if value < 0:
         raise ConfigurationError(f"{text!r}: a duration is >= 0")
+    return value
+
+
+def parse_rate(text: str | float) -> float:
+    """``"16MB/s"``, ``"500kB/s"``, ``"2e6"`` (bytes per second) as bytes per second."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        value = _scaled(text.strip().removesuffix("/s").removesuffix("/S"),
+                        (("gb", 1e9), ("mb", 1e6), ("kb", 1e3), ("b", 1.0)),
+                        f"not a rate: {text!r} (write 16MB/s, 500kB/s or 2e6)")
+    if value <= 0:
+        raise ConfigurationError(f"{text!r}: a rate is > 0")
     return value

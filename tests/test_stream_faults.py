@@ -147,13 +147,14 @@ async def _tcp_session(ids, engine, proxy_factory):
             yield sink, proxy, peer
 
 
-async def _cut_transfer(ids, engine, size, proxy_factory, min_cuts=2):
-    """At least 32 MiB in pieces of ``size``, going on until the proxy cut at
-    least ``min_cuts`` times mid-transfer; every byte, in order, no error."""
+async def _cut_transfer(ids, engine, size, proxy_factory, min_cuts=2, at_least=32 * MiB):
+    """At least ``at_least`` bytes in pieces of ``size``, going on until the
+    proxy cut at least ``min_cuts`` times mid-transfer; every byte, in order,
+    no error."""
     async with _tcp_session(ids, engine, proxy_factory) as (sink, proxy, peer):
         stream = await peer.open_stream("sink")
         first_cut = proxy.cuts
-        sender = asyncio.create_task(_send(stream, size, at_least=32 * MiB,
+        sender = asyncio.create_task(_send(stream, size, at_least=at_least,
                                            until=lambda: proxy.cuts - first_cut >= min_cuts))
         try:
             got = await sink.result(lambda: f"cuts {proxy.cuts}, paths {peer.paths}")
@@ -196,6 +197,23 @@ async def test_cut_matrix(ids, size, schedule, engine):
         return TcpCutter(target, cut_every=schedule, seed=seed, rate=RATE)
 
     await _cut_transfer(ids, engine, size, proxy)
+
+
+_END_LOST = pytest.mark.xfail(
+    reason="known, open: on qh3 a cut at the very end of a stream of 1-byte writes can leave the "
+           "receiver without the end of stream (every byte arrives and is acknowledged, the "
+           "EOF never does)", strict=False)
+
+
+@pytest.mark.async_timeout(60)
+@pytest.mark.parametrize("engine,size", [
+    pytest.param("qh3", 1, marks=_END_LOST), ("aioquic", 1), ("qh3", 100), ("aioquic", 100)])
+async def test_tiny_writes_through_cuts(ids, size, engine):
+    """One send per byte (or per 100): each cut finds a few packets in flight."""
+    def proxy(target):
+        return TcpCutter(target, cut_every=0.3, rate=RATE)
+
+    await _cut_transfer(ids, engine, size, proxy, min_cuts=3, at_least=64 * KiB * size)
 
 
 @pytest.mark.async_timeout(60)

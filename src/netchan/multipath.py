@@ -171,8 +171,9 @@ class MultiPath(PacketPath):
                     log.info("path down: %s (%s)", self.urls[i], reason)
                 case ActiveChanged(indexes=now_active):
                     self.switches += 1
-                    if set(self._was_active) - set(now_active):
-                        # a path we sent on was left: what it carried is lost
+                    left = set(self._was_active) - set(now_active)
+                    if self.mode != "mirror" and any(self.sched.paths[i].state == "down" for i in left):
+                        # a path we sent on went dark and was left: what it carried is lost
                         self.generation += 1
                     self._was_active = now_active
                     self._sink.path_writable(self)

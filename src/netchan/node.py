@@ -63,6 +63,10 @@ _CID_LEN = 8  # both engines' default connection id length
 #: a listening session keeps mirroring to another path of its peer this long
 #: after that path last carried an authentic packet
 _MIRROR_WINDOW = 0.5
+#: a stream's send() gives way to the event loop after this many writes, or
+#: this many bytes, queued since the last transmit without having to wait
+_YIELD_WRITES = 64
+_YIELD_BYTES = 256 * 1024
 #: a listening session whose peer moves to another path after this long
 #: without an authentic packet on the old one takes it that the peer left the
 #: old path (failover, not mirroring) and resends what it had in flight there
@@ -174,6 +178,16 @@ class Stream:
         session.schedule_transmit()
         if core.send_backlog(sid) > session.high_water:
             await session.wait_drained(self)
+        else:
+            # A loop of small sends that never has to wait would keep the
+            # event loop from running the transmit it scheduled: nothing
+            # would leave (or be acknowledged, or be resent after a cut)
+            # until the backlog reached the high-water mark.  Give way now
+            # and then, so queued bytes go out as they are written.
+            session.unsent_writes += 1
+            session.unsent_bytes += len(data)
+            if session.unsent_writes >= _YIELD_WRITES or session.unsent_bytes >= _YIELD_BYTES:
+                await asyncio.sleep(0)
 
     def _write_nowait(self, data: bytes) -> bool:
         """Queue ``data`` at once if credit and the backlog allow (else False: use send())."""
@@ -578,6 +592,8 @@ class _Session:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tx_scheduled = False
+        #: stream writes (and their bytes) queued since the last transmit
+        self.unsent_writes = self.unsent_bytes = 0
         self._generations: dict[PacketPath, int] = {}  # the connection of each path we know
         #: dialing side: how to dial this peer again if the session is lost
         self.redial: tuple[list[str], str, float | None] | None = None
@@ -586,7 +602,7 @@ class _Session:
         #: listening side: other paths that carried authentic packets lately
         #: (a peer that mirrors sends on all of them: so do we, while it does)
         self.alt_paths: dict[PacketPath, float] = {}
-        self._path_seen = 0.0  # when self.path last carried an authentic packet
+        self._path_seen = self.loop.time()  # when self.path last carried an authentic packet
 
     # -- PacketSink -----------------------------------------------------------
 
@@ -623,10 +639,12 @@ class _Session:
 
     def path_writable(self, path: PacketPath) -> None:
         if path is self.path and self.core is not None:
-            if path.generation != self._generations.get(path, 0):
-                # a new connection under the path: what the old one carried is lost
+            seen = self._generations.get(path)
+            if seen != path.generation:
                 self._generations[path] = path.generation
-                self.core.path_replaced(self.loop.time())
+                if seen is not None:
+                    # a new connection under a path we used: what the old one carried is lost
+                    self.core.path_replaced(self.loop.time())
             self._transmit()
 
     # -- driving the core ---------------------------------------------------------
@@ -638,6 +656,7 @@ class _Session:
 
     def _transmit(self) -> None:
         self._tx_scheduled = False
+        self.unsent_writes = self.unsent_bytes = 0
         core = self.core
         path = self.path
         if path.writable:
@@ -1148,6 +1167,7 @@ class Node:
         url = " + ".join(urls)
         loop = asyncio.get_running_loop()
         session.path = path
+        session._generations[path] = path.generation
         try:
             session.core = SessionCore(
                 engine=self.engine,
@@ -1257,6 +1277,7 @@ class Node:
             next(iter(self._half_open)).close(Timeout("evicted: too many sessions authenticating"))
         session = _Session(self, dialed=False)
         session.path = path
+        session._generations[path] = path.generation
         session.core = SessionCore(
             engine=self.engine,
             identity=self.identity,
@@ -1294,6 +1315,7 @@ class Node:
         if self._by_path.get(session.path) is session:
             del self._by_path[session.path]
         session.path = path
+        session._generations.setdefault(path, path.generation)
         self._by_path[path] = session
 
     def _on_authenticated(self, session: _Session) -> None:

@@ -38,7 +38,7 @@ class _Pipe(asyncio.Protocol):
         self.other: _Pipe | None = None
         self._pending: list[bytes] = []
         self._free_at = 0.0  # when the rate limit lets this side read again
-        self._throttled = False
+        self._throttle: asyncio.TimerHandle | None = None  # set while the rate limit holds reading
         self._paused_by_peer = False
         self._stalled = False
 
@@ -68,11 +68,12 @@ class _Pipe(asyncio.Protocol):
             self._free_at = max(self._free_at, now) + len(data) / cutter.rate
             if self._free_at > now + 0.001:
                 self.transport.pause_reading()
-                self._throttled = True
-                loop.call_at(self._free_at, self._unthrottle)
+                if self._throttle is not None:
+                    self._throttle.cancel()  # more came while held: hold it longer
+                self._throttle = loop.call_at(self._free_at, self._unthrottle)
 
     def _unthrottle(self) -> None:
-        self._throttled = False
+        self._throttle = None
         transport = self.transport
         if transport is None or transport.is_closing() or not self.may_read:
             return
@@ -81,7 +82,8 @@ class _Pipe(asyncio.Protocol):
     @property
     def may_read(self) -> bool:
         """Nothing holds this side back: no blackhole, stall, rate limit or full peer."""
-        return not (self.cutter.blackhole or self._stalled or self._throttled or self._paused_by_peer)
+        return not (self.cutter.blackhole or self._stalled or self._throttle is not None
+                    or self._paused_by_peer)
 
     def attach(self, other: _Pipe) -> None:
         self.other = other
@@ -106,6 +108,9 @@ class _Pipe(asyncio.Protocol):
             other.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
+        if self._throttle is not None:
+            self._throttle.cancel()
+            self._throttle = None
         self.cutter._pipes.discard(self)
         if self.other is not None and self.other.transport is not None:
             self.other.transport.close()

@@ -125,7 +125,7 @@ class Engine:
         engine send again at once and elicit an acknowledgement (PING
         ``uid``) that is not held back by a congestion window full of
         packets that will never arrive."""
-        conn.send_ping(uid)
+        self.send_probe(conn, uid)
 
     def receive_packets(self, conn: Any, packets: list[bytes], now: float) -> bool:
         """Feed packets; True if one of them was a new, authenticated packet of
@@ -316,6 +316,7 @@ class _AioquicEngine(Engine):
             conn._loss._on_packets_lost(
                 congestion_event=False, now=now, packets=list(space.sent_packets.values()), space=space
             )
+            space.loss_time = None  # nothing is left to time out
         conn._loss._pto_count = 0  # a new connection: no backed-off timer from the old one
         conn.send_ping(uid)
 

@@ -637,6 +637,11 @@ class _Session:
         # their replies leave together with our acknowledgements
         self.schedule_transmit()
 
+    def take_path(self, path: PacketPath) -> None:
+        """Send on ``path`` from now on; its current connection is the one we know."""
+        self.path = path
+        self._generations.setdefault(path, path.generation)
+
     def path_writable(self, path: PacketPath) -> None:
         if path is self.path and self.core is not None:
             seen = self._generations.get(path)
@@ -1166,8 +1171,7 @@ class Node:
             path = multi
         url = " + ".join(urls)
         loop = asyncio.get_running_loop()
-        session.path = path
-        session._generations[path] = path.generation
+        session.take_path(path)
         try:
             session.core = SessionCore(
                 engine=self.engine,
@@ -1276,8 +1280,7 @@ class Node:
             log.warning("too many sessions authenticating; evicting the oldest")
             next(iter(self._half_open)).close(Timeout("evicted: too many sessions authenticating"))
         session = _Session(self, dialed=False)
-        session.path = path
-        session._generations[path] = path.generation
+        session.take_path(path)
         session.core = SessionCore(
             engine=self.engine,
             identity=self.identity,
@@ -1314,8 +1317,7 @@ class Node:
     def _move_path(self, session: _Session, path: PacketPath) -> None:
         if self._by_path.get(session.path) is session:
             del self._by_path[session.path]
-        session.path = path
-        session._generations.setdefault(path, path.generation)
+        session.take_path(path)
         self._by_path[path] = session
 
     def _on_authenticated(self, session: _Session) -> None:

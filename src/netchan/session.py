@@ -414,26 +414,22 @@ class SessionCore:
         """Elicit an acknowledgement now (after a carrier reconnects, say), so
         that packets lost with the old connection are detected without waiting
         for a retransmission timeout."""
-        if self.closed:
-            return
-        self._last_ping = now
-        self._ping_uid += 1
-        try:
-            self.engine.send_probe(self._quic, self._ping_uid)
-        except Exception as exc:
-            self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
+        self._ping(now, lambda uid: self.engine.send_probe(self._quic, uid))
 
     def path_replaced(self, now: float) -> None:
         """The carrier connection under the session was replaced (a tcp
         redial, a move to another path): what the old one carried is lost.
         The engine resends it now rather than after timers that backed off
         while the carrier was down, and a PING finds out what did arrive."""
+        self._ping(now, lambda uid: self.engine.path_replaced(self._quic, now, uid))
+
+    def _ping(self, now: float, send: Callable[[int], None]) -> None:
         if self.closed:
             return
         self._last_ping = now
         self._ping_uid += 1
         try:
-            self.engine.path_replaced(self._quic, now, self._ping_uid)
+            send(self._ping_uid)
         except Exception as exc:
             self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
 

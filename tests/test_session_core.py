@@ -338,3 +338,83 @@ def test_stop_sending_with_the_answer_does_not_refuse_the_stream(engine):
     data = b"".join(e.data for e in events_of(pair.client_events, StreamData) if e.stream_id == sid)
     assert data == b"answer"
     assert [e.stream_id for e in events_of(pair.client_events, StopSending)] == [sid]
+
+
+@pytest.mark.parametrize("lost_bytes", [0, 1, 3])
+@pytest.mark.parametrize("ping", [True, False], ids=["replaced", "timers"])
+def test_an_end_lost_alone_after_lost_bytes_still_arrives(engine, lost_bytes, ping):
+    """The last bytes are lost, then the end of stream, sent alone, is lost
+    too; the session learns of it by a PING after a redial or by its timers.
+    (qh3 2.1 never resends such a FIN: the final size announced on stream 0
+    ends the stream.)  The end arrives, once, after every byte."""
+    pair = established(engine)
+    sid = open_accepted(pair)
+    dark = {"on": False}
+    pair.filter = lambda direction, packet: not (dark["on"] and direction == "c2s")
+    for _ in range(20):
+        pair.client.send_stream(sid, b"a")
+        pair.run(rounds=1)
+    dark["on"] = True
+    for _ in range(lost_bytes):
+        pair.client.send_stream(sid, b"b")
+        pair.run(rounds=1)
+    pair.client.send_stream(sid, b"", end=True)
+    pair.run(rounds=1)
+    dark["on"] = False
+    if ping:
+        pair.client.path_replaced(pair.clock.now)
+    pair.run()
+    pair.advance(3.0)
+    got = [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
+    assert b"".join(e.data for e in got) == b"a" * 20 + b"b" * lost_bytes
+    assert [e.end for e in got].count(True) == 1 and got[-1].end
+
+
+@pytest.mark.parametrize("message", [
+    {"t": "fin", "s": "x", "n": 1},
+    {"t": "fin", "s": 4, "n": -1},
+    {"t": "fin", "s": None, "n": None},
+])
+def test_a_malformed_end_of_stream_message_is_a_protocol_error(engine, message):
+    from netchan.session import _Frames
+
+    pair = established(engine)
+    open_accepted(pair)
+    pair.client._quic.send_stream_data(0, _Frames.encode(message))
+    pair.run()
+    term = events_of(pair.server_events, Terminated)
+    assert term and isinstance(term[0].error, errors.RemoteProtocolError)
+
+
+def test_a_final_size_below_what_arrived_is_a_protocol_error(engine):
+    from netchan.session import _Frames
+
+    pair = established(engine)
+    sid = open_accepted(pair)
+    pair.client.send_stream(sid, b"twelve bytes")
+    pair.run()
+    pair.client._quic.send_stream_data(0, _Frames.encode({"t": "fin", "s": sid, "n": 5}))
+    pair.run()
+    term = events_of(pair.server_events, Terminated)
+    assert term and isinstance(term[0].error, errors.RemoteProtocolError)
+    assert "final size" in str(term[0].error)
+
+
+def test_an_announced_end_waits_for_the_bytes_before_it(engine):
+    """The final size may arrive before the last bytes (they travel on
+    another stream): the end comes only after them."""
+    from netchan.session import _Frames
+
+    pair = established(engine)
+    sid = open_accepted(pair)
+    pair.client.send_stream(sid, b"abc")
+    pair.run()
+    pair.client._quic.send_stream_data(0, _Frames.encode({"t": "fin", "s": sid, "n": 6}))
+    pair.run()
+    got = [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
+    assert not any(e.end for e in got)
+    pair.client._quic.send_stream_data(sid, b"def")  # the last bytes, no FIN yet
+    pair.client._sent[sid] += 3
+    pair.run()
+    got = [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
+    assert b"".join(e.data for e in got) == b"abcdef" and got[-1].end

@@ -199,15 +199,9 @@ async def test_cut_matrix(ids, size, schedule, engine):
     await _cut_transfer(ids, engine, size, proxy)
 
 
-_END_LOST = pytest.mark.xfail(
-    reason="known, open: on qh3 a cut at the very end of a stream of 1-byte writes can leave the "
-           "receiver without the end of stream (every byte arrives and is acknowledged, the "
-           "EOF never does)", strict=False)
-
-
 @pytest.mark.async_timeout(60)
-@pytest.mark.parametrize("engine,size", [
-    pytest.param("qh3", 1, marks=_END_LOST), ("aioquic", 1), ("qh3", 100), ("aioquic", 100)])
+@pytest.mark.parametrize("engine", netchan.ENGINES)
+@pytest.mark.parametrize("size", [1, 100])
 async def test_tiny_writes_through_cuts(ids, size, engine):
     """One send per byte (or per 100): each cut finds a few packets in flight."""
     def proxy(target):

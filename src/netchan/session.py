@@ -83,6 +83,8 @@ MAX_SERVICE_NAME = 255
 # + DATAGRAM frame type and length (3), with room to spare
 _DATAGRAM_OVERHEAD = 40
 
+#: final sizes kept for peer streams not seen yet (their first bytes were lost)
+_MAX_EARLY_FINALS = 1024
 _OK = 0
 _REFUSE_NOT_FOUND = 1
 _REFUSE_NOT_ALLOWED = 2
@@ -327,6 +329,9 @@ class SessionCore:
         self._consumed: dict[int, int] = {}
         self._granted: dict[int, int] = {}
         self._received: dict[int, int] = {}
+        # ends of the peer's sending sides, also announced on stream 0 (see _deliver)
+        self._final: dict[int, int] = {}  # stream -> final size the peer announced
+        self._ended: set[int] = set()  # streams whose end the application was given
         self._window = min(config.max_stream_data, 0xFFFFFFFF)
         self._deadline = now + config.handshake_timeout
         self._now = now
@@ -469,7 +474,9 @@ class SessionCore:
         self._quic.send_stream_data(stream_id, bytes((_OK,)) + _U32.pack(self._window))
         for data, end in pending:
             self._count_received(stream_id, len(data))
-            self._events.append(StreamData(stream_id, data, end))
+            self._deliver(stream_id, data, end)
+        if not pending:
+            self._deliver(stream_id, b"", False)  # its end may have been announced already
         return True
 
     def _start_credit(self, sid: int, peer_window: int) -> None:
@@ -484,6 +491,47 @@ class SessionCore:
         self._received[sid] = received
         if received > self._granted[sid]:
             raise RemoteProtocolError(f"the peer sent beyond its credit on stream {sid}")
+
+    def _deliver(self, sid: int, data: bytes, end: bool) -> None:
+        """Hand the application bytes of an open stream (already counted).
+
+        The end of a stream is known two ways: QUIC's FIN, and the final
+        size the peer also announces on stream 0 when it finishes sending.
+        Either one ends the stream, once every byte before it arrived, and
+        the end is given once.  (qh3 2.1 forgets to resend a FIN that
+        travelled alone when it is lost while earlier bytes of the stream
+        are still unacknowledged, so the FIN alone could leave a receiver
+        waiting for ever.)"""
+        if sid in self._ended:
+            if data:
+                raise RemoteProtocolError(f"data after the end of stream {sid}")
+            return  # QUIC's FIN after the announced end
+        final = self._final.get(sid)
+        if final is not None:
+            received = self._received[sid]
+            if received > final:
+                raise RemoteProtocolError(f"stream {sid} went past its announced final size")
+            end = end or received == final
+        if end:
+            self._ended.add(sid)
+            self._final.pop(sid, None)
+        if data or end:
+            self._events.append(StreamData(sid, data, end))
+
+    def _on_final_size(self, sid: int, size: int) -> None:
+        if sid in self._ended or sid == AUTH_STREAM:
+            return
+        ours = (sid & 1) == (0 if self.is_client else 1)
+        if ours and sid not in self._opening and sid not in self._open:
+            return  # a stream we already forgot
+        if not ours and sid not in self._open and sid not in self._requested and sid not in self._incoming:
+            if not self._peer_stream_unseen(sid):
+                return  # forgotten, or too far ahead to be real
+            if len(self._final) >= _MAX_EARLY_FINALS:
+                return  # QUIC's own FIN still ends it
+        self._final[sid] = size
+        if sid in self._open:
+            self._deliver(sid, b"", False)
 
     def send_allowance(self, stream_id: int) -> int:
         """How many more bytes the peer lets us queue on this stream now."""
@@ -507,6 +555,7 @@ class SessionCore:
 
     def refuse_stream(self, stream_id: int, error: NetchanError) -> None:
         self._requested.pop(stream_id, None)
+        self._final.pop(stream_id, None)
         code = _REFUSE_NOT_ALLOWED if isinstance(error, NotAllowed) else _REFUSE_NOT_FOUND
         reason = str(error).encode("utf-8")[:1000]
         try:
@@ -528,6 +577,10 @@ class SessionCore:
             self._sent[stream_id] = sent + n
         try:
             self._quic.send_stream_data(stream_id, data, end)
+            if end:
+                # the final size, on stream 0 too: see _deliver
+                self._quic.send_stream_data(AUTH_STREAM, _Frames.encode(
+                    {"t": "fin", "s": stream_id, "n": self._sent.get(stream_id, 0)}))
         except Exception as exc:
             raise BrokenError(f"stream {stream_id} cannot send: {exc}") from None
 
@@ -539,8 +592,9 @@ class SessionCore:
         self._requested.pop(stream_id, None)
         self._incoming.pop(stream_id, None)
         self._peer_windows.pop(stream_id, None)
-        for table in (self._send_limit, self._sent, self._consumed, self._granted, self._received):
+        for table in (self._send_limit, self._sent, self._consumed, self._granted, self._received, self._final):
             table.pop(stream_id, None)
+        self._ended.discard(stream_id)
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
         if self.closed:
@@ -628,8 +682,7 @@ class SessionCore:
                         data = event.data
                         if data:
                             self._count_received(sid, len(data))
-                        if data or event.end_stream:
-                            self._events.append(StreamData(sid, data, event.end_stream))
+                        self._deliver(sid, data, event.end_stream)
                     else:
                         self._on_special_stream_data(sid, event.data, event.end_stream)
                 elif isinstance(event, ev.DatagramFrameReceived):
@@ -728,6 +781,14 @@ class SessionCore:
             self._incoming[sid] = bytearray()
             self._on_stream_header(sid, data, end)
 
+    def _peer_stream_unseen(self, sid: int) -> bool:
+        """``sid`` is a stream the peer may open and has not opened yet."""
+        if sid & 2 or (sid & 1) == (0 if self.is_client else 1):
+            return False  # unidirectional, or ours
+        if sid >= self._next_peer_stream:
+            return (sid - self._next_peer_stream) // 4 <= 10_000
+        return sid in self._unseen_peer_streams
+
     def _mark_peer_stream_seen(self, sid: int) -> bool:
         """Record that the peer opened ``sid``; False if it was seen before."""
         if sid >= self._next_peer_stream:
@@ -789,9 +850,8 @@ class SessionCore:
             self._open.add(sid)
             self._start_credit(sid, _U32.unpack_from(buf, 1)[0])
             self._events.append(StreamAccepted(sid))
-            if len(buf) > 5 or end:
-                self._count_received(sid, len(buf) - 5)
-                self._events.append(StreamData(sid, bytes(buf[5:]), end))
+            self._count_received(sid, len(buf) - 5)
+            self._deliver(sid, bytes(buf[5:]), end)
             code = self._stopped_early.pop(sid, None)
             if code is not None:
                 self._events.append(StopSending(sid, code))
@@ -851,6 +911,12 @@ class SessionCore:
         kind = msg.get("t")
         if self.authenticated:
             # after authentication stream 0 carries control messages
+            if kind == "fin":
+                sid, size = msg.get("s"), msg.get("n")
+                if not isinstance(sid, int) or not isinstance(size, int) or sid < 0 or size < 0:
+                    raise RemoteProtocolError("malformed end-of-stream message")
+                self._on_final_size(sid, size)
+                return
             if kind != "credit":
                 raise RemoteProtocolError(f"unexpected control message {kind!r}")
             sid, limit = msg.get("s"), msg.get("l")

@@ -16,6 +16,7 @@ from netchan.session import (
     StreamRequested,
     Terminated,
 )
+from netchan.session import _Frames
 from netchan.testing import SessionPair
 
 
@@ -370,47 +371,48 @@ def test_an_end_lost_alone_after_lost_bytes_still_arrives(engine, lost_bytes, pi
     assert [e.end for e in got].count(True) == 1 and got[-1].end
 
 
+def _control(pair, message):
+    """The client sends ``message`` on stream 0, whatever its session thinks of it."""
+    pair.client._quic.send_stream_data(0, _Frames.encode(message))
+    pair.run()
+
+
+def _protocol_error(pair):
+    """The error that ended the server's session, which must be a protocol error."""
+    term = events_of(pair.server_events, Terminated)
+    assert term and isinstance(term[0].error, errors.RemoteProtocolError)
+    return term[0].error
+
+
 @pytest.mark.parametrize("message", [
     {"t": "fin", "s": "x", "n": 1},
     {"t": "fin", "s": 4, "n": -1},
     {"t": "fin", "s": None, "n": None},
 ])
 def test_a_malformed_end_of_stream_message_is_a_protocol_error(engine, message):
-    from netchan.session import _Frames
-
     pair = established(engine)
     open_accepted(pair)
-    pair.client._quic.send_stream_data(0, _Frames.encode(message))
-    pair.run()
-    term = events_of(pair.server_events, Terminated)
-    assert term and isinstance(term[0].error, errors.RemoteProtocolError)
+    _control(pair, message)
+    _protocol_error(pair)
 
 
 def test_a_final_size_below_what_arrived_is_a_protocol_error(engine):
-    from netchan.session import _Frames
-
     pair = established(engine)
     sid = open_accepted(pair)
     pair.client.send_stream(sid, b"twelve bytes")
     pair.run()
-    pair.client._quic.send_stream_data(0, _Frames.encode({"t": "fin", "s": sid, "n": 5}))
-    pair.run()
-    term = events_of(pair.server_events, Terminated)
-    assert term and isinstance(term[0].error, errors.RemoteProtocolError)
-    assert "final size" in str(term[0].error)
+    _control(pair, {"t": "fin", "s": sid, "n": 5})
+    assert "final size" in str(_protocol_error(pair))
 
 
 def test_an_announced_end_waits_for_the_bytes_before_it(engine):
     """The final size may arrive before the last bytes (they travel on
     another stream): the end comes only after them."""
-    from netchan.session import _Frames
-
     pair = established(engine)
     sid = open_accepted(pair)
     pair.client.send_stream(sid, b"abc")
     pair.run()
-    pair.client._quic.send_stream_data(0, _Frames.encode({"t": "fin", "s": sid, "n": 6}))
-    pair.run()
+    _control(pair, {"t": "fin", "s": sid, "n": 6})
     got = [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
     assert not any(e.end for e in got)
     pair.client._quic.send_stream_data(sid, b"def")  # the last bytes, no FIN yet

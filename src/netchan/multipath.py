@@ -59,7 +59,8 @@ class MultiPath(PacketPath):
         self._generations: dict[PacketPath, int] = {}
         self.closed = False
         self.switches = 0
-        self._was_active = self.sched.active
+        #: paths packets went on since the session last resent what was in flight
+        self._used: set[int] = set(self.sched.active)
         #: the node id this session dials (for events before it is authenticated)
         self.expected = expected
 
@@ -169,16 +170,27 @@ class MultiPath(PacketPath):
                     log.info("path up: %s", self.urls[i])
                 case PathDown(index=i, reason=reason):
                     log.info("path down: %s (%s)", self.urls[i], reason)
+                    if i in self._used and i not in self.sched.active:
+                        self._left_dark()  # left before it was known to be dark
+                        self._sink.path_writable(self)
                 case ActiveChanged(indexes=now_active):
                     self.switches += 1
-                    left = set(self._was_active) - set(now_active)
-                    if self.mode != "mirror" and any(self.sched.paths[i].state == "down" for i in left):
-                        # a path we sent on went dark and was left: what it carried is lost
-                        self.generation += 1
-                    self._was_active = now_active
+                    if any(self.sched.paths[i].state == "down" for i in self._used - set(now_active)):
+                        self._left_dark()
+                    self._used.update(now_active)
                     self._sink.path_writable(self)
             if self._on_event is not None:
                 self._on_event(ev, self)
+
+    def _left_dark(self) -> None:
+        """A path we sent on since the last such change is dark and no longer
+        used: what it carried is lost, and the session is to resend it (on a
+        failback to a path that came back first, the path left is only known
+        to be dark later).  Mirroring sent the same packets elsewhere too."""
+        if self.mode == "mirror":
+            return
+        self.generation += 1
+        self._used = set(self.sched.active)
 
     def info(self) -> list[PathInfo]:
         active = set(self.sched.active)

@@ -133,26 +133,28 @@ class PlainProxy:
 
 
 @contextlib.asynccontextmanager
-async def _tcp_session(ids, engine, proxy_factory):
-    """A server node with a Sink, a proxy in front of it, a client connected
-    through the proxy: yields (sink, proxy, peer)."""
+async def _tcp_session(ids, engine, proxy_factory, download=False):
+    """A server node, a proxy in front of it, a client connected through the
+    proxy, and a Sink on the receiving node (the server, or the client for a
+    download): yields (sink, proxy, peer, the sender's peer)."""
     server_id, client_id = ids
+    sink = Sink()
     async with netchan.Node(server_id, ["tcp://127.0.0.1:0"], allow=[client_id.node_id],
                             engine=engine) as server:
-        sink = Sink()
-        server.serve("sink", sink)
         async with proxy_factory(_hostport(server.addresses[0])) as proxy, \
                 netchan.Node(client_id, engine=engine) as client:
+            (client if download else server).serve("sink", sink)
             peer = await client.connect(proxy.url, node_id=server.node_id)
-            yield sink, proxy, peer
+            yield sink, proxy, peer, server.peers[0] if download else peer
 
 
-async def _cut_transfer(ids, engine, size, proxy_factory, min_cuts=2, at_least=32 * MiB):
+async def _cut_transfer(ids, engine, size, proxy_factory, min_cuts=2, at_least=32 * MiB,
+                        download=False):
     """At least ``at_least`` bytes in pieces of ``size``, going on until the
     proxy cut at least ``min_cuts`` times mid-transfer; every byte, in order,
-    no error."""
-    async with _tcp_session(ids, engine, proxy_factory) as (sink, proxy, peer):
-        stream = await peer.open_stream("sink")
+    no error.  A download goes from the listening node to the dialer."""
+    async with _tcp_session(ids, engine, proxy_factory, download) as (sink, proxy, peer, sender_peer):
+        stream = await sender_peer.open_stream("sink")
         first_cut = proxy.cuts
         sender = asyncio.create_task(_send(stream, size, at_least=at_least,
                                            until=lambda: proxy.cuts - first_cut >= min_cuts))
@@ -208,6 +210,17 @@ async def test_tiny_writes_through_cuts(ids, size, engine):
         return TcpCutter(target, cut_every=0.3, rate=RATE)
 
     await _cut_transfer(ids, engine, size, proxy, min_cuts=3, at_least=64 * KiB * size)
+
+
+@pytest.mark.async_timeout(60)
+@pytest.mark.parametrize("engine", netchan.ENGINES)
+@pytest.mark.parametrize("size,schedule", [(16 * KiB, 0.3), (256 * KiB, (0.5, 3.0))])
+async def test_downloads_through_cuts(ids, size, schedule, engine):
+    """The listening node sends: its replies move to each redialed connection."""
+    def proxy(target):
+        return TcpCutter(target, cut_every=schedule, seed=size, rate=RATE)
+
+    await _cut_transfer(ids, engine, size, proxy, download=True)
 
 
 @pytest.mark.async_timeout(60)

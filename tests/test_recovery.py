@@ -14,7 +14,7 @@ import pytest
 import netchan
 
 SERVER = r"""
-import asyncio, sys, netchan
+import asyncio, os, sys, netchan
 
 async def main(key, url):
     async with netchan.Node(netchan.Identity.load(key), [url], allow=netchan.ANY,
@@ -23,7 +23,8 @@ async def main(key, url):
         print("ready", flush=True)
         while True:
             item_id, value = await jobs.recv_with_id()
-            print("got", item_id, value, flush=True)
+            # one write(2) per line: a pipe takes it whole, so a kill never cuts a line
+            os.write(1, f"got {item_id} {value}\n".encode())
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
@@ -48,6 +49,7 @@ async def _read_items(proc, got, until=None):
         line = await proc.stdout.readline()
         if not line:
             return
+        assert line.endswith(b"\n"), f"a line cut short: {line!r}"
         _, item_id, value = line.decode().split()
         got.append((item_id, int(value)))
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import netchan
-import netchan.node
+import netchan.node.node
 
 MSG = b"m" * 64
 #: the carrier under test (udp:// is the default carrier; see README on tcp latency)
@@ -177,7 +177,7 @@ async def netchan_rtt(url: str, server: str, ident: netchan.Identity, n: int) ->
 async def stream_rtt(url: str, server: str, ident: netchan.Identity, n: int) -> list[float]:
     async with netchan.Node(ident) as node:
         peer = await node.connect(url, server)
-        stream = await peer.open_stream(netchan.node.PING_SERVICE)
+        stream = await peer.open_stream(netchan.node.node.PING_SERVICE)
         times = []
         for i in range(n + 200):
             t0 = time.perf_counter()

@@ -20,8 +20,8 @@ import statistics
 import time
 
 import netchan
-from netchan.chaos import TcpCutter, UdpChaos
-from netchan.testing import sha256_sink, upload
+from netchan.tools.chaos import TcpCutter, UdpChaos
+from netchan.tools.testing import sha256_sink, upload
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -2,7 +2,7 @@
 
 import pytest
 
-from netchan.chancore import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim
+from netchan.channels.core import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim
 from netchan.errors import RemoteProtocolError
 
 

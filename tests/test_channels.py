@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 import netchan
-from netchan import wire as w
+from netchan.channels import frames as w
 from netchan.carriers import memory as carriers_memory
 
 from .helpers import wait_for_condition

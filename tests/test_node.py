@@ -10,7 +10,7 @@ import pytest
 
 import netchan
 from netchan.carriers import get_carrier, parse_url
-from netchan.engine import VIRTUAL_ADDRESS, get_engine
+from netchan.session.engine import VIRTUAL_ADDRESS, get_engine
 
 from .helpers import echo, echo_session, never_reads, read_all, wait_for_condition
 
@@ -493,7 +493,7 @@ async def test_a_failed_connect_leaves_no_dialer_behind(ids):
 
 
 async def test_a_flood_of_handshakes_from_one_source_locks_nobody_out(ids):
-    from netchan.session import SessionCore
+    from netchan.session.core import SessionCore
 
     server_id, client_id = ids
     async with netchan.Node(server_id, ["udp://127.0.0.1:0"], allow=[client_id.node_id]) as server:

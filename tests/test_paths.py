@@ -11,9 +11,9 @@ import time
 import pytest
 
 import netchan
-from netchan.chaos import TcpCutter, UdpChaos
-from netchan.pathsched import ANSWER, PROBE, ActiveChanged, PathDown, PathScheduler, PathUp, answer_for
-from netchan.testing import sha256_sink, upload
+from netchan.tools.chaos import TcpCutter, UdpChaos
+from netchan.session.scheduler import ANSWER, PROBE, ActiveChanged, PathDown, PathScheduler, PathUp, answer_for
+from netchan.tools.testing import sha256_sink, upload
 
 from .helpers import wait_for_condition
 

@@ -6,7 +6,7 @@ import pytest
 
 from netchan import errors
 from netchan.identity import Identity
-from netchan.session import (
+from netchan.session.core import (
     Authenticated,
     DatagramReceived,
     SessionConfig,
@@ -16,8 +16,8 @@ from netchan.session import (
     StreamRequested,
     Terminated,
 )
-from netchan.session import _Frames
-from netchan.testing import SessionPair
+from netchan.session.core import _Frames
+from netchan.tools.testing import SessionPair
 
 
 def events_of(events, kind):
@@ -268,7 +268,7 @@ def test_a_server_stream_that_overtakes_the_verdict_waits_for_it(engine):
 
 
 def test_credit_limits_what_a_sender_may_queue(engine):
-    from netchan.session import CreditGranted
+    from netchan.session.core import CreditGranted
 
     window = 1 << 20
     pair = established(engine, config=SessionConfig(max_stream_data=window))
@@ -325,7 +325,7 @@ def test_a_peer_close_is_reported_at_once(engine):
 def test_stop_sending_with_the_answer_does_not_refuse_the_stream(engine):
     # a service that answers, finishes and stops reading before anything left:
     # its acceptance, data and STOP_SENDING travel together
-    from netchan.session import StopSending
+    from netchan.session.core import StopSending
 
     pair = established(engine)
     sid = pair.client.open_stream("svc")

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import netchan
-from netchan.chaos import TcpCutter, UdpChaos
+from netchan.tools.chaos import TcpCutter, UdpChaos
 
 from .helpers import Sink
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import netchan
-from netchan.chaos import TcpCutter
+from netchan.tools.chaos import TcpCutter
 
 from .helpers import Sink, echo
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from netchan.workqueue import run_workqueue
+from netchan.cli.workqueue import run_workqueue
 
 
 @pytest.mark.async_timeout(90)

@@ -3,10 +3,26 @@
 Sessions are encrypted, both ends are authenticated by key, and a session's
 identity does not depend on any one connection: a TCP carrier cut in the
 middle is redialed and the session goes on.
+
+The package is built in layers, bottom to top; each imports only from the
+ones below it (``tests/test_layers.py`` checks this):
+
+- ``errors``, ``identity``: the exception tree and node keys, used everywhere
+  (the session authenticates by key, so identity sits below it);
+- ``carriers``: how packets move (udp, tcp, memory) and the fault planner;
+- ``session``: QUIC engines behind one adapter, the sans-I/O session core,
+  several paths per session and their scheduler;
+- ``node``: peers, streams, services, listeners, redialing;
+- ``channels`` (channels, select, topics, their codec and frames), and beside
+  it ``tunnels`` and ``coordinator``: services registered on a node;
+- ``tools``: what ships for users' tests (chaos proxies, manual clock);
+- ``cli``: the command line and its demos.
+
+This module gathers the public names of every layer.
 """
 
 from . import carriers, errors
-from .engine import DEFAULT_ENGINE, ENGINES
+from .session.engine import DEFAULT_ENGINE, ENGINES
 from .errors import (
     AuthenticationError,
     BrokenError,
@@ -28,10 +44,10 @@ from .errors import (
     Timeout,
     WouldBlock,
 )
-from .channels import Channel, ChannelView, LocalChannel, RemoteChannel, select
+from .channels.channel import Channel, ChannelView, LocalChannel, RemoteChannel, select
 from .identity import Identity
-from .node import ANY, Node, Peer, Stream
-from .topics import RemoteSubscription, RemoteTopic, Subscription, Topic
+from .node.node import ANY, Node, Peer, Stream
+from .channels.topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -50,6 +51,15 @@ def check_node_id(value: str) -> str:
         )
     return norm
 
+
+
+def node_id_set(ids: Iterable[str] | None) -> set[str] | None:
+    """A set of checked node ids from one id or several (None stays None: anyone)."""
+    if ids is None:
+        return None
+    if isinstance(ids, str):
+        ids = [ids]
+    return {check_node_id(i) for i in ids}
 
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """True if ``signature`` is a valid Ed25519 signature of ``message`` by ``public_key``."""

@@ -1,4 +1,10 @@
-"""Carriers: the ways packets move between nodes.  See :mod:`netchan.carriers.base`."""
+"""The carrier layer: the ways packets move between nodes (udp, tcp, memory),
+each a plugin registered by URL scheme (see :mod:`netchan.carriers.base`),
+and the seeded fault planner (:mod:`netchan.carriers.faults`) that the memory
+carrier and the chaos proxies apply to packets.
+
+Imports only ``errors``.
+"""
 
 from . import memory, tcp, udp
 from .base import (

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 
 from ..errors import ConfigurationError
-from ..faults import Faults as _Faults
+from .faults import Faults as _Faults
 from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
 
 __all__ = ["MemoryCarrier", "Faults", "faults", "DEFAULT_PACKET_SIZE"]
@@ -27,7 +27,7 @@ DEFAULT_PACKET_SIZE = 1350
 
 
 class Faults(_Faults):
-    """What the memory network does to packets (see :class:`netchan.faults.Faults`)."""
+    """What the memory network does to packets (see :class:`netchan.carriers.faults.Faults`)."""
 
     @classmethod
     def from_url(cls, url: CarrierURL) -> Faults:

@@ -32,7 +32,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = [
     "PathScheduler",

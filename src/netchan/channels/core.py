@@ -32,7 +32,7 @@ from typing import Any, Hashable
 
 import msgspec
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ChannelCore",

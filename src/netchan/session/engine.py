@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from cryptography.hazmat.primitives import serialization
 
-from .errors import ConfigurationError
-from .identity import Identity
+from ..errors import ConfigurationError
+from ..identity import Identity
 
 __all__ = ["Engine", "get_engine", "ENGINES", "DEFAULT_ENGINE", "VIRTUAL_ADDRESS", "ALPN"]
 

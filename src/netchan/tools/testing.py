@@ -1,6 +1,6 @@
 """Testing tools that ship with netchan.
 
-:class:`SessionPair` wires a client and a server :class:`~netchan.session.SessionCore`
+:class:`SessionPair` wires a client and a server :class:`~netchan.session.core.SessionCore`
 together in memory, with a manual clock and an optional packet filter, so that
 protocol behaviour can be checked fast and deterministically::
 
@@ -17,13 +17,13 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .engine import get_engine
-from .errors import EndOfStream
-from .identity import Identity
-from .session import SessionConfig, SessionCore, SessionEvent
+from ..session.engine import get_engine
+from ..errors import EndOfStream
+from ..identity import Identity
+from ..session.core import SessionConfig, SessionCore, SessionEvent
 
 if TYPE_CHECKING:
-    from .node import Peer, Stream
+    from ..node.node import Peer, Stream
 
 __all__ = ["ManualClock", "SessionPair", "sha256_sink", "upload"]
 

@@ -5,7 +5,7 @@ A channel lives at its owner node (:class:`LocalChannel`, from
 (``await peer.channel(name)``, or a reference received inside an item); both
 have the same API.  The rules (exact capacity, rendezvous, demand order,
 acknowledged processing, close-drains) are kept by one
-:class:`~netchan.chancore.ChannelCore` at the owner; this module only moves
+:class:`~netchan.channels.core.ChannelCore` at the owner; this module only moves
 its requests and events between tasks and streams.
 
 Every operation is an *op*: it is armed (a request to the owner), then either
@@ -24,10 +24,11 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Sequence
 
-from . import wire as w
-from .chancore import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim, Withdrawn
-from .codec import DEFAULT_MAX_MESSAGE, Codec, make_codec
-from .errors import (
+from . import frames as w
+from .core import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim, Withdrawn
+from ..node.node import register_extension
+from .codec import DEFAULT_MAX_MESSAGE, Codec, Sendable, make_codec
+from ..errors import (
     BrokenError,
     ClosedError,
     ConfigurationError,
@@ -44,10 +45,11 @@ from .errors import (
     WouldBlock,
     error_from_code,
 )
-from .identity import check_node_id
+from ..identity import check_node_id, node_id_set
 
 if TYPE_CHECKING:
-    from .node import Node, Peer, Stream
+    from ..node.node import Node, Peer, Stream
+    from .topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 
 __all__ = [
     "Channel",
@@ -65,9 +67,7 @@ SERVICE = "netchan.channel"
 #: unused credit a sending handle keeps asking for (bounded by the capacity; the
 #: owner reclaims what an idle handle holds as soon as another sender starves)
 PREFETCH = 4096
-#: items per ITEMS frame at most (frames stay well under the frame limit)
-_BATCH_BYTES = 256 * 1024
-_HANDSHAKE_TIMEOUT = 10.0
+w.BATCH_BYTES = 256 * 1024
 #: how long select() lets a remote case that looks ready go first
 _REMOTE_GRACE = 0.05
 #: a handle whose owner restarted waits this long for it to make the channel again
@@ -168,7 +168,7 @@ class _Op:
 # -- the public API, shared by every kind of handle -----------------------------------
 
 
-class Channel:
+class Channel(Sendable):
     """A channel handle: the same API whether the channel is here or remote.
 
     Owner: :class:`LocalChannel`; elsewhere: :class:`RemoteChannel`; a
@@ -957,7 +957,7 @@ class _Endpoint:
                     items = [Item(origin, seq, d, decode(d)) for seq, d in zip(seqs, datas)]
                 core.items(self, first_seq, items)
             elif kind == w.DEMAND:
-                core.demand(self, _count(f[1]))
+                core.demand(self, w.count(f[1]))
             elif kind == w.DONE:
                 core.done(self, f[1])
             elif kind == w.TAKEN:
@@ -965,11 +965,11 @@ class _Endpoint:
             elif kind == w.REQUEUE:
                 core.requeue(self, f[1])
             elif kind == w.CANCEL:
-                core.cancel_demand(self, _count(f[1]))
+                core.cancel_demand(self, w.count(f[1]))
             elif kind == w.WANT:
-                core.want(self, _count(f[1]))
+                core.want(self, w.count(f[1]))
             elif kind == w.RELEASE:
-                core.release(self, _count(f[1]))
+                core.release(self, w.count(f[1]))
             elif kind == w.WITHDRAW:
                 self.chan._withdraw(self, f[1])
             elif kind == w.CLOSE:
@@ -992,12 +992,6 @@ _READY_EVERY = 0.002
 
 _SEND_FRAMES = frozenset({w.WANT, w.ITEMS, w.RELEASE, w.CLOSE, w.WITHDRAW})
 _RECV_FRAMES = frozenset({w.DEMAND, w.CANCEL, w.TAKEN, w.DONE, w.REQUEUE})
-
-
-def _count(n: Any) -> int:
-    if not isinstance(n, int) or not 0 <= n < 1 << 32:
-        raise RemoteProtocolError(f"bad count {n!r}")
-    return n
 
 
 # -- a handle to a channel owned elsewhere -------------------------------------------
@@ -1189,8 +1183,8 @@ class RemoteChannel(Channel):
             "next_seq": first_seq,
         }
         try:
-            wire, reply = await w.open_handle(peer, SERVICE, hello, _max_frame(self._codec.max_message),
-                                              _HANDSHAKE_TIMEOUT)
+            wire, reply = await w.open_handle(peer, SERVICE, hello, w.max_frame(self._codec.max_message),
+                                              w.HANDSHAKE_TIMEOUT)
         except w.REFUSALS as exc:
             if not (self._resuming and isinstance(exc, ServiceNotFound)):
                 self._error = exc  # (a restarted owner may not have made the channel yet)
@@ -1230,7 +1224,7 @@ class RemoteChannel(Channel):
             if not self._unacked:
                 self._next_seq = max(self._next_seq, accepted + 1)
             if self._close_waiters:
-                _wake_all(self._close_waiters)
+                w.wake_all(self._close_waiters)
         # items the owner does not have: send them again, in order, as credit comes
         self._resend = deque(self._unacked)
         wire.attach(self._on_frames, lambda error: self._on_wire_end(wire, error))
@@ -1287,7 +1281,7 @@ class RemoteChannel(Channel):
             self._recv_ops = deque(op for op in self._recv_ops if op.state == _WAITING)
         self._batch.clear()
         self._batch_bytes = 0
-        _wake_all(self._close_waiters)
+        w.wake_all(self._close_waiters)
 
     # -- frames from the owner ------------------------------------------------------
 
@@ -1297,7 +1291,7 @@ class RemoteChannel(Channel):
             if kind == w.DELIVER:
                 self._on_deliver(f[1], f[2], f[3])
             elif kind == w.GRANT:
-                self._credit += _count(f[1])
+                self._credit += w.count(f[1])
                 self._use_credit()
             elif kind == w.ACCEPTED:
                 upto = f[1]
@@ -1318,7 +1312,7 @@ class RemoteChannel(Channel):
                         for _ in range(k):
                             unacked.popleft()
                 if self._close_waiters:
-                    _wake_all(self._close_waiters)
+                    w.wake_all(self._close_waiters)
             elif kind == w.READY:
                 self._hint = (bool(f[1]), bool(f[2]))
             elif kind == w.WITHDRAWN:
@@ -1346,7 +1340,7 @@ class RemoteChannel(Channel):
                 if self._credit:
                     self._emit([w.RELEASE, self._credit])
                     self._credit = 0
-                _wake_all(self._close_waiters)
+                w.wake_all(self._close_waiters)
                 self._maybe_release()
             elif kind == w.END:
                 self._ended = True
@@ -1450,7 +1444,7 @@ class RemoteChannel(Channel):
             self._batch_seq = seq
         self._batch.append(data)
         self._batch_bytes += len(data)
-        if self._batch_bytes >= _BATCH_BYTES:
+        if self._batch_bytes >= w.BATCH_BYTES:
             self._flush_batch()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -1458,7 +1452,7 @@ class RemoteChannel(Channel):
 
     def _push_many(self, seq: int, datas: list[bytes]) -> None:
         total = sum(map(len, datas))
-        if self._batch_bytes + total >= _BATCH_BYTES:
+        if self._batch_bytes + total >= w.BATCH_BYTES:
             for data in datas:
                 self._push(seq, data)
                 seq += 1
@@ -1752,17 +1746,6 @@ class RemoteChannel(Channel):
         }
 
 
-def _wake_all(futs: list[asyncio.Future[None]]) -> None:
-    for fut in futs:
-        if not fut.done():
-            fut.set_result(None)
-    futs.clear()
-
-
-def _max_frame(max_message: int) -> int:
-    return max(max_message, _BATCH_BYTES) * 2 + 4096
-
-
 # -- direction-restricted views -------------------------------------------------------
 
 
@@ -1867,11 +1850,50 @@ class ChannelHub:
             name,
             capacity,
             make_codec(codec, type, self.resolve, max_message),
-            _id_set(allow_send),
-            _id_set(allow_recv),
+            node_id_set(allow_send),
+            node_id_set(allow_recv),
         )
         self._owned[name] = chan
         return chan
+
+    def topic(self, name: str, **options: Any) -> Topic:
+        """A broadcast topic owned by this node (see :meth:`netchan.Node.topic`)."""
+        from .topics import Topic
+
+        topic = Topic(self, name, **options)
+        self.add_topic(topic)
+        return topic
+
+    def subscribe(self, name: str, *, buffer: int | None = None) -> Subscription:
+        """Subscribe to one of this node's own topics."""
+        from .topics import Topic
+
+        topic = self._owned.get(name)
+        if not isinstance(topic, Topic):
+            raise ServiceNotFound(f"this node has no topic {name!r}")
+        return topic.subscribe(buffer=buffer)
+
+    async def open_channel(self, peer: Peer, name: str, **options: Any) -> RemoteChannel:
+        """A handle to ``peer``'s channel ``name`` (see :meth:`netchan.Peer.channel`)."""
+        handle = RemoteChannel(self, peer.node_id, name, peer=peer, **options)
+        await handle._ready()
+        return handle
+
+    async def open_topic(self, peer: Peer, name: str, **options: Any) -> RemoteTopic:
+        """A handle to publish on ``peer``'s topic ``name``."""
+        from .topics import RemoteTopic
+
+        handle = RemoteTopic(self, peer, name, **options)
+        await handle._ready()
+        return handle
+
+    async def open_subscription(self, peer: Peer, name: str, **options: Any) -> RemoteSubscription:
+        """A subscription to ``peer``'s topic ``name``."""
+        from .topics import RemoteSubscription
+
+        sub = RemoteSubscription(self, peer, name, **options)
+        await sub._ready()
+        return sub
 
     def add_topic(self, topic: Any) -> None:
         if topic.name in self._owned:
@@ -1927,10 +1949,10 @@ class ChannelHub:
     # -- the service ------------------------------------------------------------------
 
     async def _serve(self, stream: Stream, peer: Peer) -> None:
-        wire = w.Wire(stream, _max_frame(DEFAULT_MAX_MESSAGE))
+        wire = w.Wire(stream, w.max_frame(DEFAULT_MAX_MESSAGE))
         wire.start()
         try:
-            hello = _check_hello(await w.read_one(wire, _HANDSHAKE_TIMEOUT))
+            hello = _check_hello(await w.read_one(wire, w.HANDSHAKE_TIMEOUT))
             obj = self._owned.get(hello["name"])
             kind = hello.get("kind")
             try:
@@ -1943,7 +1965,7 @@ class ChannelHub:
                 await asyncio.sleep(0)
                 await stream.receive(1)  # until the handle goes (or the node closes)
                 return
-            wire.max_frame = _max_frame(obj.codec.max_message)
+            wire.max_frame = w.max_frame(obj.codec.max_message)
             await obj._serve(wire, peer, hello, directions)
         except (EndOfStream, BrokenError, ClosedError):
             pass
@@ -2024,14 +2046,6 @@ def _admit(chan: Any, node_id: str, hello: dict[str, Any]) -> set[str]:
     return granted
 
 
-def _id_set(ids: Iterable[str] | None) -> set[str] | None:
-    if ids is None:
-        return None
-    if isinstance(ids, str):
-        ids = [ids]
-    return {check_node_id(i) for i in ids}
-
-
 class _Missing(Channel):
     """A reference to a channel of ours that no longer exists."""
 
@@ -2053,3 +2067,6 @@ class _Missing(Channel):
 
     async def close(self) -> None:
         pass
+
+
+register_extension("channels", ChannelHub)

@@ -24,7 +24,7 @@ import random
 import socket
 from typing import Any, Callable
 
-from .faults import Faults
+from ..carriers.faults import Faults
 
 __all__ = ["TcpCutter", "UdpChaos"]
 
@@ -304,7 +304,7 @@ def _through(faults: Faults, data: bytes, client: Any, send: Callable[[bytes, An
 
 
 class UdpChaos:
-    """Forward UDP from ``listen`` to ``target`` through :class:`netchan.faults.Faults`.
+    """Forward UDP from ``listen`` to ``target`` through :class:`netchan.carriers.faults.Faults`.
 
     ``loss``, ``duplicate`` and ``reorder`` are fractions 0..1, ``delay`` and
     ``jitter`` seconds; they apply in both directions, each direction with its

@@ -23,10 +23,10 @@ import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
-from . import wire as w
-from .channels import _HANDSHAKE_TIMEOUT, _count, _id_set, _max_frame, _wake_all
+from . import frames as w
+from ..identity import node_id_set
 from .codec import DEFAULT_MAX_MESSAGE, make_codec
-from .errors import (
+from ..errors import (
     BrokenError,
     ClosedError,
     ConfigurationError,
@@ -39,12 +39,12 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .channels import ChannelHub
-    from .node import Peer
+    from .channel import ChannelHub
+    from ..node.node import Peer
 
 __all__ = ["Topic", "Subscription", "RemoteTopic", "RemoteSubscription", "POLICIES"]
 
-log = logging.getLogger("netchan.topics")
+log = logging.getLogger("netchan.channels.topics")
 
 POLICIES = ("block", "drop_oldest", "drop_newest", "disconnect")
 #: messages a publishing handle may have unconfirmed before publish() waits
@@ -126,7 +126,7 @@ class Subscription:
         self._queue.clear()
         self.topic._unsubscribe(self)
         self._wake()
-        _wake_all(self._space)
+        w.wake_all(self._space)
 
     def _end(self) -> None:
         self._ended = True
@@ -137,7 +137,7 @@ class Subscription:
         msg = self._queue.popleft()
         self.received += 1
         if self._space:
-            _wake_all(self._space)
+            w.wake_all(self._space)
         return msg
 
     async def recv(self) -> Any:
@@ -201,8 +201,8 @@ class Topic:
         self.buffer = buffer
         self.history = history
         self.codec = make_codec(codec, type, hub.resolve, max_message)
-        self.allow_send = _id_set(allow_publish)
-        self.allow_recv = _id_set(allow_subscribe)
+        self.allow_send = node_id_set(allow_publish)
+        self.allow_recv = node_id_set(allow_subscribe)
         self._recent: deque[_Message] = deque(maxlen=history)
         self._subs: dict[Subscription, None] = {}
         self._lock = asyncio.Lock()
@@ -276,7 +276,7 @@ class Topic:
         self.closed = True
         for sub in list(self._subs):
             sub._end()
-            _wake_all(sub._space)  # a publisher waiting for room learns of the close
+            w.wake_all(sub._space)  # a publisher waiting for room learns of the close
         self._hub._forget(self)
 
     def statistics(self) -> dict[str, Any]:
@@ -293,9 +293,9 @@ class Topic:
 
     async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
         if "recv" in directions:
-            window = min(_count(hello.get("window") or 16), 1024)  # the subscriber does not set our memory
+            window = min(w.count(hello.get("window") or 16), 1024)  # the subscriber does not set our memory
             # the subscriber's own buffer, within what this topic allows one subscriber
-            asked = _count(hello.get("buffer") or self.buffer) or self.buffer
+            asked = w.count(hello.get("buffer") or self.buffer) or self.buffer
             sub = self.subscribe(min(asked, max(self.buffer, MAX_REMOTE_BUFFER)))
             wire.send({"ok": True, "dir": ["recv"], "codec": self.codec.name, "schema": self.codec.schema})
             await self._push(wire, sub, window)
@@ -313,8 +313,8 @@ class Topic:
                     kind, f = w.check_frame(frame)
                     if kind != w.DEMAND:
                         raise RemoteProtocolError(f"unexpected frame {kind} from a subscriber")
-                    credit[0] = min(credit[0] + _count(f[1]), window)
-                    _wake_all(more)
+                    credit[0] = min(credit[0] + w.count(f[1]), window)
+                    w.wake_all(more)
 
         reader = asyncio.ensure_future(read_credit())
         try:
@@ -411,7 +411,7 @@ class _TopicHandle:
             raise self._error.with_traceback(None)
         try:
             wire, reply = await w.open_handle(self._peer, "netchan.channel", self._hello(),
-                                              _max_frame(self._codec.max_message), _HANDSHAKE_TIMEOUT)
+                                              w.max_frame(self._codec.max_message), w.HANDSHAKE_TIMEOUT)
         except w.REFUSALS as exc:
             self._error = exc
             raise
@@ -467,14 +467,14 @@ class RemoteTopic(_TopicHandle):
                         self._acked = max(self._acked, int(f[1]))
                     elif kind == w.FAIL:
                         raise error_from_code(int(f[1]), str(f[2]))
-                _wake_all(self._waiters)
+                w.wake_all(self._waiters)
         except (NetchanError, asyncio.CancelledError) as exc:
             if self._error is None:
                 self._error = exc if isinstance(exc, NetchanError) else ClosedError("closed")
                 if not isinstance(exc, ClosedError):
                     self._error = BrokenError(f"topic {self.name!r}: {exc}")
             self._wire = None
-            _wake_all(self._waiters)
+            w.wake_all(self._waiters)
 
     async def publish(self, value: Any) -> None:
         """Publish ``value``; waits when too many publications are unconfirmed."""

@@ -2,7 +2,7 @@
 
 :class:`MultiPath` is the one path a dialed session sees.  It owns one
 carrier path per URL, is their packet sink, answers nothing itself and hides
-the probes from the session; :class:`netchan.pathsched.PathScheduler`
+the probes from the session; :class:`netchan.session.scheduler.PathScheduler`
 decides which carrier each packet goes on.
 """
 
@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import carriers
-from .carriers.base import PacketPath, PacketSink
-from .pathsched import ActiveChanged, PathDown, PathScheduler, PathUp, is_probe
+from .. import carriers
+from ..carriers.base import PacketPath, PacketSink
+from .scheduler import ActiveChanged, PathDown, PathScheduler, PathUp, is_probe
 
 __all__ = ["MultiPath", "PathInfo"]
 

@@ -19,33 +19,41 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import msgspec
 
-from .errors import ConfigurationError, MessageTooLarge, ProtocolError, RemoteProtocolError
+from ..errors import ConfigurationError, MessageTooLarge, ProtocolError, RemoteProtocolError
 
-if TYPE_CHECKING:
-    from .channels import Channel
-
-__all__ = ["Codec", "make_codec", "CHANNEL_EXT", "DEFAULT_MAX_MESSAGE"]
+__all__ = ["Codec", "Sendable", "make_codec", "CHANNEL_EXT", "DEFAULT_MAX_MESSAGE"]
 
 #: MessagePack extension code of a channel reference
 CHANNEL_EXT = 1
 #: largest encoded item, by default (a channel option)
 DEFAULT_MAX_MESSAGE = 1024 * 1024
 
+
+
+class Sendable:
+    """What may travel inside an item: a handle sent as a reference that the
+    receiving node turns into a handle of its own (channels subclass it)."""
+
+    __slots__ = ()
+
+    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+        """(owner, name, kind, direction, addresses) of what this handle reaches."""
+        raise NotImplementedError
+
+
 #: (owner, name, kind, direction, addresses) -> a handle on this node
-RefResolver = Callable[[str, str, str, str, list[str]], "Channel"]
+RefResolver = Callable[[str, str, str, str, list[str]], Sendable]
 
 _ref_encoder = msgspec.msgpack.Encoder()
 _ref_decoder = msgspec.msgpack.Decoder(tuple[str, str, str, str, list[str]])
 
 
 def _enc_hook(obj: Any) -> Any:
-    from .channels import Channel
-
-    if isinstance(obj, Channel):
+    if isinstance(obj, Sendable):
         return msgspec.msgpack.Ext(CHANNEL_EXT, _ref_encoder.encode(obj._reference()))
     raise NotImplementedError(f"cannot send a {type(obj).__name__} in a channel item")
 
@@ -176,9 +184,7 @@ def _dec_hook(type_: Any, obj: Any) -> Any:
 
 
 def _schema_hook(type_: Any) -> dict[str, Any]:
-    from .channels import Channel
-
-    if isinstance(type_, type) and issubclass(type_, Channel):
+    if isinstance(type_, type) and issubclass(type_, Sendable):
         return {"type": "netchan-channel"}
     raise NotImplementedError
 

@@ -10,11 +10,11 @@ disturbs the session or any other channel.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 
-from .errors import (
+from ..errors import (
     EndOfStream,
     NetchanError,
     NotAllowed,
@@ -23,7 +23,9 @@ from .errors import (
     ServiceNotFound,
     error_from_code,
 )
-from .node import Peer, Stream
+
+if TYPE_CHECKING:
+    from ..node.node import Peer, Stream
 
 #: refusals that will not change if the handle asks again
 REFUSALS = (NotAllowed, SchemaMismatch, ServiceNotFound)
@@ -38,6 +40,31 @@ GRANT, ACCEPTED, DELIVER, RECLAIM, CLOSED, END, FAIL, WITHDRAWN, READY = range(2
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
+
+#: how long a handle waits for the owner's answer to its hello
+HANDSHAKE_TIMEOUT = 10.0
+#: items per ITEMS frame at most (frames stay well under the frame limit)
+BATCH_BYTES = 256 * 1024
+
+
+def max_frame(max_message: int) -> int:
+    """The largest frame a stream carrying items of up to ``max_message`` takes."""
+    return max(max_message, BATCH_BYTES) * 2 + 4096
+
+
+def count(n: Any) -> int:
+    """``n`` if it is a valid count in a frame (0 to 2**32 - 1), else RemoteProtocolError."""
+    if not isinstance(n, int) or not 0 <= n < 1 << 32:
+        raise RemoteProtocolError(f"bad count {n!r}")
+    return n
+
+
+def wake_all(futs: list[asyncio.Future[None]]) -> None:
+    """Wake every waiter in ``futs`` and forget them."""
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
+    futs.clear()
 
 def encode_frame(obj: Any) -> bytes:
     body = _encoder.encode(obj)

@@ -1,7 +1,7 @@
 """``netchan demo``: two nodes stream to each other through a TCP proxy that cuts.
 
 The server node runs in a child process; this process runs the client node and
-a :class:`~netchan.chaos.TcpCutter` between them that terminates the TCP
+a :class:`~netchan.tools.chaos.TcpCutter` between them that terminates the TCP
 connection every ``cut_every`` seconds.  Both nodes send as fast as they can
 for ``seconds``, hashing what they send and receive; at the end the hashes are
 compared across the session.
@@ -18,10 +18,10 @@ import time
 
 import msgpack
 
-from .chaos import TcpCutter
-from .errors import EndOfStream
-from .identity import Identity
-from .node import Node, Peer, Stream
+from ..tools.chaos import TcpCutter
+from ..errors import EndOfStream
+from ..identity import Identity
+from ..node.node import Node, Peer, Stream
 
 _BLOCK = os.urandom(1 << 20)
 _CHUNK = 256 * 1024
@@ -114,7 +114,7 @@ async def run_demo(seconds: float = 10.0, cut_every: float = 1.0, engine: str | 
     with tempfile.TemporaryDirectory() as tmp:
         key = os.path.join(tmp, "server.key")
         server_id.save(key)
-        args = [sys.executable, "-m", "netchan.demo", key, client_id.node_id]
+        args = [sys.executable, "-m", "netchan.cli.demo", key, client_id.node_id]
         if engine:
             args.append(engine)
         child = await asyncio.create_subprocess_exec(
@@ -187,7 +187,7 @@ async def _client(ident: Identity, server: str, addr: tuple[str, int], seconds: 
 
 
 if __name__ == "__main__":
-    from .cli import _run
+    from .runner import run
 
     engine = sys.argv[3] if len(sys.argv) > 3 else None
-    sys.exit(_run(_serve(sys.argv[1], sys.argv[2], engine), engine))
+    sys.exit(run(_serve(sys.argv[1], sys.argv[2], engine), engine))

@@ -10,29 +10,12 @@ import struct
 import sys
 import time
 
-from . import DEFAULT_ENGINE, ENGINES
-from .errors import NetchanError
-from .faults import parse_fraction, parse_rate, parse_seconds
-from .identity import Identity
-from .node import ANY, PING_SERVICE, Node, echo_service
-
-
-def _run(coro, engine: str | None = None) -> int:
-    runner = asyncio.run
-    if (engine or DEFAULT_ENGINE) == "qh3":  # uvloop speeds qh3 up and slows aioquic down
-        try:
-            import uvloop  # optional
-
-            runner = uvloop.run
-        except ImportError:
-            pass
-    try:
-        return runner(coro) or 0
-    except KeyboardInterrupt:
-        return 130
-    except NetchanError as exc:
-        print(f"netchan: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+from ..session.engine import DEFAULT_ENGINE, ENGINES
+from ..errors import NetchanError
+from .runner import run
+from ..carriers.faults import parse_fraction, parse_rate, parse_seconds
+from ..identity import Identity
+from ..node.node import ANY, PING_SERVICE, Node, echo_service
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -156,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="node id allowed to connect (repeatable; 'any' admits every key)")
     p.add_argument("--identity", metavar="PATH", help="key file (default: a throwaway key)")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: _run(_serve(a), a.engine))
+    p.set_defaults(func=lambda a: run(_serve(a), a.engine))
 
     p = sub.add_parser("ping", help="authenticated round trips to a node (over one path or several)")
     p.add_argument("url", nargs="+", help="one URL, or several: the paths of one session")
@@ -168,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between rounds")
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: _run(_ping(a), a.engine))
+    p.set_defaults(func=lambda a: run(_ping(a), a.engine))
 
     p = sub.add_parser("demo", help="a work queue across processes, through a proxy that cuts TCP every second")
     p.add_argument("--jobs", type=int, default=2000, help="jobs in the work queue")
@@ -179,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: two nodes streaming bytes both ways for --seconds")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to stream (with --streams)")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: _run(_demo(a), a.engine))
+    p.set_defaults(func=lambda a: run(_demo(a), a.engine))
 
     p = sub.add_parser("chaos", help="a proxy that breaks what it carries (for testing)")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -202,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 k.add_argument(f"--{name}", type=_arg(parse_fraction), default=0.0, help=help_)
             k.add_argument("--delay", type=_arg(parse_seconds), default=0.0, help="added one way (e.g. 20ms)")
             k.add_argument("--jitter", type=_arg(parse_seconds), default=0.0, help="random extra delay, up to this")
-        k.set_defaults(func=lambda a: _run(_chaos(a)))
+        k.set_defaults(func=lambda a: run(_chaos(a)))
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -224,7 +207,7 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def _interval(text: str) -> float | tuple[float, float]:
     """``2s`` or a range ``0.5s-2s``."""
-    from .faults import parse_seconds
+    from ..carriers.faults import parse_seconds
 
     low, sep, high = text.partition("-")
     try:
@@ -245,7 +228,7 @@ def _arg(parse):
 
 async def _chaos(args: argparse.Namespace) -> int:
     """Run a chaos proxy until interrupted; SIGUSR1 toggles a blackhole, SIGUSR2 cuts (tcp)."""
-    from .chaos import TcpCutter, UdpChaos
+    from ..tools.chaos import TcpCutter, UdpChaos
 
     proxy: TcpCutter | UdpChaos
     if args.kind == "tcp":

@@ -2,7 +2,7 @@
 
 This process is the producer: its node owns a ``jobs`` channel and a
 ``results`` channel.  Worker processes connect through a
-:class:`~netchan.chaos.TcpCutter` that terminates every TCP connection each
+:class:`~netchan.tools.chaos.TcpCutter` that terminates every TCP connection each
 ``cut_every`` seconds, take jobs with ``async with jobs.process()``, and send
 each result on the reply channel that travels inside the job.  One worker is
 killed (SIGKILL) partway through: the job it held goes back to the queue when
@@ -22,10 +22,10 @@ import tempfile
 import time
 from typing import Any
 
-from .chaos import TcpCutter
-from .errors import BrokenError, EndOfChannel, NetchanError
-from .identity import Identity
-from .node import Node
+from ..tools.chaos import TcpCutter
+from ..errors import BrokenError, EndOfChannel, NetchanError
+from ..identity import Identity
+from ..node.node import Node
 
 #: workers declare a silent peer lost after this long (the QUIC idle timeout)
 WORKER_LINGER = 3.0
@@ -117,7 +117,7 @@ async def run_workqueue(
                 procs: list[asyncio.subprocess.Process] = []
 
                 async def start_worker(i: int) -> asyncio.subprocess.Process:
-                    args = [sys.executable, "-m", "netchan.workqueue", keys[i], node.node_id, cutter.url, str(i)]
+                    args = [sys.executable, "-m", "netchan.cli.workqueue", keys[i], node.node_id, cutter.url, str(i)]
                     if engine:
                         args.append(engine)
                     return await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
@@ -222,7 +222,7 @@ async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import _run
+    from .runner import run
 
     engine = sys.argv[5] if len(sys.argv) > 5 else None
-    sys.exit(_run(run_worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), engine), engine))
+    sys.exit(run(run_worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), engine), engine))

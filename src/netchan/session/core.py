@@ -43,9 +43,9 @@ from typing import Any, Callable
 
 import msgpack
 
-from . import errors
+from .. import errors
 from .engine import VIRTUAL_ADDRESS, Engine
-from .errors import (
+from ..errors import (
     AuthenticationError,
     BrokenError,
     ClosedError,
@@ -56,7 +56,7 @@ from .errors import (
     RemoteProtocolError,
     ServiceNotFound,
 )
-from .identity import Identity, node_id_of, public_key_of_certificate, verify_signature
+from ..identity import Identity, node_id_of, public_key_of_certificate, verify_signature
 
 __all__ = [
     "SessionCore",

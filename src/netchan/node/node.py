@@ -1,7 +1,7 @@
-"""Nodes, peers and streams: the asyncio layer over :mod:`netchan.session`.
+"""Nodes, peers and streams: the asyncio layer over :mod:`netchan.session.core`.
 
 This layer is deliberately thin.  A :class:`_Session` feeds packets from its
-path into a :class:`~netchan.session.SessionCore`, drains the core's events,
+path into a :class:`~netchan.session.core.SessionCore`, drains the core's events,
 hands its packets to the path, and keeps one timer armed.  Everything with
 rules lives in the core.
 """
@@ -13,12 +13,12 @@ import inspect
 import logging
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
 
-from . import carriers
-from .carriers.base import Listener, PacketPath
-from .engine import Engine, get_engine
-from .errors import (
+from .. import carriers
+from ..carriers.base import Listener, PacketPath
+from ..session.engine import Engine, get_engine
+from ..errors import (
     AuthenticationError,
     BrokenError,
     ClosedError,
@@ -31,10 +31,10 @@ from .errors import (
     ServiceNotFound,
     Timeout,
 )
-from .identity import Identity, check_node_id
-from .multipath import MultiPath, PathInfo
-from .pathsched import MODES, PathDown, PathUp, answer_for
-from .session import (
+from ..identity import Identity, check_node_id
+from ..session.multipath import MultiPath, PathInfo
+from ..session.scheduler import MODES, PathDown, PathUp, answer_for
+from ..session.core import (
     Authenticated,
     ConnectionIdIssued,
     ConnectionIdRetired,
@@ -52,10 +52,11 @@ from .session import (
 )
 
 if TYPE_CHECKING:
-    from .channels import LocalChannel, RemoteChannel
-    from .topics import RemoteSubscription, RemoteTopic, Subscription, Topic
+    from ..channels.channel import ChannelHub, LocalChannel, RemoteChannel
+    from ..channels.topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 
-__all__ = ["Node", "Peer", "Stream", "ANY", "PING_SERVICE", "echo_service"]
+__all__ = ["Node", "Peer", "Stream", "ANY", "PING_SERVICE", "echo_service", "Extension",
+           "register_extension"]
 
 log = logging.getLogger("netchan")
 
@@ -493,20 +494,12 @@ class Peer:
         Raises ServiceNotFound if it has none, NotAllowed if it refuses us,
         SchemaMismatch if ``codec`` / ``type`` differ from the owner's.
         """
-        from .channels import RemoteChannel
-
-        handle = RemoteChannel(self.node.hub, self.node_id, name, direction=direction, codec=codec,
-                               type=type, peer=self, max_message=max_message)
-        await handle._ready()
-        return handle
+        return await self.node.extension("channels").open_channel(
+            self, name, direction=direction, codec=codec, type=type, max_message=max_message)
 
     async def topic(self, name: str, *, codec: str | None = None, type: Any = None) -> RemoteTopic:
         """A handle to publish on this peer's topic ``name``."""
-        from .topics import RemoteTopic
-
-        handle = RemoteTopic(self.node.hub, self, name, codec=codec, type=type)
-        await handle._ready()
-        return handle
+        return await self.node.extension("channels").open_topic(self, name, codec=codec, type=type)
 
     async def subscribe(self, name: str, *, buffer: int | None = None, codec: str | None = None,
                         type: Any = None) -> RemoteSubscription:
@@ -515,11 +508,8 @@ class Peer:
         ``buffer``: how many messages may wait for this subscriber (in flight
         and at the owner, where the topic's policy applies); default: the
         topic's own buffer at the owner, plus a window of 16 in flight."""
-        from .topics import RemoteSubscription
-
-        sub = RemoteSubscription(self.node.hub, self, name, buffer=buffer, codec=codec, type=type)
-        await sub._ready()
-        return sub
+        return await self.node.extension("channels").open_subscription(
+            self, name, buffer=buffer, codec=codec, type=type)
 
     def send_datagram(self, service: str, data: bytes) -> None:
         """Send an unreliable datagram to ``service`` (DatagramTooLarge if it can't fit)."""
@@ -863,6 +853,27 @@ class _Session:
             self.loop.call_later(0.05, self.path.close)
 
 
+class Extension(Protocol):
+    """A node's part of a service built on the node layer (channels and topics;
+    tunnels and the coordinator to come): made with the node, closed with it."""
+
+    async def aclose(self) -> list[NetchanError]:
+        """Finish (delivering what is owed); the errors of what could not be."""
+        ...
+
+
+_EXTENSIONS: dict[str, Callable[[Node], Extension]] = {}
+
+
+def register_extension(name: str, factory: Callable[[Node], Extension]) -> None:
+    """Give every node made from now on ``factory(node)`` as ``node.extension(name)``.
+
+    The layers above the node register themselves this way (``netchan.channels``
+    as "channels"), so the node never imports them.  The factory runs in
+    ``Node()``; it may register services with ``node.serve``."""
+    _EXTENSIONS[name] = factory
+
+
 class Node:
     """A netchan node: it listens, dials, and serves named services to its peers.
 
@@ -916,10 +927,10 @@ class Node:
         self._by_path: dict[PacketPath, _Session] = {}
         self._half_open: dict[_Session, None] = {}  # still authenticating, oldest first
         self._tasks: set[asyncio.Task[Any]] = set()
-        from .channels import ChannelHub
-
-        #: this node's channels and topics, and its handles to other nodes' ones
-        self.hub = ChannelHub(self)
+        #: the services registered on every node (channels and topics, ...), by name
+        self._extensions: dict[str, Extension] = {}
+        for name, factory in _EXTENSIONS.items():
+            self._extensions[name] = factory(self)
         self._started = False
         self._closed = False
         self.packets_dropped = 0
@@ -994,7 +1005,8 @@ class Node:
         undelivered: list[NetchanError] = []
         cancelled: asyncio.CancelledError | None = None
         try:
-            undelivered = await self.hub.aclose()
+            for ext in self._extensions.values():
+                undelivered += await ext.aclose()
         except asyncio.CancelledError as exc:
             cancelled = exc  # no more waiting for handles: close the rest, then re-raise
         sessions = list(self._sessions)
@@ -1025,7 +1037,20 @@ class Node:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # -- channels and topics ---------------------------------------------------------
+    # -- extensions: channels and topics, ... -----------------------------------------
+
+    def extension(self, name: str) -> Any:
+        """This node's part of the service registered as ``name`` (see
+        :func:`register_extension`); ConfigurationError if none is."""
+        try:
+            return self._extensions[name]
+        except KeyError:
+            raise ConfigurationError(f"no {name!r} service is registered on this node") from None
+
+    @property
+    def hub(self) -> ChannelHub:
+        """This node's channels and topics, and its handles to other nodes' ones."""
+        return self.extension("channels")
 
     def channel(
         self,
@@ -1045,7 +1070,7 @@ class Node:
         ``type=T`` makes a typed channel.  ``allow_send`` / ``allow_recv``
         restrict which peers may do what (default: every peer the node admits).
         """
-        return self.hub.channel(
+        return self.extension("channels").channel(
             name, capacity, codec=codec, type=type, allow_send=allow_send,
             allow_recv=allow_recv, max_message=max_message,
         )
@@ -1053,23 +1078,14 @@ class Node:
     def topic(self, name: str, *, history: int = 0, policy: str = "block", buffer: int = 64,
               codec: str | None = None, type: Any = None, allow_publish: Iterable[str] | None = None,
               allow_subscribe: Iterable[str] | None = None, max_message: int = 1024 * 1024) -> Topic:
-        """A broadcast topic owned by this node (see :class:`netchan.topics.Topic`)."""
-        from .topics import Topic
-
-        topic = Topic(self.hub, name, history=history, policy=policy, buffer=buffer, codec=codec,
-                      type=type, allow_publish=allow_publish, allow_subscribe=allow_subscribe,
-                      max_message=max_message)
-        self.hub.add_topic(topic)
-        return topic
+        """A broadcast topic owned by this node (see :class:`netchan.channels.topics.Topic`)."""
+        return self.extension("channels").topic(
+            name, history=history, policy=policy, buffer=buffer, codec=codec, type=type,
+            allow_publish=allow_publish, allow_subscribe=allow_subscribe, max_message=max_message)
 
     def subscribe(self, name: str, *, buffer: int | None = None) -> Subscription:
         """Subscribe to one of this node's own topics."""
-        from .topics import Topic
-
-        topic = self.hub.owned(name)
-        if not isinstance(topic, Topic):
-            raise ServiceNotFound(f"this node has no topic {name!r}")
-        return topic.subscribe(buffer=buffer)
+        return self.extension("channels").subscribe(name, buffer=buffer)
 
     # -- services -------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 import netchan
-from netchan.channels import frames as w
 from netchan.carriers import memory as carriers_memory
+from netchan.channels import frames as w
 
 from .helpers import wait_for_condition
 

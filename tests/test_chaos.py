@@ -11,8 +11,8 @@ import sys
 import pytest
 
 import netchan
-from netchan.tools.chaos import TcpCutter, UdpChaos
 from netchan.carriers.faults import Faults, parse_fraction, parse_rate, parse_seconds
+from netchan.tools.chaos import TcpCutter, UdpChaos
 
 from .helpers import wait_for_condition
 

@@ -11,8 +11,16 @@ import time
 import pytest
 
 import netchan
+from netchan.session.scheduler import (
+    ANSWER,
+    PROBE,
+    ActiveChanged,
+    PathDown,
+    PathScheduler,
+    PathUp,
+    answer_for,
+)
 from netchan.tools.chaos import TcpCutter, UdpChaos
-from netchan.session.scheduler import ANSWER, PROBE, ActiveChanged, PathDown, PathScheduler, PathUp, answer_for
 from netchan.tools.testing import sha256_sink, upload
 
 from .helpers import wait_for_condition

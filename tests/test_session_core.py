@@ -15,8 +15,8 @@ from netchan.session.core import (
     StreamRefused,
     StreamRequested,
     Terminated,
+    _Frames,
 )
-from netchan.session.core import _Frames
 from netchan.tools.testing import SessionPair
 
 

@@ -22,7 +22,8 @@ This module gathers the public names of every layer.
 """
 
 from . import carriers, errors
-from .session.engine import DEFAULT_ENGINE, ENGINES
+from .channels.channel import Channel, ChannelView, LocalChannel, RemoteChannel, select
+from .channels.topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 from .errors import (
     AuthenticationError,
     BrokenError,
@@ -44,10 +45,9 @@ from .errors import (
     Timeout,
     WouldBlock,
 )
-from .channels.channel import Channel, ChannelView, LocalChannel, RemoteChannel, select
 from .identity import Identity
 from .node.node import ANY, Node, Peer, Stream
-from .channels.topics import RemoteSubscription, RemoteTopic, Subscription, Topic
+from .session.engine import DEFAULT_ENGINE, ENGINES
 
 __version__ = "0.1.0"
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 
 from ..errors import ConfigurationError
-from .faults import Faults as _Faults
 from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
+from .faults import Faults as _Faults
 
 __all__ = ["MemoryCarrier", "Faults", "faults", "DEFAULT_PACKET_SIZE"]
 

@@ -24,10 +24,6 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Sequence
 
-from . import frames as w
-from .core import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim, Withdrawn
-from ..node.node import register_extension
-from .codec import DEFAULT_MAX_MESSAGE, Codec, Sendable, make_codec
 from ..errors import (
     BrokenError,
     ClosedError,
@@ -46,6 +42,10 @@ from ..errors import (
     error_from_code,
 )
 from ..identity import check_node_id, node_id_set
+from ..node.node import register_extension
+from . import frames as w
+from .codec import DEFAULT_MAX_MESSAGE, Codec, Sendable, make_codec
+from .core import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim, Withdrawn
 
 if TYPE_CHECKING:
     from ..node.node import Node, Peer, Stream
@@ -1373,7 +1373,7 @@ class RemoteChannel(Channel):
         wire, self._wire = self._wire, None
         if wire is not None:
             wire.finish()
-            self._hub.node._spawn(wire.aclose(), f"release channel handle {self.name}")
+            self._hub.node.spawn(wire.aclose(), f"release channel handle {self.name}")
 
     def _on_deliver(self, dseq: int, item_id: str, data: bytes) -> None:
         ops = self._recv_ops
@@ -1435,7 +1435,7 @@ class RemoteChannel(Channel):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_batch)
             self._wire.send([w.ITEMS, seq, [data]])
-            self._wire.stream._transmit_now()
+            self._wire.stream.transmit_now()
             return
         if not self._batch:
             self._batch_seq = seq
@@ -1473,7 +1473,7 @@ class RemoteChannel(Channel):
         if self._batch and wire is not None:
             wire.send([w.ITEMS, self._batch_seq, self._batch])
             if scheduled:
-                wire.stream._transmit_now()  # this turn already batched: no need to wait a turn more
+                wire.stream.transmit_now()  # this turn already batched: no need to wait a turn more
         self._batch = []
         self._batch_bytes = 0
 

@@ -97,7 +97,7 @@ class Wire:
         if self.error is not None or self.closing:
             return
         frame = encode_frame(obj)
-        if not self._out and not self._sending and self.stream._write_nowait(frame):
+        if not self._out and not self._sending and self.stream.write_nowait(frame):
             return
         self._out.append(frame)
         w = self._wakeup
@@ -113,7 +113,7 @@ class Wire:
         early, self._early = self._early, []
         if early:
             on_frames(early)
-        self.stream._consume(self._feed, self._ended)
+        self.stream.consume(self._feed, self._ended)
 
     def _feed(self, data: bytes) -> None:
         self._buf += data

@@ -23,9 +23,6 @@ import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
-from . import frames as w
-from ..identity import node_id_set
-from .codec import DEFAULT_MAX_MESSAGE, make_codec
 from ..errors import (
     BrokenError,
     ClosedError,
@@ -37,10 +34,13 @@ from ..errors import (
     WouldBlock,
     error_from_code,
 )
+from ..identity import node_id_set
+from . import frames as w
+from .codec import DEFAULT_MAX_MESSAGE, make_codec
 
 if TYPE_CHECKING:
-    from .channel import ChannelHub
     from ..node.node import Peer
+    from .channel import ChannelHub
 
 __all__ = ["Topic", "Subscription", "RemoteTopic", "RemoteSubscription", "POLICIES"]
 

@@ -18,10 +18,10 @@ import time
 
 import msgpack
 
-from ..tools.chaos import TcpCutter
 from ..errors import EndOfStream
 from ..identity import Identity
 from ..node.node import Node, Peer, Stream
+from ..tools.chaos import TcpCutter
 
 _BLOCK = os.urandom(1 << 20)
 _CHUNK = 256 * 1024

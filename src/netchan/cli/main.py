@@ -10,12 +10,12 @@ import struct
 import sys
 import time
 
-from ..session.engine import DEFAULT_ENGINE, ENGINES
-from ..errors import NetchanError
-from .runner import run
 from ..carriers.faults import parse_fraction, parse_rate, parse_seconds
+from ..errors import NetchanError
 from ..identity import Identity
 from ..node.node import ANY, PING_SERVICE, Node, echo_service
+from ..session.engine import DEFAULT_ENGINE, ENGINES
+from .runner import run
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

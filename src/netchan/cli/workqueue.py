@@ -22,10 +22,10 @@ import tempfile
 import time
 from typing import Any
 
-from ..tools.chaos import TcpCutter
 from ..errors import BrokenError, EndOfChannel, NetchanError
 from ..identity import Identity
 from ..node.node import Node
+from ..tools.chaos import TcpCutter
 
 #: workers declare a silent peer lost after this long (the QUIC idle timeout)
 WORKER_LINGER = 3.0

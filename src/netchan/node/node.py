@@ -13,11 +13,10 @@ import inspect
 import logging
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from .. import carriers
 from ..carriers.base import Listener, PacketPath
-from ..session.engine import Engine, get_engine
 from ..errors import (
     AuthenticationError,
     BrokenError,
@@ -32,8 +31,6 @@ from ..errors import (
     Timeout,
 )
 from ..identity import Identity, check_node_id
-from ..session.multipath import MultiPath, PathInfo
-from ..session.scheduler import MODES, PathDown, PathUp, answer_for
 from ..session.core import (
     Authenticated,
     ConnectionIdIssued,
@@ -42,14 +39,18 @@ from ..session.core import (
     DatagramReceived,
     SessionConfig,
     SessionCore,
+    StopSending,
     StreamAccepted,
     StreamData,
     StreamRefused,
     StreamRequested,
     StreamReset,
-    StopSending,
     Terminated,
 )
+from ..session.engine import Engine, get_engine
+from ..session.multipath import MultiPath, PathInfo
+from ..session.scheduler import MODES, PathDown, PathUp, answer_for
+from .service import Extension, ServiceStream, extensions, register_extension
 
 if TYPE_CHECKING:
     from ..channels.channel import ChannelHub, LocalChannel, RemoteChannel
@@ -120,7 +121,7 @@ StreamHandler = Callable[["Stream", "Peer"], Awaitable[None]]
 DatagramHandler = Callable[[bytes, "Peer"], Any]
 
 
-class Stream:
+class Stream(ServiceStream):
     """A reliable, ordered byte stream to a service on a peer.
 
     Use ``async with stream:`` or call :meth:`aclose` when done.
@@ -137,7 +138,7 @@ class Stream:
         self._waiter: asyncio.Future[None] | None = None
         self._send_closed = False
         self._closed = False
-        #: (on_data, on_end) when data is handed over as it arrives (see _consume)
+        #: (on_data, on_end) when data is handed over as it arrives (see consume)
         self._consumer: tuple[Callable[[bytes], None], Callable[[NetchanError], None]] | None = None
 
     @property
@@ -190,7 +191,7 @@ class Stream:
             if session.unsent_writes >= _YIELD_WRITES or session.unsent_bytes >= _YIELD_BYTES:
                 await asyncio.sleep(0)
 
-    def _write_nowait(self, data: bytes) -> bool:
+    def write_nowait(self, data: bytes) -> bool:
         """Queue ``data`` at once if credit and the backlog allow (else False: use send())."""
         if self._send_closed or self._send_error is not None:
             return False
@@ -203,14 +204,14 @@ class Stream:
         session.schedule_transmit()
         return True
 
-    def _transmit_now(self) -> None:
+    def transmit_now(self) -> None:
         """Build and send packets now rather than at the next loop turn (for a
         protocol layer that already batched its writes in this turn)."""
         session = self._session
         if session._tx_scheduled and not session.core.closed:
             session._transmit()
 
-    def _consume(self, on_data: Callable[[bytes], None], on_end: Callable[[NetchanError], None]) -> None:
+    def consume(self, on_data: Callable[[bytes], None], on_end: Callable[[NetchanError], None]) -> None:
         """Hand every chunk to ``on_data`` as it arrives (from the session's event
         processing, with no task switch); ``on_end`` gets EndOfStream or the error
         that ended the stream.  Protocol layers on streams use this."""
@@ -853,27 +854,6 @@ class _Session:
             self.loop.call_later(0.05, self.path.close)
 
 
-class Extension(Protocol):
-    """A node's part of a service built on the node layer (channels and topics;
-    tunnels and the coordinator to come): made with the node, closed with it."""
-
-    async def aclose(self) -> list[NetchanError]:
-        """Finish (delivering what is owed); the errors of what could not be."""
-        ...
-
-
-_EXTENSIONS: dict[str, Callable[[Node], Extension]] = {}
-
-
-def register_extension(name: str, factory: Callable[[Node], Extension]) -> None:
-    """Give every node made from now on ``factory(node)`` as ``node.extension(name)``.
-
-    The layers above the node register themselves this way (``netchan.channels``
-    as "channels"), so the node never imports them.  The factory runs in
-    ``Node()``; it may register services with ``node.serve``."""
-    _EXTENSIONS[name] = factory
-
-
 class Node:
     """A netchan node: it listens, dials, and serves named services to its peers.
 
@@ -929,7 +909,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
-        for name, factory in _EXTENSIONS.items():
+        for name, factory in extensions().items():
             self._extensions[name] = factory(self)
         self._started = False
         self._closed = False
@@ -1030,7 +1010,8 @@ class Node:
         if undelivered:
             raise BrokenError("; ".join(map(str, undelivered)))
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task this node owns: cancelled (and awaited) when it closes."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.add(task)
@@ -1108,7 +1089,7 @@ class Node:
         if not session.core.accept_stream(sid):
             return  # the peer gave up on it already
         session.streams[sid] = stream
-        self._spawn(self._run_handler(handler, stream, session.peer), f"netchan {service} {sid}")
+        self.spawn(self._run_handler(handler, stream, session.peer), f"netchan {service} {sid}")
 
     @staticmethod
     async def _run_handler(handler: StreamHandler, stream: Stream, peer: Peer | None) -> None:
@@ -1128,7 +1109,7 @@ class Node:
         try:
             result = handler(data, session.peer)
             if inspect.isawaitable(result):
-                self._spawn(result, f"netchan datagram {service}")
+                self.spawn(result, f"netchan datagram {service}")
         except Exception:
             log.exception("datagram service %r failed", service)
 
@@ -1382,7 +1363,7 @@ class Node:
     def _start_redial(self, peer: Peer, spec: tuple[list[str], str, float | None], error: NetchanError) -> None:
         loop = asyncio.get_running_loop()
         fut = peer._reconnecting = loop.create_future()
-        peer._redial_task = self._spawn(self._redial(peer, spec, error, fut), f"netchan redial {peer.node_id[:8]}")
+        peer._redial_task = self.spawn(self._redial(peer, spec, error, fut), f"netchan redial {peer.node_id[:8]}")
 
     async def _redial(self, peer: Peer, spec: tuple[list[str], str, float | None], error: NetchanError,
                       fut: asyncio.Future[None]) -> None:

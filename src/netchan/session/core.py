@@ -44,7 +44,6 @@ from typing import Any, Callable
 import msgpack
 
 from .. import errors
-from .engine import VIRTUAL_ADDRESS, Engine
 from ..errors import (
     AuthenticationError,
     BrokenError,
@@ -57,6 +56,7 @@ from ..errors import (
     ServiceNotFound,
 )
 from ..identity import Identity, node_id_of, public_key_of_certificate, verify_signature
+from .engine import VIRTUAL_ADDRESS, Engine
 
 __all__ = [
     "SessionCore",

@@ -151,6 +151,8 @@ class _Qh3Engine(Engine):
     max_packet_size = 65000
 
     def __init__(self) -> None:
+        from qh3 import tls
+        from qh3._hazmat import Buffer
         from qh3.quic import events
         from qh3.quic.configuration import QuicConfiguration
         from qh3.quic.connection import QuicConnection
@@ -159,8 +161,6 @@ class _Qh3Engine(Engine):
             push_quic_transport_parameters,
         )
         from qh3.quic.tls_bridge import QuicTlsBridge
-        from qh3._hazmat import Buffer
-        from qh3 import tls
 
         super().__init__()
         self.events = events

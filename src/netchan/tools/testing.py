@@ -17,10 +17,10 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from ..session.engine import get_engine
 from ..errors import EndOfStream
 from ..identity import Identity
 from ..session.core import SessionConfig, SessionCore, SessionEvent
+from ..session.engine import get_engine
 
 if TYPE_CHECKING:
     from ..node.node import Peer, Stream

@@ -1,0 +1,94 @@
+"""What a service built on the node layer sees: the stream interface it reads
+and writes, and the extension hook that gives every node its part of the
+service.  Channels and topics use these; tunnels and the coordinator will."""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from ..errors import NetchanError
+    from .node import Node, Peer
+
+__all__ = ["ServiceStream", "Extension", "register_extension", "extensions"]
+
+
+class ServiceStream(abc.ABC):
+    """A reliable, ordered byte stream between a service and a peer.
+
+    ``send``/``receive`` are the plain asyncio interface.  A protocol layer
+    that frames its own messages may instead take data as it arrives
+    (:meth:`consume`) and write without waiting when it can
+    (:meth:`write_nowait`), batching a turn's writes and sending them at once
+    (:meth:`transmit_now`).
+    """
+
+    service: str
+    stream_id: int
+
+    @property
+    @abc.abstractmethod
+    def peer(self) -> Peer:
+        """The peer at the other end."""
+
+    @abc.abstractmethod
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; waits while the peer's credit or the backlog is used up."""
+
+    @abc.abstractmethod
+    def write_nowait(self, data: bytes) -> bool:
+        """Queue ``data`` at once if credit and the backlog allow; False: use send()."""
+
+    @abc.abstractmethod
+    def transmit_now(self) -> None:
+        """Send what is queued now rather than at the next loop turn."""
+
+    @abc.abstractmethod
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Bytes from the peer (at most ``max_bytes``); EndOfStream after its end."""
+
+    @abc.abstractmethod
+    def consume(self, on_data: Callable[[bytes], None],
+                on_end: Callable[[NetchanError], None]) -> None:
+        """Hand every chunk to ``on_data`` as it arrives, with no task switch;
+        ``on_end`` gets EndOfStream or the error that ended the stream.  An
+        error raised by ``on_data`` ends the stream with it."""
+
+    @abc.abstractmethod
+    async def send_eof(self) -> None:
+        """Send nothing more (the peer gets EndOfStream)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Finish sending (what was sent is still delivered) and stop receiving."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Abandon the stream both ways at once: the peer sees it reset."""
+
+
+class Extension(Protocol):
+    """A node's part of a service built on the node layer (channels and topics;
+    tunnels and the coordinator to come): made with the node, closed with it."""
+
+    async def aclose(self) -> list[NetchanError]:
+        """Finish (delivering what is owed); the errors of what could not be."""
+        ...
+
+
+_EXTENSIONS: dict[str, Callable[[Node], Extension]] = {}
+
+
+def register_extension(name: str, factory: Callable[[Node], Extension]) -> None:
+    """Give every node made from now on ``factory(node)`` as ``node.extension(name)``.
+
+    The layers above the node register themselves this way (``netchan.channels``
+    as "channels"), so the node never imports them.  The factory runs in
+    ``Node()``; it may register services with ``node.serve``."""
+    _EXTENSIONS[name] = factory
+
+
+def extensions() -> dict[str, Callable[[Node], Extension]]:
+    """The registered extensions, by name, in registration order."""
+    return dict(_EXTENSIONS)

@@ -49,7 +49,8 @@ from ..session.core import (
 )
 from ..session.engine import Engine, get_engine
 from ..session.multipath import MultiPath, PathInfo
-from ..session.scheduler import MODES, PathDown, PathUp, answer_for
+from ..session.router import ProbeBudget, Router, destination_cid, opens_session
+from ..session.scheduler import MODES, PathDown, PathUp
 from .service import Extension, ServiceStream, extensions, register_extension
 
 if TYPE_CHECKING:
@@ -61,7 +62,6 @@ __all__ = ["Node", "Peer", "Stream", "ANY", "PING_SERVICE", "echo_service", "Ext
 
 log = logging.getLogger("netchan")
 
-_CID_LEN = 8  # both engines' default connection id length
 #: a listening session keeps mirroring to another path of its peer this long
 #: after that path last carried an authentic packet
 _MIRROR_WINDOW = 0.5
@@ -606,7 +606,7 @@ class _Session:
         if authentic and not self.dialed:
             # Forged or replayed packets are not authentic and move nothing,
             # and a path another session owns is not ours to take.
-            owner = self.node._by_path.get(path)
+            owner = self.node.session_on(path)
             if owner is None or owner is self:
                 path.confirm()
                 if path is not self.path:
@@ -903,8 +903,8 @@ class Node:
         self._dgram_services: dict[str, DatagramHandler] = {}
         self._listeners: list[Listener] = []
         self._sessions: dict[_Session, None] = {}  # ordered: oldest first
-        self._by_cid: dict[bytes, _Session] = {}
-        self._by_path: dict[PacketPath, _Session] = {}
+        #: sessions by the connection ids they issued and the path they answer on
+        self._router: Router[_Session, PacketPath] = Router()
         self._half_open: dict[_Session, None] = {}  # still authenticating, oldest first
         self._tasks: set[asyncio.Task[Any]] = set()
         #: the services registered on every node (channels and topics, ...), by name
@@ -915,9 +915,7 @@ class Node:
         self._closed = False
         self.packets_dropped = 0
         self._event_queues: list[tuple[deque[PeerEvent | None], list[asyncio.Future[None]]]] = []
-        self._probe_budget = _PROBE_ANSWERS_PER_S
-        self._probe_refill = 0.0
-        self._probe_counts: dict[PacketPath, int] = {}
+        self._probes: ProbeBudget[PacketPath] = ProbeBudget(_PROBE_ANSWERS_PER_PATH, _PROBE_ANSWERS_PER_S)
 
     @property
     def node_id(self) -> str:
@@ -1202,74 +1200,38 @@ class Node:
     def packets_received(self, packets: list[bytes], path: PacketPath) -> None:
         if self._closed:
             return
-        by_cid = self._by_cid
-        current: _Session | None = None
-        batch: list[bytes] = []
-        for p in packets:
-            if p[:1] == b"\x00":
-                self._answer_probe(p, path)  # not QUIC: a path probe, or garbage
+        for kind, session, batch in self._router.route(packets):
+            if kind == "probe":
+                self._answer_probe(batch[0], path)
                 continue
-            if len(p) < 1 + _CID_LEN:
-                self.packets_dropped += 1
-                continue
-            first = p[0]
-            if first & 0x80:
-                n = p[5] if len(p) > 6 else 0
-                cid = p[6 : 6 + n]
-            else:
-                cid = p[1 : 1 + _CID_LEN]
-            session = by_cid.get(cid)
             if session is None:
-                session = self._accept_session(p, cid, path)
+                session = self._accept_session(batch[0], path)
                 if session is None:
                     self.packets_dropped += 1
                     continue
-            if session is not current:
-                if batch:
-                    current.packets_received(batch, path)  # type: ignore[union-attr]
-                current, batch = session, []
-            batch.append(p)
-        if batch:
-            current.packets_received(batch, path)  # type: ignore[union-attr]
+            session.packets_received(batch, path)
 
     def _answer_probe(self, packet: bytes, path: PacketPath) -> None:
-        """Answer a path probe on the path it came by: same size (nothing to
-        amplify), and no more than a budget per second across all paths."""
-        answer = answer_for(packet)
-        if answer is None:
+        """Answer a path probe on the path it came by (see ProbeBudget)."""
+        proven = path in self._router.by_path
+        answer = self._probes.answer(packet, path, proven, asyncio.get_running_loop().time())
+        if answer is None or not path.writable:
             self.packets_dropped += 1
             return
-        now = asyncio.get_running_loop().time()
-        if now >= self._probe_refill:
-            self._probe_refill = now + 1.0
-            self._probe_budget = _PROBE_ANSWERS_PER_S
-            self._probe_counts.clear()
-        # each path (one source address, one tcp dialer) gets a few answers a
-        # second of its own, so a flood from elsewhere cannot starve a peer's
-        # probes; paths no session has proven also share a budget
-        count = self._probe_counts.get(path, 0)
-        known = path in self._by_path
-        if count >= _PROBE_ANSWERS_PER_PATH or (not known and self._probe_budget <= 0) or not path.writable:
-            self.packets_dropped += 1
-            return
-        self._probe_counts[path] = count + 1
-        if not known:
-            self._probe_budget -= 1
         path.send_packets([answer])
 
+    def session_on(self, path: PacketPath) -> _Session | None:
+        """The listening session that answers on ``path``, if any."""
+        return self._router.by_path.get(path)
+
     def path_writable(self, path: PacketPath) -> None:
-        session = self._by_path.get(path)
+        session = self._router.by_path.get(path)
         if session is not None:
             session.path_writable(path)
 
-    def _accept_session(self, packet: bytes, cid: bytes, path: PacketPath) -> _Session | None:
-        # only a client's first Initial packet (QUIC v1, full-sized) opens a session
-        if (
-            packet[0] & 0xB0 != 0x80
-            or packet[1:5] != b"\x00\x00\x00\x01"
-            or len(packet) < 1200
-            or not 8 <= len(cid) <= 20
-        ):
+    def _accept_session(self, packet: bytes, path: PacketPath) -> _Session | None:
+        cid = destination_cid(packet)
+        if cid is None or not opens_session(packet, cid):
             return None
         if len(self._half_open) >= _MAX_HALF_OPEN:
             # evict the oldest session still authenticating rather than refuse
@@ -1289,7 +1251,7 @@ class Node:
         )
         self._sessions[session] = None
         self._half_open[session] = None
-        self._by_path.setdefault(path, session)
+        self._router.claim_path(session, path)
         self._add_cid(session, cid)
         self._add_cid(session, session.core.host_connection_id)
         # a forged Initial makes a session that never answers: drop it soon
@@ -1303,19 +1265,16 @@ class Node:
 
     def _add_cid(self, session: _Session, cid: bytes) -> None:
         if not session.dialed:
-            self._by_cid[cid] = session
+            self._router.add_cid(session, cid)
             session.cids.add(cid)
 
     def _remove_cid(self, session: _Session, cid: bytes) -> None:
-        if self._by_cid.get(cid) is session:
-            del self._by_cid[cid]
+        self._router.remove_cid(session, cid)
         session.cids.discard(cid)
 
     def _move_path(self, session: _Session, path: PacketPath) -> None:
-        if self._by_path.get(session.path) is session:
-            del self._by_path[session.path]
+        self._router.move_path(session, session.path, path)
         session.take_path(path)
-        self._by_path[path] = session
 
     def _on_authenticated(self, session: _Session) -> None:
         self._half_open.pop(session, None)
@@ -1415,8 +1374,4 @@ class Node:
     def _forget_session(self, session: _Session) -> None:
         self._sessions.pop(session, None)
         self._half_open.pop(session, None)
-        for cid in session.cids:
-            if self._by_cid.get(cid) is session:
-                del self._by_cid[cid]
-        if self._by_path.get(session.path) is session:
-            del self._by_path[session.path]
+        self._router.forget(session, session.cids, session.path)

@@ -554,6 +554,78 @@ async def test_malformed_frames_end_only_that_handle(memory_url):
         assert not peer.closed and peer.reconnects == 0  # the same session throughout
 
 
+_HELLO = {"kind": "channel", "name": "c", "dir": "both", "origin": "x", "next_seq": 1}
+
+
+async def _frames_until_end(stream, data=b""):
+    """Every frame the owner sends until it ends the stream."""
+    with pytest.raises(netchan.EndOfStream):
+        while True:
+            data += await asyncio.wait_for(stream.receive(), 5)
+    frames = []
+    while data:
+        n = int.from_bytes(data[:4], "big")
+        frames.append(msgspec.msgpack.decode(data[4 : 4 + n]))
+        data = data[4 + n :]
+    return frames
+
+
+async def _reply(stream):
+    """The owner's handshake reply (and what came with it)."""
+    data = b""
+    while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+        data += await asyncio.wait_for(stream.receive(), 5)
+    n = int.from_bytes(data[:4], "big")
+    return msgspec.msgpack.decode(data[4 : 4 + n]), data[4 + n :]
+
+
+@pytest.mark.parametrize("frame", [
+    [w.WANT, -1],  # a negative count
+    [w.DEMAND, 1 << 40],  # a count out of range
+    [w.ITEMS, 1, "not a list"],
+    [w.ITEMS, 1, [1, 2]],  # items are bytes
+    [w.ITEMS, -5, [b"x"]],
+    [w.DONE],  # a field missing
+    [w.GRANT, 1],  # an owner's frame, from a handle
+    [99, 1],  # no such kind
+    {"kind": "channel"},  # a map where a frame goes
+    "text",
+])
+async def test_a_frame_that_does_not_fit_its_type_ends_only_that_handle(memory_url, frame):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        chan = owner.channel("c", capacity=4)
+        good = await peer.channel("c")
+        stream = await peer.open_stream("netchan.channel")
+        await stream.send(w.encode_frame(_HELLO))
+        reply, rest = await _reply(stream)
+        assert reply["ok"] is True
+        await stream.send(w.encode_frame(frame))
+        frames = await _frames_until_end(stream, rest)
+        assert frames[-1][0] == w.FAIL  # told why, then ended
+        assert frames[-1][1] == netchan.RemoteProtocolError.code
+        await good.send("still fine")
+        assert await chan.recv() == "still fine"
+        assert not peer.closed and peer.reconnects == 0
+
+
+@pytest.mark.parametrize("change", [
+    {"name": "n" * 300},
+    {"dir": "sideways"},
+    {"next_seq": -1},
+    {"origin": "o" * 100},
+    {"name": None},
+    {"kind": 7},
+])
+async def test_a_hello_that_does_not_fit_is_refused_with_a_protocol_error(memory_url, change):
+    async with two_nodes(memory_url) as (owner, client, peer):
+        owner.channel("c", capacity=4)
+        stream = await peer.open_stream("netchan.channel")
+        await stream.send(w.encode_frame({**_HELLO, **change}))
+        reply = (await _frames_until_end(stream))[0]
+        assert reply["ok"] is False and reply["code"] == netchan.RemoteProtocolError.code
+        assert "handshake" in reply["reason"]
+
+
 async def test_a_malformed_item_from_a_sender_is_refused_before_it_enters(memory_url):
     async with two_nodes(memory_url) as (owner, client, peer):
         chan = owner.channel("c", capacity=4)
@@ -665,7 +737,7 @@ async def test_a_reopened_handle_sends_nothing_the_owner_already_had(memory_url)
         chan = owner.channel("c", capacity=10)
         h = await peer.channel("c")
         on_frame = h._on_frame
-        h._on_frame = lambda f: None if f[0] == w.ACCEPTED else on_frame(f)  # confirmations lost
+        h._on_frame = lambda f: None if isinstance(f, w.Accepted) else on_frame(f)  # confirmations lost
         for i in range(10):
             await h.send(i)  # the channel is now full
         await wait_for_condition(lambda: chan.statistics()["buffered"] == 10)
@@ -692,7 +764,7 @@ async def test_a_rendezvous_handle_reopens_after_its_item_was_lost_with_the_stre
         wire, send = h._wire, h._wire.send
 
         def lossy(frame):
-            if frame[0] == w.ITEMS:  # lost in flight, and the stream breaks
+            if isinstance(frame, w.Items):  # lost in flight, and the stream breaks
                 asyncio.get_running_loop().call_soon(wire.stream._on_error, netchan.BrokenError("cut"))
                 return
             send(frame)
@@ -710,7 +782,7 @@ async def test_a_failed_rendezvous_item_that_a_receiver_gives_back_leaves(memory
         sender = await peer.channel("r", direction="send")
         receiver = await peer.channel("r", direction="recv")
         on_frame = receiver._on_frame
-        receiver._on_frame = lambda f: None if f[0] == w.DELIVER else on_frame(f)  # holds it, untaken
+        receiver._on_frame = lambda f: None if isinstance(f, w.Deliver) else on_frame(f)  # holds it, untaken
         recv_task = asyncio.create_task(receiver.recv())
         await wait_for_condition(lambda: chan.statistics()["receivers_waiting"] == 1)
         send_task = asyncio.create_task(sender.send("x"))

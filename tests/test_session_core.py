@@ -15,8 +15,8 @@ from netchan.session.core import (
     StreamRefused,
     StreamRequested,
     Terminated,
-    _Frames,
 )
+from netchan.session.control import ControlFrames
 from netchan.tools.testing import SessionPair
 
 
@@ -373,7 +373,7 @@ def test_an_end_lost_alone_after_lost_bytes_still_arrives(engine, lost_bytes, pi
 
 def _control(pair, message):
     """The client sends ``message`` on stream 0, whatever its session thinks of it."""
-    pair.client._quic.send_stream_data(0, _Frames.encode(message))
+    pair.client._quic.send_stream_data(0, ControlFrames.encode(message))
     pair.run()
 
 
@@ -420,3 +420,34 @@ def test_an_announced_end_waits_for_the_bytes_before_it(engine):
     pair.run()
     got = [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
     assert b"".join(e.data for e in got) == b"abcdef" and got[-1].end
+
+
+@pytest.mark.parametrize("message", [
+    {"t": "credit", "s": 4, "l": "many"},
+    {"t": "credit", "s": -4, "l": 10},
+    {"t": "nonsense"},
+    {"no": "tag"},
+    {"t": "hello", "v": 1, "key": b"k" * 32},  # authentication is over
+    [1, 2, 3],
+])
+def test_a_control_message_that_does_not_fit_is_a_protocol_error(engine, message):
+    pair = established(engine)
+    open_accepted(pair)
+    _control(pair, message)
+    _protocol_error(pair)
+
+
+@pytest.mark.parametrize("message", [
+    {"t": "hello", "v": 2, "key": b"k" * 32},
+    {"t": "hello", "v": 1, "key": b"short"},
+    {"t": "proof", "sig": b"s" * 64},  # before any challenge
+    {"t": "hello", "v": 1},
+])
+def test_a_bad_authentication_message_ends_the_handshake(engine, message):
+    """A raw client that sends ``message`` first on stream 0 is refused with a
+    protocol error, and the server never reports it authenticated."""
+    pair = SessionPair.create(engine)
+    pair.client._quic.send_stream_data(0, ControlFrames.encode(message))  # before the client's hello
+    pair.run()
+    assert not events_of(pair.server_events, Authenticated)
+    _protocol_error(pair)

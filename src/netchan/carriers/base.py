@@ -116,6 +116,9 @@ class PacketPath(abc.ABC):
     def close(self) -> None:
         """Stop using this path (a listener's reply paths ignore this)."""
 
+    async def wait_closed(self) -> None:
+        """Until a closed path has let go of what it held (sockets, tasks)."""
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
 

@@ -418,6 +418,9 @@ class _TcpDialPath(PacketPath):
         if self.conn is not None and self.conn.transport is not None:
             self.conn.transport.abort()
 
+    async def wait_closed(self) -> None:
+        await asyncio.wait([self._task])  # the dialer has stopped (its connection with it)
+
 
 class TcpCarrier(Carrier):
     scheme = "tcp"

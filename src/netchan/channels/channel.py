@@ -798,20 +798,19 @@ class LocalChannel(Channel):
 
     # -- remote handles -------------------------------------------------------------
 
-    async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
+    async def _serve(self, wire: w.Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
         ep = _Endpoint(self, wire, directions)
         core = self.core
         accepted = 0
         if "send" in directions:
             # origins are per authenticated peer: no node can speak for another's items
-            origin = f"{peer.node_id[:16]}.{hello.get('origin') or ep.origin}"
-            accepted = core.attach_sender(ep, origin, hello.get("next_seq") or 1)
+            origin = f"{peer.node_id[:16]}.{hello.origin or ep.origin}"
+            accepted = core.attach_sender(ep, origin, hello.next_seq or 1)
         self._endpoints.add(ep)
         # ``accepted``: this sender's items up to there arrived before (a handle
         # that reopens drops those copies instead of sending them again)
-        wire.send({"ok": True, "dir": sorted(directions), "capacity": self.capacity,
-                   "codec": self.codec.name, "schema": self.codec.schema,
-                   "max_message": self.codec.max_message, "accepted": accepted})
+        wire.send(w.Reply(ok=True, dir=sorted(directions), capacity=self.capacity, codec=self.codec.name,
+                          schema=self.codec.schema, max_message=self.codec.max_message, accepted=accepted))
         self._pump()
         ended: asyncio.Future[NetchanError] = asyncio.get_running_loop().create_future()
 
@@ -842,7 +841,7 @@ class LocalChannel(Channel):
             self._pump()
         if isinstance(error, ProtocolError):
             log.warning("channel %r: handle from %s broke the protocol: %s", self.name, peer.node_id, error)
-            wire.send([w.FAIL, error.code, str(error)])
+            wire.send(w.Fail(error.code, str(error)))
             wire.finish()
 
 
@@ -881,13 +880,13 @@ class _Endpoint:
         ready = self._ready
         if ready != self._told and not self.wire.closing:
             self._told = ready
-            self.wire.send([w.READY, ready[0], ready[1]])
+            self.wire.send(w.Ready(ready[0], ready[1]))
 
     # owner -> handle
     def on_event(self, ev: Any) -> None:
         match ev:
             case Deliver():
-                self.wire.send([w.DELIVER, ev.dseq, ev.item.id, ev.item.data])
+                self.wire.send(w.Deliver(ev.dseq, ev.item.id, ev.item.data))
             case Grant():
                 self._grant += ev.n
                 self._schedule()
@@ -895,7 +894,7 @@ class _Endpoint:
                 if self.chan.capacity == 0:
                     # a rendezvous sender waits for exactly this item (takers
                     # may take a sender's items out of order): not cumulative
-                    self.wire.send([w.ACCEPTED, ev.seq])
+                    self.wire.send(w.Accepted(ev.seq))
                     return
                 self._ack = max(self._ack, ev.seq)
                 if self._ack - self._ack_sent >= _ACK_EVERY:
@@ -905,14 +904,14 @@ class _Endpoint:
                     self._ack_timer = asyncio.get_running_loop().call_later(_ACK_DELAY, self._flush)
             case Reclaim():
                 self._flush()  # grants first, so the handle can give them back
-                self.wire.send([w.RECLAIM])
+                self.wire.send(w.Reclaim())
             case Closed():
                 self._flush()
-                self.wire.send([w.CLOSED])
+                self.wire.send(w.Closed())
             case End():
-                self.wire.send([w.END])
+                self.wire.send(w.End())
             case Withdrawn():
-                self.wire.send([w.WITHDRAWN, ev.seq])
+                self.wire.send(w.Withdrawn(ev.seq))
 
     def _schedule(self) -> None:
         if not self._flush_scheduled:
@@ -925,29 +924,26 @@ class _Endpoint:
             self._ack_timer.cancel()
             self._ack_timer = None
         if self._ack > self._ack_sent:
-            self.wire.send([w.ACCEPTED, self._ack])
+            self.wire.send(w.Accepted(self._ack))
             self._ack_sent = self._ack
         if self._grant:
-            self.wire.send([w.GRANT, self._grant])
+            self.wire.send(w.Grant(self._grant))
             self._grant = 0
 
     # handle -> owner
-    def on_frame(self, frame: Any) -> None:
-        kind, f = w.check_frame(frame)
+    def on_frame(self, frame: w.Frame) -> None:
         core = self.chan.core
-        try:
-            if kind in _SEND_FRAMES and not self.can_send:
-                raise RemoteProtocolError("this handle may not send")
-            if kind in _RECV_FRAMES and not self.can_recv:
-                raise RemoteProtocolError("this handle may not receive")
-            if kind == w.ITEMS:
-                first_seq, datas = f[1], f[2]
+        kind = type(frame)
+        if kind in _SEND_FRAMES and not self.can_send:
+            raise RemoteProtocolError("this handle may not send")
+        if kind in _RECV_FRAMES and not self.can_recv:
+            raise RemoteProtocolError("this handle may not receive")
+        match frame:
+            case w.Items(seq=first_seq, items=datas):
                 codec = self.chan.codec
-                origin = core._senders[self].origin
-                if not isinstance(datas, list) or not isinstance(first_seq, int):
-                    raise RemoteProtocolError("malformed items frame")
-                if set(map(type, datas)) - {bytes} or max(map(len, datas), default=0) > codec.max_message:
-                    raise RemoteProtocolError("an item is not bytes, or over the size limit")
+                origin = core.origin_of(self)
+                if max(map(len, datas), default=0) > codec.max_message:
+                    raise RemoteProtocolError("an item is over the size limit")
                 seqs = range(first_seq, first_seq + len(datas))
                 if codec.name == "raw":
                     items = [Item(origin, seq, d, d) for seq, d in zip(seqs, datas)]
@@ -956,32 +952,30 @@ class _Endpoint:
                     decode = codec.decode
                     items = [Item(origin, seq, d, decode(d)) for seq, d in zip(seqs, datas)]
                 core.items(self, first_seq, items)
-            elif kind == w.DEMAND:
-                core.demand(self, w.count(f[1]))
-            elif kind == w.DONE:
-                core.done(self, f[1])
-            elif kind == w.TAKEN:
-                core.taken(self, f[1])
-            elif kind == w.REQUEUE:
-                core.requeue(self, f[1])
-            elif kind == w.CANCEL:
-                core.cancel_demand(self, w.count(f[1]))
-            elif kind == w.WANT:
-                core.want(self, w.count(f[1]))
-            elif kind == w.RELEASE:
-                core.release(self, w.count(f[1]))
-            elif kind == w.WITHDRAW:
-                self.chan._withdraw(self, f[1])
-            elif kind == w.CLOSE:
+            case w.Demand(n=n):
+                core.demand(self, n)
+            case w.Done(dseq=dseq):
+                core.done(self, dseq)
+            case w.Taken(dseq=dseq):
+                core.taken(self, dseq)
+            case w.Requeue(dseq=dseq):
+                core.requeue(self, dseq)
+            case w.Cancel(n=n):
+                core.cancel_demand(self, n)
+            case w.Want(n=n):
+                core.want(self, n)
+            case w.Release(n=n):
+                core.release(self, n)
+            case w.Withdraw(seq=seq):
+                self.chan._withdraw(self, seq)
+            case w.Close():
                 core.close()
-                self.wire.send([w.CLOSED])
-            elif kind == w.WATCH:
+                self.wire.send(w.Closed())
+            case w.Watch():
                 self.chan._watchers.add(self)
                 self.tell_readiness(self.chan._readiness(), now=True)
-            else:
-                raise RemoteProtocolError(f"unknown frame kind {kind}")
-        except (IndexError, TypeError, KeyError, ValueError) as exc:
-            raise RemoteProtocolError(f"malformed frame {kind}: {exc}") from None
+            case _:
+                raise RemoteProtocolError(f"unexpected frame {kind.__name__} from a channel handle")
 
 
 #: a sender's items are acknowledged every this many, or after this delay
@@ -990,8 +984,8 @@ _ACK_DELAY = 0.005
 #: watching handles hear of readiness changes at most this often
 _READY_EVERY = 0.002
 
-_SEND_FRAMES = frozenset({w.WANT, w.ITEMS, w.RELEASE, w.CLOSE, w.WITHDRAW})
-_RECV_FRAMES = frozenset({w.DEMAND, w.CANCEL, w.TAKEN, w.DONE, w.REQUEUE})
+_SEND_FRAMES: frozenset[type[w.Frame]] = frozenset({w.Want, w.Items, w.Release, w.Close, w.Withdraw})
+_RECV_FRAMES: frozenset[type[w.Frame]] = frozenset({w.Demand, w.Cancel, w.Taken, w.Done, w.Requeue})
 
 
 # -- a handle to a channel owned elsewhere -------------------------------------------
@@ -1024,7 +1018,7 @@ class RemoteChannel(Channel):
         self._hub = hub
         self.owner = owner
         self.name = name
-        self.direction = direction
+        self.direction: w.Direction = direction  # type: ignore[assignment]  # checked just above
         self._codec_name = codec
         self._codec = make_codec(codec, type, hub.resolve, max_message)
         self._max_message = max_message  # ours; items we send obey the owner's too
@@ -1101,7 +1095,7 @@ class RemoteChannel(Channel):
         if self._error is not None:
             raise self._error.with_traceback(None)
         if self._opening is None:
-            self._opening = asyncio.ensure_future(self._open())
+            self._opening = self._hub.node.spawn(self._open(), f"open channel handle {self.name}")
         task = self._opening
         try:
             await asyncio.shield(task)
@@ -1160,7 +1154,8 @@ class RemoteChannel(Channel):
     def _open_soon(self, resume: bool = False) -> None:
         """Open (or, after a redial, resume) in the background; errors reach the next caller."""
         if self._wire is None and self._error is None and self._opening is None:
-            self._opening = asyncio.ensure_future(self._resume() if resume else self._open())
+            self._opening = self._hub.node.spawn(self._resume() if resume else self._open(),
+                                                 f"reopen channel handle {self.name}")
             self._opening.add_done_callback(self._opened_in_background)
 
     def _opened_in_background(self, task: asyncio.Task[None]) -> None:
@@ -1173,15 +1168,15 @@ class RemoteChannel(Channel):
         peer = await self._hub.peer_for(self.owner, self._addresses, self._peer)
         self._peer = peer
         first_seq = self._unacked[0][0] if self._unacked else self._next_seq
-        hello = {
-            "kind": "channel",
-            "name": self.name,
-            "dir": self.direction,
-            "codec": self._codec.name if self._explicit_codec else None,
-            "schema": self._codec.schema,
-            "origin": self._origin,
-            "next_seq": first_seq,
-        }
+        hello = w.Hello(
+            kind="channel",
+            name=self.name,
+            dir=self.direction,
+            codec=self._codec.name if self._explicit_codec else None,
+            schema=self._codec.schema,
+            origin=self._origin,
+            next_seq=first_seq,
+        )
         try:
             wire, reply = await w.open_handle(peer, SERVICE, hello, w.max_frame(self._codec.max_message),
                                               w.HANDSHAKE_TIMEOUT)
@@ -1192,21 +1187,17 @@ class RemoteChannel(Channel):
         if self._error is not None:  # closed while it opened
             wire.abort()
             raise self._error.with_traceback(None)
-        try:
-            self.capacity = int(reply["capacity"])
-            directions = set(reply["dir"])
-        except (KeyError, TypeError, ValueError):
-            await wire.aclose()
-            raise RemoteProtocolError("malformed channel handshake reply") from None
+        self.capacity = reply.capacity
+        directions = set(reply.dir)
         for d in ("send", "recv"):
             if d not in directions and self.direction in ("both", d):
                 self._refused.add(d)  # the owner's policy, not this handle's direction
         self._can_send = self._can_send and "send" in directions
         self._can_recv = self._can_recv and "recv" in directions
-        if self._codec.name != reply.get("codec") and not self._explicit_codec:
-            self._codec = make_codec(reply.get("codec"), None, self._hub.resolve, self._max_message)
-        limit = reply.get("max_message")
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        if self._codec.name != reply.codec and not self._explicit_codec:
+            self._codec = make_codec(reply.codec, None, self._hub.resolve, self._max_message)
+        limit = reply.max_message
+        if limit is not None:
             # an item the owner would refuse fails here, at send, with MessageTooLarge
             self._codec.max_message = min(self._max_message, limit)
         self._wire = wire
@@ -1215,9 +1206,9 @@ class RemoteChannel(Channel):
         self._credit = 0
         self._hint = (False, False)
         if self._watching:
-            wire.send([w.WATCH])
-        accepted = reply.get("accepted")
-        if isinstance(accepted, int) and not isinstance(accepted, bool):
+            wire.send(w.Watch())
+        accepted = reply.accepted
+        if accepted is not None:
             if self.capacity != 0:
                 while self._unacked and self._unacked[0][0] <= accepted:
                     self._unacked.popleft()  # it arrived; only its confirmation was lost
@@ -1231,7 +1222,7 @@ class RemoteChannel(Channel):
         if self._resend or self._blocked:
             self._want()
         if self._recv_ops:
-            self._emit([w.DEMAND, len(self._recv_ops)])  # receives that waited for the new stream
+            self._emit(w.Demand(len(self._recv_ops)))  # receives that waited for the new stream
 
     def _on_frames(self, frames: list[Any]) -> None:
         for frame in frames:
@@ -1285,16 +1276,14 @@ class RemoteChannel(Channel):
 
     # -- frames from the owner ------------------------------------------------------
 
-    def _on_frame(self, frame: Any) -> None:
-        kind, f = w.check_frame(frame)
-        try:
-            if kind == w.DELIVER:
-                self._on_deliver(f[1], f[2], f[3])
-            elif kind == w.GRANT:
-                self._credit += w.count(f[1])
+    def _on_frame(self, frame: w.Frame) -> None:
+        match frame:
+            case w.Deliver(dseq=dseq, id=item_id, data=data):
+                self._on_deliver(dseq, item_id, data)
+            case w.Grant(n=n):
+                self._credit += n
                 self._use_credit()
-            elif kind == w.ACCEPTED:
-                upto = f[1]
+            case w.Accepted(seq=upto):
                 unacked = self._unacked
                 if self.capacity == 0:  # exactly this item (see _Endpoint.on_event)
                     op = self._rendezvous.pop(upto, None)
@@ -1313,19 +1302,19 @@ class RemoteChannel(Channel):
                             unacked.popleft()
                 if self._close_waiters:
                     w.wake_all(self._close_waiters)
-            elif kind == w.READY:
-                self._hint = (bool(f[1]), bool(f[2]))
-            elif kind == w.WITHDRAWN:
-                op = self._rendezvous.pop(f[1], None)
+            case w.Ready(items_waiting=items, receivers_waiting=receivers):
+                self._hint = (items, receivers)
+            case w.Withdrawn(seq=seq):
+                op = self._rendezvous.pop(seq, None)
                 if op is not None and op.state == _WITHDRAWING:
                     op.finish(error=asyncio.CancelledError())
-            elif kind == w.RECLAIM:
-                self._emit([w.RELEASE, self._credit])  # even 0: the owner waits for an answer
+            case w.Reclaim():
+                self._emit(w.Release(self._credit))  # even 0: the owner waits for an answer
                 self._credit = 0
                 self._desire_sent = 0
                 if self._blocked or self._resend:
                     self._want()
-            elif kind == w.CLOSED:
+            case w.Closed():
                 self._closed = True
                 for op in self._blocked:
                     if op.state == _WAITING and op.claim():
@@ -1338,23 +1327,21 @@ class RemoteChannel(Channel):
                     self._resend.clear()
                     self._undelivered += len(lost)
                 if self._credit:
-                    self._emit([w.RELEASE, self._credit])
+                    self._emit(w.Release(self._credit))
                     self._credit = 0
                 w.wake_all(self._close_waiters)
                 self._maybe_release()
-            elif kind == w.END:
+            case w.End():
                 self._ended = True
                 for op in self._recv_ops:
                     if op.state == _WAITING and op.claim():
                         op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
                 self._recv_ops.clear()
                 self._maybe_release()
-            elif kind == w.FAIL:
-                raise error_from_code(int(f[1]), str(f[2]))
-            else:
-                raise RemoteProtocolError(f"unknown frame kind {kind}")
-        except (IndexError, TypeError, ValueError) as exc:
-            raise RemoteProtocolError(f"malformed frame {kind}: {exc}") from None
+            case w.Fail(code=code, reason=reason):
+                raise error_from_code(code, reason)
+            case _:
+                raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a channel owner")
 
     def _maybe_release(self) -> None:
         """A handle made from a reference lets go of its stream once the channel
@@ -1382,7 +1369,7 @@ class RemoteChannel(Channel):
             if op.claim(defer=True):
                 break
         else:
-            self._emit([w.REQUEUE, dseq])  # its receive was cancelled meanwhile
+            self._emit(w.Requeue(dseq))  # its receive was cancelled meanwhile
             return
         op.dseq = dseq
         op.wgen = self._wgen
@@ -1390,7 +1377,7 @@ class RemoteChannel(Channel):
         try:
             value = self._codec.decode(data)
         except NetchanError as exc:
-            self._emit([w.DONE, dseq])  # a bad item is not retried forever
+            self._emit(w.Done(dseq))  # a bad item is not retried forever
             op.dseq = 0
             op.finish(error=exc)
             return
@@ -1399,7 +1386,7 @@ class RemoteChannel(Channel):
     def _use_credit(self) -> None:
         if self._closed and not self._resend:
             if self._credit:
-                self._emit([w.RELEASE, self._credit])
+                self._emit(w.Release(self._credit))
                 self._credit = 0
             return
         while self._credit and self._resend:
@@ -1434,7 +1421,7 @@ class RemoteChannel(Channel):
             # rest of the turn is batched into one frame (throughput)
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_batch)
-            self._wire.send([w.ITEMS, seq, [data]])
+            self._wire.send(w.Items(seq, [data]))
             self._wire.stream.transmit_now()
             return
         if not self._batch:
@@ -1471,13 +1458,13 @@ class RemoteChannel(Channel):
         scheduled, self._flush_scheduled = self._flush_scheduled, False
         wire = self._wire
         if self._batch and wire is not None:
-            wire.send([w.ITEMS, self._batch_seq, self._batch])
+            wire.send(w.Items(self._batch_seq, self._batch))
             if scheduled:
                 wire.stream.transmit_now()  # this turn already batched: no need to wait a turn more
         self._batch = []
         self._batch_bytes = 0
 
-    def _emit(self, frame: list[Any]) -> None:
+    def _emit(self, frame: w.Frame) -> None:
         if self._batch:
             self._flush_batch()
         if self._wire is not None:
@@ -1489,7 +1476,7 @@ class RemoteChannel(Channel):
             desire += min(self.capacity, PREFETCH)
         if desire != self._desire_sent:
             self._desire_sent = desire
-            self._emit([w.WANT, desire])
+            self._emit(w.Want(desire))
 
     # -- ops ------------------------------------------------------------------------
 
@@ -1499,7 +1486,7 @@ class RemoteChannel(Channel):
         if not self._watching:
             self._watching = True
             if self._wire is not None:
-                self._emit([w.WATCH])
+                self._emit(w.Watch())
 
     def _ready_now(self, sending: bool) -> bool:
         self.watch()
@@ -1544,18 +1531,18 @@ class RemoteChannel(Channel):
                 op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
             return op
         self._recv_ops.append(op)
-        self._emit([w.DEMAND, 1])
+        self._emit(w.Demand(1))
         return op
 
     def _cancel(self, op: _Op) -> None:
         state = op.state
         op.state = _CANCELLED
         if op.dseq:
-            self._settle_frame(op, w.REQUEUE)  # delivered, never reached the application
+            self._settle_frame(op, w.Requeue)  # delivered, never reached the application
         elif state == _WAITING:
             if op in self._recv_ops:
                 self._recv_ops.remove(op)
-                self._emit([w.CANCEL, 1])
+                self._emit(w.Cancel(1))
             elif op in self._blocked:
                 self._blocked.remove(op)
                 if self.capacity == 0:
@@ -1568,25 +1555,25 @@ class RemoteChannel(Channel):
                 if entry[0] == op.seq:
                     self._unacked.remove(entry)
                     break
-            self._emit([w.WITHDRAW, op.seq])
+            self._emit(w.Withdraw(op.seq))
 
     def _consumed(self, op: _Op) -> None:
         if op.dseq and not op.process:
-            self._settle_frame(op, w.DONE)
+            self._settle_frame(op, w.Done)
 
     def _entered(self, op: _Op) -> None:
         if op.dseq and op.wgen == self._wgen:
-            self._emit([w.TAKEN, op.dseq])
+            self._emit(w.Taken(op.dseq))
 
     def _settle(self, op: _Op, ok: bool) -> None:
         if op.dseq:
-            self._settle_frame(op, w.DONE if ok else w.REQUEUE)
+            self._settle_frame(op, w.Done if ok else w.Requeue)
 
-    def _settle_frame(self, op: _Op, kind: int) -> None:
+    def _settle_frame(self, op: _Op, kind: type[w.Done] | type[w.Requeue]) -> None:
         # a delivery belongs to the stream it came on: if that one is gone, so
         # is the owner's record of it (the owner put it back when it lost us)
         if op.wgen == self._wgen:
-            self._emit([kind, op.dseq])
+            self._emit(kind(op.dseq))
         op.dseq = 0
 
     async def send_many(self, values: Iterable[Any]) -> None:
@@ -1637,7 +1624,7 @@ class RemoteChannel(Channel):
             self._recv_ops.append(op)
             ops.append(op)
         if max_items > 1:
-            self._emit([w.DEMAND, max_items - 1])
+            self._emit(w.Demand(max_items - 1))
         try:
             value = (await self._complete(first))[1]
         except BaseException:
@@ -1664,7 +1651,7 @@ class RemoteChannel(Channel):
             for op in waiting:
                 op.state = _CANCELLED
             self._recv_ops = deque(op for op in self._recv_ops if id(op) not in gone)
-            self._emit([w.CANCEL, len(waiting)])
+            self._emit(w.Cancel(len(waiting)))
 
     async def flush(self) -> None:
         """Until the owner has accepted every item sent so far (BrokenError if the handle broke)."""
@@ -1687,12 +1674,12 @@ class RemoteChannel(Channel):
         await self._ready()
         if self._closed:
             return
-        self._emit([w.CLOSE])
+        self._emit(w.Close())
         while not self._closed:
             if self._wire is None:
                 if self._resuming_now():
                     await self._ready()
-                    self._emit([w.CLOSE])  # again, on the new stream
+                    self._emit(w.Close())  # again, on the new stream
                     continue
                 raise BrokenError(f"channel {self.name!r}: lost before the close was confirmed")
             fut = asyncio.get_running_loop().create_future()
@@ -1952,15 +1939,15 @@ class ChannelHub:
         wire = w.Wire(stream, w.max_frame(DEFAULT_MAX_MESSAGE))
         wire.start()
         try:
-            hello = _check_hello(await w.read_one(wire, w.HANDSHAKE_TIMEOUT))
-            obj = self._owned.get(hello["name"])
-            kind = hello.get("kind")
+            hello = w.handshake(await w.read_one(wire, w.HANDSHAKE_TIMEOUT), w.Hello)
+            obj = self._owned.get(hello.name)
+            kind = hello.kind
             try:
                 if obj is None or obj.kind != kind:
-                    raise ServiceNotFound(f"node {self.node.node_id} has no {kind} {hello['name']!r}")
+                    raise ServiceNotFound(f"node {self.node.node_id} has no {kind} {hello.name!r}")
                 directions = _admit(obj, peer.node_id, hello)
             except (ServiceNotFound, NotAllowed, SchemaMismatch) as exc:
-                wire.send({"ok": False, "code": exc.code, "reason": str(exc)})
+                wire.send(w.Reply(ok=False, code=exc.code, reason=str(exc)))
                 wire.finish()
                 await asyncio.sleep(0)
                 await stream.receive(1)  # until the handle goes (or the node closes)
@@ -1971,7 +1958,7 @@ class ChannelHub:
             pass
         except ProtocolError as exc:
             log.warning("channel service: %s from %s", exc, peer.node_id)
-            wire.send({"ok": False, "code": exc.code, "reason": str(exc)})
+            wire.send(w.Reply(ok=False, code=exc.code, reason=str(exc)))
             wire.finish()
         finally:
             await wire.aclose()
@@ -1991,43 +1978,10 @@ class ChannelHub:
         return errors
 
 
-_HELLO_TYPES: dict[str, tuple[type, ...]] = {
-    "kind": (str,),
-    "name": (str,),
-    "dir": (str,),
-    "codec": (str, type(None)),
-    "schema": (str, type(None)),
-    "origin": (str, type(None)),
-    "next_seq": (int, type(None)),
-    "window": (int, type(None)),
-    "buffer": (int, type(None)),
-}
-
-
-def _check_hello(hello: Any) -> dict[str, Any]:
-    """The handshake map, checked field by field (RemoteProtocolError otherwise)."""
-    if not isinstance(hello, dict):
-        raise RemoteProtocolError("malformed channel handshake")
-    for key, types in _HELLO_TYPES.items():
-        value = hello.get(key)
-        if key in ("kind", "name", "dir") and value is None:
-            raise RemoteProtocolError(f"channel handshake without {key}")
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise RemoteProtocolError(f"channel handshake: bad {key}")
-    if hello["dir"] not in ("both", "send", "recv"):
-        raise RemoteProtocolError("channel handshake: bad dir")
-    if len(hello["name"]) > 256 or len(hello.get("origin") or "") > 64:
-        raise RemoteProtocolError("channel handshake: name or origin too long")
-    for key in ("next_seq", "window", "buffer"):
-        if hello.get(key) is not None and not 0 <= hello[key] < 1 << 53:
-            raise RemoteProtocolError(f"channel handshake: bad {key}")
-    return hello
-
-
-def _admit(chan: Any, node_id: str, hello: dict[str, Any]) -> set[str]:
+def _admit(chan: Any, node_id: str, hello: w.Hello) -> set[str]:
     """Which directions ``node_id`` may use; NotAllowed / SchemaMismatch otherwise."""
-    asked = hello.get("dir", "both")
-    wanted = {"send", "recv"} if asked == "both" else {asked}
+    asked = hello.dir
+    wanted: set[str] = {"send", "recv"} if asked == "both" else {asked}
     allowed = set()
     if chan.allow_send is None or node_id in chan.allow_send:
         allowed.add("send")
@@ -2037,12 +1991,12 @@ def _admit(chan: Any, node_id: str, hello: dict[str, Any]) -> set[str]:
     if not granted or (asked != "both" and granted != wanted):
         raise NotAllowed(f"node {node_id} may not {'use' if asked == 'both' else asked} {chan.kind} {chan.name!r}")
     codec = chan.codec
-    if hello.get("schema") != codec.schema and (hello.get("schema") is not None or codec.schema is not None):
-        if codec.schema is not None and hello.get("schema") is None:
+    if hello.schema != codec.schema and (hello.schema is not None or codec.schema is not None):
+        if codec.schema is not None and hello.schema is None:
             raise SchemaMismatch(f"{chan.kind} {chan.name!r} carries typed items: open it with type=...")
         raise SchemaMismatch(f"{chan.kind} {chan.name!r}: the item type differs from the owner's")
-    if hello.get("codec") not in (None, codec.name):
-        raise SchemaMismatch(f"{chan.kind} {chan.name!r} uses the {codec.name} codec, not {hello.get('codec')}")
+    if hello.codec not in (None, codec.name):
+        raise SchemaMismatch(f"{chan.kind} {chan.name!r} uses the {codec.name} codec, not {hello.codec}")
     return granted
 
 

@@ -205,6 +205,10 @@ class ChannelCore:
 
     # -- senders --------------------------------------------------------------------
 
+    def origin_of(self, handle: Hashable) -> str:
+        """The origin under which ``handle``'s items enter (see attach_sender)."""
+        return self._senders[handle].origin
+
     def attach_sender(self, ep: Endpoint, origin: str, next_seq: int = 1) -> int:
         """Register a sender whose items carry ids ``origin:seq``, seq from ``next_seq``.
 

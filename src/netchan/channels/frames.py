@@ -10,7 +10,7 @@ disturbs the session or any other channel.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, TypeVar, Union
 
 import msgspec
 
@@ -30,15 +30,196 @@ if TYPE_CHECKING:
 #: refusals that will not change if the handle asks again
 REFUSALS = (NotAllowed, SchemaMismatch, ServiceNotFound)
 
-__all__ = ["Wire"]
+__all__ = ["Wire", "Frame", "Hello", "Reply", "handshake", "encode_frame", "open_handle", "read_one"]
 
+H = TypeVar("H", bound=msgspec.Struct)
+
+# frame kinds (the first element of each frame)
 # handle -> owner
 WANT, ITEMS, RELEASE, DEMAND, CANCEL, TAKEN, DONE, REQUEUE, CLOSE, WITHDRAW, PUBLISH, WATCH = range(1, 13)
 # owner -> handle
 GRANT, ACCEPTED, DELIVER, RECLAIM, CLOSED, END, FAIL, WITHDRAWN, READY = range(20, 29)
 
+#: which way a handle uses a channel or topic
+Direction = Literal["both", "send", "recv"]
+#: a count in a frame: items, credit, demand
+Count = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
+#: a sequence number (of an item from one sender, or of a delivery)
+Seq = Annotated[int, msgspec.Meta(ge=0, lt=1 << 53)]
+
+
+class Frame(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One frame after the handshake: a MessagePack array whose first element
+    is the kind, checked field by field when it is decoded."""
+
+
+class Want(Frame, tag=WANT):
+    """Handle: keep this much send credit with me (sends waiting, plus prefetch)."""
+
+    n: Count
+
+
+class Items(Frame, tag=ITEMS):
+    """Handle: items numbered from ``seq`` on (one per credit)."""
+
+    seq: Seq
+    items: list[bytes]
+
+
+class Release(Frame, tag=RELEASE):
+    """Handle: credit given back (answer to Reclaim, or after a close)."""
+
+    n: Count
+
+
+class Demand(Frame, tag=DEMAND):
+    """Handle: ``n`` more receives wait here."""
+
+    n: Count
+
+
+class Cancel(Frame, tag=CANCEL):
+    """Handle: ``n`` receives that waited were cancelled."""
+
+    n: Count
+
+
+class Taken(Frame, tag=TAKEN):
+    """Handle: the delivery entered a ``process()`` block."""
+
+    dseq: Seq
+
+
+class Done(Frame, tag=DONE):
+    """Handle: the delivery is consumed for good."""
+
+    dseq: Seq
+
+
+class Requeue(Frame, tag=REQUEUE):
+    """Handle: put the delivery back (its receive was cancelled, or processing failed)."""
+
+    dseq: Seq
+
+
+class Close(Frame, tag=CLOSE):
+    """Handle: close the channel (after the items sent before)."""
+
+
+class Withdraw(Frame, tag=WITHDRAW):
+    """Handle: a cancelled rendezvous send wants its item back."""
+
+    seq: Seq
+
+
+class Publish(Frame, tag=PUBLISH):
+    """Topic handle: one publication."""
+
+    seq: Seq
+    data: bytes
+
+
+class Watch(Frame, tag=WATCH):
+    """Handle: tell me when the channel's readiness changes (for select)."""
+
+
+class Grant(Frame, tag=GRANT):
+    """Owner: ``n`` more items may be sent."""
+
+    n: Count
+
+
+class Accepted(Frame, tag=ACCEPTED):
+    """Owner: items up to ``seq`` arrived (exactly that one, on a rendezvous channel)."""
+
+    seq: Seq
+
+
+class Deliver(Frame, tag=DELIVER):
+    """Owner: an item for a waiting receive."""
+
+    dseq: Seq
+    id: str
+    data: bytes
+
+
+class Reclaim(Frame, tag=RECLAIM):
+    """Owner: give back the credit you hold (another sender starves)."""
+
+
+class Closed(Frame, tag=CLOSED):
+    """Owner: the channel is closed (a topic names the publication it refused)."""
+
+    seq: Seq | None = None
+
+
+class End(Frame, tag=END):
+    """Owner: closed and drained: no more items for receivers."""
+
+
+class Fail(Frame, tag=FAIL):
+    """Owner: the handle broke the protocol, or the topic dropped it."""
+
+    code: int
+    reason: str
+
+
+class Withdrawn(Frame, tag=WITHDRAWN):
+    """Owner: the withdrawn item was removed (nobody had taken it)."""
+
+    seq: Seq
+
+
+class Ready(Frame, tag=READY):
+    """Owner: (an item waits for a receiver, a receiver waits for an item)."""
+
+    items_waiting: bool
+    receivers_waiting: bool
+
+
+AnyFrame = Union[Want, Items, Release, Demand, Cancel, Taken, Done, Requeue, Close, Withdraw, Publish,
+                 Watch, Grant, Accepted, Deliver, Reclaim, Closed, End, Fail, Withdrawn, Ready]
+
+
+class Hello(msgspec.Struct):
+    """A handle's first message: what it opens, and how."""
+
+    kind: str
+    name: Annotated[str, msgspec.Meta(max_length=256)]
+    dir: Direction = "both"
+    codec: str | None = None
+    schema: str | None = None
+    origin: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    next_seq: Seq | None = None
+    window: Count | None = None
+    buffer: Count | None = None
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    """The owner's answer to a hello: admitted, or the refusal's code and reason."""
+
+    ok: bool
+    code: int = 0
+    reason: str = ""
+    dir: list[str] = []
+    capacity: int = -1
+    codec: str | None = None
+    schema: str | None = None
+    max_message: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    accepted: Seq | None = None
+
+
+def handshake(obj: Any, type_: type[H]) -> H:
+    """``obj`` (a decoded hello or reply) as ``type_``; RemoteProtocolError if it does not fit."""
+    try:
+        return msgspec.convert(obj, type_)
+    except msgspec.ValidationError as exc:
+        raise RemoteProtocolError(f"malformed channel handshake: {exc}") from None
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder()
+_decoder = msgspec.msgpack.Decoder()  # the handshake: checked by handshake() afterwards
+_frame_decoder = msgspec.msgpack.Decoder(AnyFrame)
 
 
 #: how long a handle waits for the owner's answer to its hello
@@ -52,13 +233,6 @@ def max_frame(max_message: int) -> int:
     return max(max_message, BATCH_BYTES) * 2 + 4096
 
 
-def count(n: Any) -> int:
-    """``n`` if it is a valid count in a frame (0 to 2**32 - 1), else RemoteProtocolError."""
-    if not isinstance(n, int) or not 0 <= n < 1 << 32:
-        raise RemoteProtocolError(f"bad count {n!r}")
-    return n
-
-
 def wake_all(futs: list[asyncio.Future[None]]) -> None:
     """Wake every waiter in ``futs`` and forget them."""
     for fut in futs:
@@ -66,9 +240,52 @@ def wake_all(futs: list[asyncio.Future[None]]) -> None:
             fut.set_result(None)
     futs.clear()
 
+
+
 def encode_frame(obj: Any) -> bytes:
+    """A frame's bytes: its length (4 bytes) and ``obj`` in MessagePack."""
     body = _encoder.encode(obj)
     return len(body).to_bytes(4, "big") + body
+
+
+class FrameReader:
+    """Frames out of a stream's bytes, sans-I/O: the first frame (a hello or a
+    reply) is a plain map, checked later by :func:`handshake`; every later one
+    must be one of the typed frames.  RemoteProtocolError on a frame over
+    ``max_frame`` or one that does not decode."""
+
+    __slots__ = ("buf", "max_frame", "handshaken")
+
+    def __init__(self, max_frame: int, handshaken: bool = False) -> None:
+        self.buf = bytearray()
+        self.max_frame = max_frame
+        self.handshaken = handshaken
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Every frame ``data`` completes (none if it completes none)."""
+        buf = self.buf
+        buf += data
+        frames = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            n = int.from_bytes(buf[pos : pos + 4], "big")
+            if n > self.max_frame:
+                raise RemoteProtocolError(f"frame of {n} bytes is over the limit of {self.max_frame}")
+            if end - pos - 4 < n:
+                break
+            try:
+                if self.handshaken:
+                    frames.append(_frame_decoder.decode(buf[pos + 4 : pos + 4 + n]))
+                else:
+                    frames.append(_decoder.decode(buf[pos + 4 : pos + 4 + n]))
+                    self.handshaken = True
+            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+                raise RemoteProtocolError(f"malformed frame: {exc}") from None
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return frames
 
 
 class Wire:
@@ -76,8 +293,7 @@ class Wire:
 
     def __init__(self, stream: Stream, max_frame: int) -> None:
         self.stream = stream
-        self.max_frame = max_frame
-        self._buf = bytearray()
+        self.reader = FrameReader(max_frame)
         self._out: list[bytes] = []
         self._wakeup: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -116,8 +332,7 @@ class Wire:
         self.stream.consume(self._feed, self._ended)
 
     def _feed(self, data: bytes) -> None:
-        self._buf += data
-        frames = self._parse()
+        frames = self.reader.feed(data)
         if frames and self._on_frames is not None:
             self._on_frames(frames)
 
@@ -147,33 +362,20 @@ class Wire:
             if self.error is None:
                 self.error = exc
 
-    def _parse(self) -> list[Any]:
-        buf = self._buf
-        frames = []
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            n = int.from_bytes(buf[pos : pos + 4], "big")
-            if n > self.max_frame:
-                raise RemoteProtocolError(f"frame of {n} bytes is over the limit of {self.max_frame}")
-            if end - pos - 4 < n:
-                break
-            try:
-                frames.append(_decoder.decode(buf[pos + 4 : pos + 4 + n]))
-            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
-                raise RemoteProtocolError(f"malformed frame: {exc}") from None
-            pos += 4 + n
-        if pos:
-            del buf[:pos]
-        return frames
+    @property
+    def max_frame(self) -> int:
+        return self.reader.max_frame
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self.reader.max_frame = value
 
     async def read_frames(self) -> list[Any]:
         """Every complete frame available (at least one); EndOfStream at a clean end."""
-        while True:
-            frames = self._parse()
-            if frames:
-                return frames
-            self._buf += await self.stream.receive(1 << 20)
+        frames = self.reader.feed(b"")  # what is left of an earlier read
+        while not frames:
+            frames = self.reader.feed(await self.stream.receive(1 << 20))
+        return frames
 
     def finish(self) -> None:
         """Send what is queued, then end the stream."""
@@ -206,13 +408,6 @@ class Wire:
         await self.stream.aclose()
 
 
-def check_frame(frame: Any) -> tuple[int, list[Any]]:
-    """(kind, arguments) of a frame; RemoteProtocolError if it is not a frame."""
-    if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
-        raise RemoteProtocolError(f"not a frame: {frame!r:.60}")
-    return frame[0], frame
-
-
 async def read_one(wire: Wire, timeout: float) -> Any:
     """The next single frame (used for the open handshake)."""
     try:
@@ -225,19 +420,17 @@ async def read_one(wire: Wire, timeout: float) -> Any:
     return frames[0]
 
 
-async def open_handle(peer: Peer, service: str, hello: dict[str, Any], max_frame: int,
-                      timeout: float) -> tuple[Wire, dict[str, Any]]:
+async def open_handle(peer: Peer, service: str, hello: Hello, max_frame: int,
+                      timeout: float) -> tuple[Wire, Reply]:
     """Open a stream to ``service``, send ``hello``, and return the wire and the
     owner's answer; its refusal is raised (one of REFUSALS) and the stream closed."""
     wire = Wire(await peer.open_stream(service), max_frame)
     wire.start()
     wire.send(hello)
     try:
-        reply = await read_one(wire, timeout)
-        if not isinstance(reply, dict):
-            raise RemoteProtocolError("malformed handshake reply")
-        if not reply.get("ok"):
-            raise error_from_code(int(reply.get("code", 0)), str(reply.get("reason", "")))
+        reply = handshake(await read_one(wire, timeout), Reply)
+        if not reply.ok:
+            raise error_from_code(reply.code, reply.reason)
     except BaseException:
         await wire.aclose()
         raise

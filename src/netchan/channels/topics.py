@@ -23,6 +23,8 @@ import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
+import msgspec
+
 from ..errors import (
     BrokenError,
     ClosedError,
@@ -291,16 +293,16 @@ class Topic:
 
     # -- remote publishers and subscribers -------------------------------------------
 
-    async def _serve(self, wire: w.Wire, peer: Peer, hello: dict[str, Any], directions: set[str]) -> None:
+    async def _serve(self, wire: w.Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
         if "recv" in directions:
-            window = min(w.count(hello.get("window") or 16), 1024)  # the subscriber does not set our memory
+            window = min(hello.window or 16, 1024)  # the subscriber does not set our memory
             # the subscriber's own buffer, within what this topic allows one subscriber
-            asked = w.count(hello.get("buffer") or self.buffer) or self.buffer
+            asked = hello.buffer or self.buffer
             sub = self.subscribe(min(asked, max(self.buffer, MAX_REMOTE_BUFFER)))
-            wire.send({"ok": True, "dir": ["recv"], "codec": self.codec.name, "schema": self.codec.schema})
+            wire.send(w.Reply(ok=True, dir=["recv"], codec=self.codec.name, schema=self.codec.schema))
             await self._push(wire, sub, window)
         else:
-            wire.send({"ok": True, "dir": ["send"], "codec": self.codec.name, "schema": self.codec.schema})
+            wire.send(w.Reply(ok=True, dir=["send"], codec=self.codec.name, schema=self.codec.schema))
             await self._take_publications(wire, peer)
 
     async def _push(self, wire: w.Wire, sub: Subscription, window: int) -> None:
@@ -310,10 +312,9 @@ class Topic:
         async def read_credit() -> None:
             while True:
                 for frame in await wire.read_frames():
-                    kind, f = w.check_frame(frame)
-                    if kind != w.DEMAND:
-                        raise RemoteProtocolError(f"unexpected frame {kind} from a subscriber")
-                    credit[0] = min(credit[0] + w.count(f[1]), window)
+                    if not isinstance(frame, w.Demand):
+                        raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a subscriber")
+                    credit[0] = min(credit[0] + frame.n, window)
                     w.wake_all(more)
 
         reader = asyncio.ensure_future(read_credit())
@@ -328,16 +329,16 @@ class Topic:
                 try:
                     msg = await _first(sub._next_message(), reader)
                 except EndOfChannel:
-                    wire.send([w.END])
+                    wire.send(w.End())
                     wire.finish()
                     return
                 except BrokenError as exc:
                     if not isinstance(exc, EndOfStream):
-                        wire.send([w.FAIL, exc.code, str(exc)])
+                        wire.send(w.Fail(exc.code, str(exc)))
                         wire.finish()
                     return
                 credit[0] -= 1
-                wire.send([w.DELIVER, 0, msg.id, msg.data])
+                wire.send(w.Deliver(0, msg.id, msg.data))
         finally:
             reader.cancel()
             await sub.aclose()
@@ -350,17 +351,16 @@ class Topic:
             except EndOfStream:
                 return
             for frame in frames:
-                kind, f = w.check_frame(frame)
-                if kind != w.PUBLISH or len(f) != 3 or not isinstance(f[2], bytes):
-                    raise RemoteProtocolError(f"unexpected frame {kind} from a publisher")
+                if not isinstance(frame, w.Publish):
+                    raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a publisher")
                 if not self.closed:
                     try:
-                        await self._publish(f[2], codec.decode(f[2]))
-                        wire.send([w.ACCEPTED, f[1]])
+                        await self._publish(frame.data, codec.decode(frame.data))
+                        wire.send(w.Accepted(frame.seq))
                         continue
                     except ClosedError:
                         pass  # closed while it waited for a full subscriber
-                wire.send([w.CLOSED, f[1]])  # this publication was not delivered
+                wire.send(w.Closed(frame.seq))  # this publication was not delivered
 
 
 async def _first(coro: Any, reader: asyncio.Task[None]) -> Any:
@@ -384,7 +384,7 @@ async def _first(coro: Any, reader: asyncio.Task[None]) -> Any:
 class _TopicHandle:
     """What RemoteTopic and RemoteSubscription share: opening a topic stream."""
 
-    _direction = "send"
+    _direction: w.Direction = "send"
 
     def __init__(self, hub: ChannelHub, peer: Peer, name: str, codec: str | None, type: Any) -> None:
         self._hub = hub
@@ -395,14 +395,14 @@ class _TopicHandle:
         self._wire: w.Wire | None = None
         self._error: NetchanError | None = None
 
-    def _hello(self) -> dict[str, Any]:
-        return {
-            "kind": "topic",
-            "name": self.name,
-            "dir": self._direction,
-            "codec": self._codec.name if self._explicit else None,
-            "schema": self._codec.schema,
-        }
+    def _hello(self) -> w.Hello:
+        return w.Hello(
+            kind="topic",
+            name=self.name,
+            dir=self._direction,
+            codec=self._codec.name if self._explicit else None,
+            schema=self._codec.schema,
+        )
 
     async def _ready(self) -> None:
         if self._wire is not None:
@@ -415,8 +415,8 @@ class _TopicHandle:
         except w.REFUSALS as exc:
             self._error = exc
             raise
-        if not self._explicit and reply.get("codec") != self._codec.name:
-            self._codec = make_codec(reply.get("codec"), None, self._hub.resolve)
+        if not self._explicit and reply.codec != self._codec.name:
+            self._codec = make_codec(reply.codec, None, self._hub.resolve)
         self._wire = wire
         self._started(wire)
 
@@ -452,21 +452,23 @@ class RemoteTopic(_TopicHandle):
         self._reader: asyncio.Task[None] | None = None
 
     def _started(self, wire: w.Wire) -> None:
-        self._reader = asyncio.ensure_future(self._read(wire))
+        self._reader = self._hub.node.spawn(self._read(wire), f"topic handle {self.name}")
 
     async def _read(self, wire: w.Wire) -> None:
         try:
             while True:
                 for frame in await wire.read_frames():
-                    kind, f = w.check_frame(frame)
-                    if kind == w.ACCEPTED:
-                        self._acked = max(self._acked, int(f[1]))
-                    elif kind == w.CLOSED:
-                        self._closed = True
-                        self._refused += 1
-                        self._acked = max(self._acked, int(f[1]))
-                    elif kind == w.FAIL:
-                        raise error_from_code(int(f[1]), str(f[2]))
+                    match frame:
+                        case w.Accepted(seq=seq):
+                            self._acked = max(self._acked, seq)
+                        case w.Closed(seq=seq):
+                            self._closed = True
+                            self._refused += 1
+                            self._acked = max(self._acked, seq or 0)
+                        case w.Fail(code=code, reason=reason):
+                            raise error_from_code(code, reason)
+                        case _:
+                            raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a topic")
                 w.wake_all(self._waiters)
         except (NetchanError, asyncio.CancelledError) as exc:
             if self._error is None:
@@ -486,7 +488,7 @@ class RemoteTopic(_TopicHandle):
             await self._wait()
         assert self._wire is not None
         self._seq += 1
-        self._wire.send([w.PUBLISH, self._seq, data])
+        self._wire.send(w.Publish(self._seq, data))
 
     async def _wait(self) -> None:
         if self._error is not None:
@@ -525,7 +527,7 @@ class RemoteTopic(_TopicHandle):
 class RemoteSubscription(_TopicHandle):
     """A subscription to another node's topic: ``async for message in sub``."""
 
-    _direction = "recv"
+    _direction: w.Direction = "recv"
 
     def __init__(self, hub: ChannelHub, peer: Peer, name: str, *, buffer: int | None = None,
                  codec: str | None = None, type: Any = None):
@@ -543,29 +545,26 @@ class RemoteSubscription(_TopicHandle):
         self._reader: asyncio.Task[None] | None = None
         self.received = 0
 
-    def _hello(self) -> dict[str, Any]:
-        hello = super()._hello()
-        hello["window"] = self.window
-        hello["buffer"] = self.buffer
-        return hello
+    def _hello(self) -> w.Hello:
+        return msgspec.structs.replace(super()._hello(), window=self.window, buffer=self.buffer)
 
     def _started(self, wire: w.Wire) -> None:
-        self._reader = asyncio.ensure_future(self._read(wire))
+        self._reader = self._hub.node.spawn(self._read(wire), f"topic handle {self.name}")
 
     async def _read(self, wire: w.Wire) -> None:
         try:
             while True:
                 frames = await wire.read_frames()
                 for frame in frames:
-                    kind, f = w.check_frame(frame)
-                    if kind == w.DELIVER:
-                        self._pending.append(f[3])
-                    elif kind == w.END:
-                        self._ended = True
-                    elif kind == w.FAIL:
-                        raise error_from_code(int(f[1]), str(f[2]))
-                    else:
-                        raise RemoteProtocolError(f"unexpected frame {kind} from a topic")
+                    match frame:
+                        case w.Deliver(data=data):
+                            self._pending.append(data)
+                        case w.End():
+                            self._ended = True
+                        case w.Fail(code=code, reason=reason):
+                            raise error_from_code(code, reason)
+                        case _:
+                            raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a topic")
                 self._wake()
         except EndOfStream:
             self._ended = True
@@ -590,7 +589,7 @@ class RemoteSubscription(_TopicHandle):
         self.received += 1
         self._consumed += 1
         if self._consumed >= max(1, self.window // 2) and self._wire is not None:
-            self._wire.send([w.DEMAND, self._consumed])
+            self._wire.send(w.Demand(self._consumed))
             self._consumed = 0
         return self._codec.decode(data)
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-import msgpack
+import msgspec
 
 from ..errors import EndOfStream
 from ..identity import Identity
@@ -85,7 +85,7 @@ async def _serve(key_path: str, client_id: str, engine: str | None) -> None:
         await out
 
     async def report(stream: Stream, peer: Peer) -> None:
-        await stream.send(msgpack.packb(tally.report()))
+        await stream.send(msgspec.msgpack.encode(tally.report()))
         await stream.send_eof()
         done.set()
 
@@ -169,7 +169,7 @@ async def _client(ident: Identity, server: str, addr: tuple[str, int], seconds: 
                 raw += await rstream.receive()
             except EndOfStream:
                 break
-        theirs = msgpack.unpackb(raw)
+        theirs = msgspec.msgpack.decode(raw)
         ok = (
             theirs["received"] == tally.sent
             and theirs["received_hash"] == tally.sent_hash.digest()

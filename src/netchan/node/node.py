@@ -851,7 +851,7 @@ class _Session:
         self.node._forget_session(self)
         if self.dialed:
             # let the CONNECTION_CLOSE leave before the carrier goes away
-            self.loop.call_later(0.05, self.path.close)
+            self.node.close_path_later(self.path, 0.05)
 
 
 class Node:
@@ -907,6 +907,8 @@ class Node:
         self._router: Router[_Session, PacketPath] = Router()
         self._half_open: dict[_Session, None] = {}  # still authenticating, oldest first
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: dialed paths of finished sessions, closed shortly after (see close_path_later)
+        self._closing_paths: dict[PacketPath, asyncio.TimerHandle] = {}
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
         for name, factory in extensions().items():
@@ -994,19 +996,34 @@ class Node:
             await asyncio.wait([s.done for s in sessions], timeout=1.0)
         for session in sessions:
             if session.dialed:
-                session.path.close()
+                self.close_path_later(session.path, 0)
+        closing = list(self._closing_paths)
+        for path in closing:  # now, and wait until each has let go of its socket
+            self._closing_paths.pop(path).cancel()
+            path.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
         for listener in self._listeners:
             await listener.aclose()
-        await asyncio.sleep(0.06)  # dialed paths close 50 ms after their session
+        if closing:
+            await asyncio.wait([asyncio.ensure_future(p.wait_closed()) for p in closing], timeout=5.0)
         self._emit(None)  # every events() iterator ends
         if cancelled is not None:
             raise cancelled
         if undelivered:
             raise BrokenError("; ".join(map(str, undelivered)))
+
+    def close_path_later(self, path: PacketPath, delay: float) -> None:
+        """Close a dialed path after ``delay`` (or when the node closes, if sooner)."""
+        if path in self._closing_paths:
+            return
+        self._closing_paths[path] = asyncio.get_running_loop().call_later(delay, self._close_path, path)
+
+    def _close_path(self, path: PacketPath) -> None:
+        self._closing_paths.pop(path, None)
+        path.close()
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task this node owns: cancelled (and awaited) when it closes."""

@@ -41,7 +41,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import msgpack
 
 from .. import errors
 from ..errors import (
@@ -56,6 +55,7 @@ from ..errors import (
     ServiceNotFound,
 )
 from ..identity import Identity, node_id_of, public_key_of_certificate, verify_signature
+from .control import Challenge, ControlFrames, Credit, Fin, Hello, Message, Proof, Result
 from .engine import VIRTUAL_ADDRESS, Engine
 
 __all__ = [
@@ -228,40 +228,6 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
 
-class _Frames:
-    """Length-prefixed msgpack messages on the auth stream."""
-
-    __slots__ = ("buf",)
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> list[dict]:
-        self.buf += data
-        out = []
-        while len(self.buf) >= 2:
-            (n,) = _U16.unpack_from(self.buf)
-            if len(self.buf) < 2 + n:
-                break
-            raw = bytes(self.buf[2 : 2 + n])
-            del self.buf[: 2 + n]
-            try:
-                msg = msgpack.unpackb(raw, raw=False)
-            except Exception:
-                raise RemoteProtocolError("malformed authentication message") from None
-            if not isinstance(msg, dict):
-                raise RemoteProtocolError("malformed authentication message")
-            out.append(msg)
-        if len(self.buf) > 4096:
-            raise RemoteProtocolError("authentication message too long")
-        return out
-
-    @staticmethod
-    def encode(msg: dict) -> bytes:
-        raw = msgpack.packb(msg, use_bin_type=True)
-        return _U16.pack(len(raw)) + raw
-
-
 class SessionCore:
     """Sans-I/O state of one session, client or server side.
 
@@ -308,7 +274,7 @@ class SessionCore:
             original_destination_connection_id=original_destination_connection_id,
         )
         self.packet_size = min(config.packet_size, engine.max_packet_size)
-        self._auth_frames = _Frames()
+        self._auth_frames = ControlFrames()
         self._challenge: bytes | None = None
         self._peer_key: bytes | None = None
         # stream bookkeeping: every stream is in exactly one of these until forgotten
@@ -549,7 +515,7 @@ class SessionCore:
             return False
         limit = self._granted[stream_id] = consumed + window
         self._quic.send_stream_data(
-            AUTH_STREAM, _Frames.encode({"t": "credit", "s": stream_id, "l": limit})
+            AUTH_STREAM, ControlFrames.encode(Credit(s=stream_id, l=limit))
         )
         return True
 
@@ -579,8 +545,8 @@ class SessionCore:
             self._quic.send_stream_data(stream_id, data, end)
             if end:
                 # the final size, on stream 0 too: see _deliver
-                self._quic.send_stream_data(AUTH_STREAM, _Frames.encode(
-                    {"t": "fin", "s": stream_id, "n": self._sent.get(stream_id, 0)}))
+                self._quic.send_stream_data(AUTH_STREAM, ControlFrames.encode(
+                    Fin(s=stream_id, n=self._sent.get(stream_id, 0))))
         except Exception as exc:
             raise BrokenError(f"stream {stream_id} cannot send: {exc}") from None
 
@@ -744,7 +710,7 @@ class SessionCore:
             )
         self._peer_key = key
         self._quic.send_stream_data(
-            AUTH_STREAM, _Frames.encode({"t": "hello", "v": 1, "key": self.identity.public_key})
+            AUTH_STREAM, ControlFrames.encode(Hello(v=1, key=self.identity.public_key))
         )
 
     def _on_special_stream_data(self, sid: int, data: bytes, end: bool) -> None:
@@ -907,79 +873,67 @@ class SessionCore:
 
     # -- authentication (stream 0) -------------------------------------------
 
-    def _on_auth_message(self, msg: dict) -> None:
-        kind = msg.get("t")
+    def _on_auth_message(self, msg: Message) -> None:
         if self.authenticated:
             # after authentication stream 0 carries control messages
-            if kind == "fin":
-                sid, size = msg.get("s"), msg.get("n")
-                if not isinstance(sid, int) or not isinstance(size, int) or sid < 0 or size < 0:
-                    raise RemoteProtocolError("malformed end-of-stream message")
-                self._on_final_size(sid, size)
-                return
-            if kind != "credit":
-                raise RemoteProtocolError(f"unexpected control message {kind!r}")
-            sid, limit = msg.get("s"), msg.get("l")
-            if not isinstance(sid, int) or not isinstance(limit, int):
-                raise RemoteProtocolError("malformed credit message")
-            if limit > self._send_limit.get(sid, limit):
-                self._send_limit[sid] = limit
-                self._events.append(CreditGranted(sid))
+            match msg:
+                case Fin(s=sid, n=size):
+                    self._on_final_size(sid, size)
+                case Credit(s=sid, l=limit):
+                    if limit > self._send_limit.get(sid, limit):
+                        self._send_limit[sid] = limit
+                        self._events.append(CreditGranted(sid))
+                case _:
+                    raise RemoteProtocolError(f"unexpected control message {type(msg).__name__}")
             return
         if self.is_client:
-            if kind == "challenge" and self._challenge is None:
-                nonce = msg.get("nonce")
-                if not isinstance(nonce, bytes) or len(nonce) != 32:
-                    raise RemoteProtocolError("bad authentication challenge")
-                self._challenge = nonce
-                assert self._peer_key is not None
-                sig = self.identity.sign(
-                    AUTH_CONTEXT + nonce + self._peer_key + self.identity.public_key
-                )
-                self._quic.send_stream_data(AUTH_STREAM, _Frames.encode({"t": "proof", "sig": sig}))
-            elif kind == "result" and self._challenge is not None and not self.authenticated:
-                if msg.get("ok") is True:
-                    self._authenticated(self.expected_peer)
-                else:
-                    err = msg.get("error")
-                    cls = NotAllowed if err == "not-allowed" else AuthenticationError
-                    self._close(cls(str(msg.get("reason") or err)))
-            else:
-                raise RemoteProtocolError(f"unexpected authentication message {kind!r}")
+            match msg:
+                case Challenge(nonce=nonce) if self._challenge is None:
+                    self._challenge = nonce
+                    assert self._peer_key is not None
+                    sig = self.identity.sign(
+                        AUTH_CONTEXT + nonce + self._peer_key + self.identity.public_key
+                    )
+                    self._quic.send_stream_data(AUTH_STREAM, ControlFrames.encode(Proof(sig=sig)))
+                case Result(ok=ok, error=err, reason=reason) if self._challenge is not None:
+                    if ok:
+                        self._authenticated(self.expected_peer)
+                    else:
+                        cls = NotAllowed if err == "not-allowed" else AuthenticationError
+                        self._close(cls(str(reason or err)))
+                case _:
+                    raise RemoteProtocolError(f"unexpected authentication message {type(msg).__name__}")
             return
         # server side
-        if kind == "hello" and self._peer_key is None:
-            key = msg.get("key")
-            if msg.get("v") != 1:
-                raise RemoteProtocolError(f"unsupported protocol version {msg.get('v')!r}")
-            if not isinstance(key, bytes) or len(key) != 32:
-                raise RemoteProtocolError("bad client key")
-            self._peer_key = key
-            self._challenge = os.urandom(32)
-            self._quic.send_stream_data(
-                AUTH_STREAM, _Frames.encode({"t": "challenge", "nonce": self._challenge})
-            )
-        elif kind == "proof" and self._challenge is not None and not self.authenticated and self._rejected is None:
-            proof: Any = msg.get("sig")
-            assert self._peer_key is not None
-            signed = AUTH_CONTEXT + self._challenge + self.identity.public_key + self._peer_key
-            if not isinstance(proof, bytes) or not verify_signature(self._peer_key, proof, signed):
-                self._reject("auth", AuthenticationError("client failed to prove its key"))
-                return
-            peer_id = node_id_of(self._peer_key)
-            assert self._allow is not None
-            if not self._allow(peer_id):
-                self._reject("not-allowed", NotAllowed(f"node {peer_id} is not allowed here"))
-                return
-            self._quic.send_stream_data(AUTH_STREAM, _Frames.encode({"t": "result", "ok": True}))
-            self._authenticated(peer_id)
-        else:
-            raise RemoteProtocolError(f"unexpected authentication message {kind!r}")
+        match msg:
+            case Hello(v=version, key=key) if self._peer_key is None:
+                if version != 1:
+                    raise RemoteProtocolError(f"unsupported protocol version {version!r}")
+                self._peer_key = key
+                self._challenge = os.urandom(32)
+                self._quic.send_stream_data(
+                    AUTH_STREAM, ControlFrames.encode(Challenge(nonce=self._challenge))
+                )
+            case Proof(sig=proof) if self._challenge is not None and self._rejected is None:
+                assert self._peer_key is not None
+                signed = AUTH_CONTEXT + self._challenge + self.identity.public_key + self._peer_key
+                if not verify_signature(self._peer_key, proof, signed):
+                    self._reject("auth", AuthenticationError("client failed to prove its key"))
+                    return
+                peer_id = node_id_of(self._peer_key)
+                assert self._allow is not None
+                if not self._allow(peer_id):
+                    self._reject("not-allowed", NotAllowed(f"node {peer_id} is not allowed here"))
+                    return
+                self._quic.send_stream_data(AUTH_STREAM, ControlFrames.encode(Result(ok=True)))
+                self._authenticated(peer_id)
+            case _:
+                raise RemoteProtocolError(f"unexpected authentication message {type(msg).__name__}")
 
     def _reject(self, kind: str, error: NetchanError) -> None:
         self._quic.send_stream_data(
             AUTH_STREAM,
-            _Frames.encode({"t": "result", "ok": False, "error": kind, "reason": str(error)}),
+            ControlFrames.encode(Result(ok=False, error=kind, reason=str(error)[:1024])),
         )
         # closing at once could drop the result; the client closes when it
         # reads it, and we close anyway shortly after

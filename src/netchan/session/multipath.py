@@ -121,6 +121,11 @@ class MultiPath(PacketPath):
             if path is not None:
                 path.close()
 
+    async def wait_closed(self) -> None:
+        for path in self.paths:
+            if path is not None:
+                await path.wait_closed()
+
     # -- PacketSink (what the carriers see) ------------------------------------------------
 
     def packets_received(self, packets: list[bytes], path: PacketPath) -> None:

@@ -364,7 +364,7 @@ async def test_select_is_fair_between_a_local_and_a_remote_channel(memory_url):
             await local.send(("l", i))
         hr = await peer.channel("r")
         hr.watch()  # as select does on first use: the owner says when items wait
-        await wait_for_condition(lambda: hr._hint[0])
+        await wait_for_condition(lambda: hr._core.hint[0])
         picks = [(await netchan.select(local.recv_case(), hr.recv_case(), timeout=5))[0] for _ in range(200)]
         assert 60 < picks.count(1) < 140  # both ready every time: about half each
         assert remote.statistics()["buffered"] == 200 - picks.count(1)
@@ -631,8 +631,9 @@ async def test_a_malformed_item_from_a_sender_is_refused_before_it_enters(memory
         chan = owner.channel("c", capacity=4)
         bad = await peer.channel("c")
         await bad.send(1)
-        bad._push(bad._next_seq, b"\xc1")  # bypass the codec: not MessagePack
-        bad._next_seq += 1
+        bad._core.push(bad._core.next_seq, b"\xc1")  # bypass the codec: not MessagePack
+        bad._core.next_seq += 1
+        bad._drain()
         await wait_for_condition(lambda: bad._wire is None)
         assert chan.statistics()["buffered"] == 1
         assert await chan.recv() == 1

@@ -46,6 +46,7 @@ from ..node.node import register_extension
 from . import frames as w
 from .codec import DEFAULT_MAX_MESSAGE, Codec, Sendable, make_codec
 from .core import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim, Withdrawn
+from .handle import CANCELLED, COMMITTED, DONE, WAITING, WITHDRAWING, Finished, HandleCore, LetGo, Progress
 
 if TYPE_CHECKING:
     from ..node.node import Node, Peer, Stream
@@ -64,17 +65,14 @@ __all__ = [
 log = logging.getLogger("netchan.channels")
 
 SERVICE = "netchan.channel"
-#: unused credit a sending handle keeps asking for (bounded by the capacity; the
-#: owner reclaims what an idle handle holds as soon as another sender starves)
-PREFETCH = 4096
 w.BATCH_BYTES = 256 * 1024
 #: how long select() lets a remote case that looks ready go first
 _REMOTE_GRACE = 0.05
 #: a handle whose owner restarted waits this long for it to make the channel again
 _RESUME_FOR = 10.0
 
-#: a cancelled rendezvous send whose item a receiver holds: taken or withdrawn?
-_WAITING, _COMMITTED, _DONE, _CANCELLED, _WITHDRAWING = range(5)
+#: an op's states (see netchan.channels.handle)
+_WAITING, _COMMITTED, _DONE, _CANCELLED, _WITHDRAWING = WAITING, COMMITTED, DONE, CANCELLED, WITHDRAWING
 #: how long a cancelled rendezvous send waits to learn whether it was delivered
 _WITHDRAW_TIMEOUT = 10.0
 
@@ -998,6 +996,10 @@ class RemoteChannel(Channel):
     keeps every item until the owner has accepted it; if the stream breaks,
     the items not yet accepted are sent again when the handle reopens, and the
     owner drops any it already had (items carry ids).
+
+    The protocol lives in :class:`~netchan.channels.handle.HandleCore`; this
+    class opens and reopens the stream, encodes values, and carries the core's
+    frames and events to the stream and to the waiting tasks.
     """
 
     def __init__(
@@ -1012,6 +1014,7 @@ class RemoteChannel(Channel):
         addresses: Sequence[str] = (),
         peer: Peer | None = None,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        from_ref: bool = False,
     ) -> None:
         if direction not in ("both", "send", "recv"):
             raise ConfigurationError("direction must be 'both', 'send' or 'recv'")
@@ -1025,37 +1028,19 @@ class RemoteChannel(Channel):
         self._explicit_codec = codec is not None or type is not None
         self._addresses = list(addresses)
         self._peer = peer
-        self.capacity = -1  # known once open
         self._can_send = direction != "recv"
         self._can_recv = direction != "send"
+        #: the protocol state; decoding goes through the codec of the moment
+        self._core = HandleCore(name, lambda data: self._codec.decode(data), from_ref=from_ref,
+                                max_message=max_message)
         self._wire: w.Wire | None = None
         self._opening: asyncio.Task[None] | None = None
-        self._error: NetchanError | None = None  # permanent (refused)
+        self._error: NetchanError | None = None  # permanent (refused, broken protocol, closed)
         self._refused: set[str] = set()
-        self._from_ref = False  # made by the hub from a reference in an item
-        self._undelivered = 0
         self._origin = "h" + secrets.token_hex(6)
-        self._next_seq = 1
-        self._unacked: deque[tuple[int, bytes]] = deque()
-        self._resend: deque[tuple[int, bytes]] = deque()
-        self._credit = 0
-        self._desire_sent = 0
-        self._blocked: deque[_Op] = deque()
-        self._rendezvous: dict[int, _Op] = {}
-        self._recv_ops: deque[_Op] = deque()
-        self._batch: list[bytes] = []
-        self._batch_seq = 0
-        self._batch_bytes = 0
-        self._flush_scheduled = False
-        self._closed = False  # the owner said so
-        self._ended = False
+        self._flush_pending = False  # a flush of the core's batch is scheduled this turn
         self._close_waiters: list[asyncio.Future[None]] = []
-        self._wgen = 0  # bumped each time the handle (re)opens its stream
         self._resuming = False  # reopening after its session was lost and redialed
-        self._watching = False  # the owner tells us of readiness (for select)
-        self._hint = (False, False)  # (an item waits for a receiver, a receiver waits)
-        self.sent = 0
-        self.received = 0
         hub._handles.add(self)
 
     def __repr__(self) -> str:
@@ -1070,22 +1055,93 @@ class RemoteChannel(Channel):
         super()._check(direction)
 
     @property
+    def capacity(self) -> int:  # type: ignore[override]
+        """The channel's capacity (-1 until the handle has opened)."""
+        return self._core.capacity
+
+    @property
     def closed(self) -> bool:
-        return self._closed
+        return self._core.closed
+
+    @property
+    def sent(self) -> int:
+        return self._core.sent
+
+    @property
+    def received(self) -> int:
+        return self._core.received
+
+    # -- the core's output --------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Write the core's frames and act on its events (after every call into it)."""
+        core = self._core
+        if core.outbox:
+            frames, core.outbox = core.outbox, []
+            wire = self._wire
+            if wire is not None:
+                for frame in frames:
+                    wire.send(frame)
+                if core.transmit:
+                    wire.stream.transmit_now()
+        core.transmit = False
+        if core.flush_wanted:
+            core.flush_wanted = False
+            if not self._flush_pending:
+                self._flush_pending = True
+                asyncio.get_running_loop().call_soon(self._flush_batch)
+        events = core.events
+        while events:
+            ev = events.popleft()
+            if type(ev) is Finished:
+                op = ev.op
+                op.finish(ev.result, asyncio.CancelledError() if ev.cancelled else ev.error)
+            elif type(ev) is Progress:
+                if self._close_waiters:
+                    w.wake_all(self._close_waiters)
+            elif type(ev) is LetGo:
+                self._let_go(ev.error)
+
+    def _flush_batch(self) -> None:
+        self._flush_pending = False
+        self._core.flush()
+        self._drain()
+
+    def _let_go(self, error: NetchanError) -> None:
+        """Made from a reference, and over for this node: let go of the stream."""
+        self._hub.forget_reference(self)
+        self._error = error
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.finish()
+            self._hub.node.spawn(wire.aclose(), f"release channel handle {self.name}")
+
+    # -- sending fast --------------------------------------------------------------------
 
     async def send(self, value: Any) -> None:
-        if self._credit and self._can_send and self.capacity > 0 and not self._blocked and not self._resend \
-                and not self._closed and self._wire is not None:
+        core = self._core
+        if self._wire is not None and core.can_send_now():
             # credit in hand: the item is the owner's to accept; no op, no wait
-            data = self._codec.encode(value)
-            self._credit -= 1
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            self._unacked.append((seq, data))
-            self._push(seq, data)
-            self.sent += 1
+            core.send_now(self._codec.encode(value))
+            self._drain()
             return
         await Channel.send(self, value)
+
+    async def send_many(self, values: Iterable[Any]) -> None:
+        self._check("send")
+        await self._ready()
+        values = values if isinstance(values, list) else list(values)
+        core = self._core
+        i, n = 0, len(values)
+        while i < n:
+            k = core.credit_for(n - i) if self._wire is not None else 0
+            if not k:
+                await Channel.send(self, values[i])
+                i += 1
+                continue
+            core.send_many_now(self._codec.encode_many(values[i : i + k]))
+            self._drain()
+            i += k
 
     # -- opening --------------------------------------------------------------------
 
@@ -1121,7 +1177,6 @@ class RemoteChannel(Channel):
                 except ServiceNotFound as exc:
                     deadline = deadline or loop.time() + _RESUME_FOR
                     if loop.time() > deadline:
-                        self._error = exc
                         self._fail_waiting(exc)
                         return
                 except NetchanError as exc:
@@ -1142,14 +1197,8 @@ class RemoteChannel(Channel):
     def _fail_waiting(self, error: NetchanError) -> None:
         if self._error is None:
             self._error = error  # the handle is over: later calls get this error too
-        for op in [*self._blocked, *self._recv_ops, *self._rendezvous.values()]:
-            if op.state in (_WAITING, _COMMITTED, _WITHDRAWING):
-                op.finish(error=error)
-        self._blocked.clear()
-        self._recv_ops.clear()
-        self._rendezvous.clear()
-        if self.capacity == 0:
-            self._unacked.clear()
+        self._core.fail_waiting(error)
+        self._drain()
 
     def _open_soon(self, resume: bool = False) -> None:
         """Open (or, after a redial, resume) in the background; errors reach the next caller."""
@@ -1167,7 +1216,7 @@ class RemoteChannel(Channel):
     async def _open(self) -> None:
         peer = await self._hub.peer_for(self.owner, self._addresses, self._peer)
         self._peer = peer
-        first_seq = self._unacked[0][0] if self._unacked else self._next_seq
+        core = self._core
         hello = w.Hello(
             kind="channel",
             name=self.name,
@@ -1175,7 +1224,7 @@ class RemoteChannel(Channel):
             codec=self._codec.name if self._explicit_codec else None,
             schema=self._codec.schema,
             origin=self._origin,
-            next_seq=first_seq,
+            next_seq=core.unacked[0][0] if core.unacked else core.next_seq,
         )
         try:
             wire, reply = await w.open_handle(peer, SERVICE, hello, w.max_frame(self._codec.max_message),
@@ -1187,7 +1236,6 @@ class RemoteChannel(Channel):
         if self._error is not None:  # closed while it opened
             wire.abort()
             raise self._error.with_traceback(None)
-        self.capacity = reply.capacity
         directions = set(reply.dir)
         for d in ("send", "recv"):
             if d not in directions and self.direction in ("both", d):
@@ -1196,37 +1244,25 @@ class RemoteChannel(Channel):
         self._can_recv = self._can_recv and "recv" in directions
         if self._codec.name != reply.codec and not self._explicit_codec:
             self._codec = make_codec(reply.codec, None, self._hub.resolve, self._max_message)
-        limit = reply.max_message
-        if limit is not None:
+        if reply.max_message is not None:
             # an item the owner would refuse fails here, at send, with MessageTooLarge
-            self._codec.max_message = min(self._max_message, limit)
+            self._codec.max_message = min(self._max_message, reply.max_message)
         self._wire = wire
-        self._wgen += 1
-        self._desire_sent = 0
-        self._credit = 0
-        self._hint = (False, False)
-        if self._watching:
-            wire.send(w.Watch())
-        accepted = reply.accepted
-        if accepted is not None:
-            if self.capacity != 0:
-                while self._unacked and self._unacked[0][0] <= accepted:
-                    self._unacked.popleft()  # it arrived; only its confirmation was lost
-            if not self._unacked:
-                self._next_seq = max(self._next_seq, accepted + 1)
-            if self._close_waiters:
-                w.wake_all(self._close_waiters)
-        # items the owner does not have: send them again, in order, as credit comes
-        self._resend = deque(self._unacked)
+        core.opened(reply.capacity, self._can_send, self._can_recv, reply.accepted)
+        self._drain()
         wire.attach(self._on_frames, lambda error: self._on_wire_end(wire, error))
-        if self._resend or self._blocked:
-            self._want()
-        if self._recv_ops:
-            self._emit(w.Demand(len(self._recv_ops)))  # receives that waited for the new stream
+        core.resume_requests()
+        self._drain()
 
     def _on_frames(self, frames: list[Any]) -> None:
         for frame in frames:
             self._on_frame(frame)
+
+    def _on_frame(self, frame: w.Frame) -> None:
+        try:
+            self._core.receive_frame(frame)
+        finally:
+            self._drain()
 
     def _on_wire_end(self, wire: w.Wire, error: NetchanError) -> None:
         if isinstance(error, EndOfStream):
@@ -1240,265 +1276,29 @@ class RemoteChannel(Channel):
             error = BrokenError(f"channel {self.name!r}: {error}")
         if self._wire is wire:
             peer = self._peer
+            self._wire = None
             if self._error is None and peer is not None and peer.reconnecting:
                 # the session is being redialed: wait for it, then go on there
-                self._broken(error, resume=True)
+                self._core.broken(error, resume=True)
+                self._drain()
                 self._open_soon(resume=True)
             else:
-                self._broken(error)
+                self._core.broken(error)
+                self._drain()
         wire.abort()  # the owner must learn at once: it returns what we held
-
-    def _broken(self, error: NetchanError, resume: bool = False) -> None:
-        """The stream is gone.  Sends and receives still waiting fail, unless
-        ``resume``: then they wait for the stream the handle reopens."""
-        self._wire = None
-        self._credit = 0
-        if self.capacity == 0 and not resume:
-            # every rendezvous send in flight fails below, and the owner drops
-            # the items nobody took: none may be sent again behind its caller
-            self._unacked.clear()
-        # resuming: rendezvous sends in flight are sent again with their own
-        # sequence numbers (a receiver drops a copy it already had by item id)
-        waiting = [] if resume else [*self._blocked, *self._recv_ops, *self._rendezvous.values()]
-        for op in waiting:
-            if op.state in (_WAITING, _COMMITTED, _WITHDRAWING):
-                op.finish(error=error)
-        if not resume:
-            self._blocked.clear()
-            self._recv_ops.clear()
-            self._rendezvous.clear()
-        else:
-            self._blocked = deque(op for op in self._blocked if op.state == _WAITING)
-            self._recv_ops = deque(op for op in self._recv_ops if op.state == _WAITING)
-        self._batch.clear()
-        self._batch_bytes = 0
-        w.wake_all(self._close_waiters)
-
-    # -- frames from the owner ------------------------------------------------------
-
-    def _on_frame(self, frame: w.Frame) -> None:
-        match frame:
-            case w.Deliver(dseq=dseq, id=item_id, data=data):
-                self._on_deliver(dseq, item_id, data)
-            case w.Grant(n=n):
-                self._credit += n
-                self._use_credit()
-            case w.Accepted(seq=upto):
-                unacked = self._unacked
-                if self.capacity == 0:  # exactly this item (see _Endpoint.on_event)
-                    op = self._rendezvous.pop(upto, None)
-                    if op is not None and op.state in (_COMMITTED, _WITHDRAWING):
-                        op.finish()
-                    for entry in unacked:
-                        if entry[0] == upto:
-                            unacked.remove(entry)
-                            break
-                elif unacked:
-                    k = upto - unacked[0][0] + 1  # sequence numbers are contiguous
-                    if k >= len(unacked):
-                        unacked.clear()
-                    else:
-                        for _ in range(k):
-                            unacked.popleft()
-                if self._close_waiters:
-                    w.wake_all(self._close_waiters)
-            case w.Ready(items_waiting=items, receivers_waiting=receivers):
-                self._hint = (items, receivers)
-            case w.Withdrawn(seq=seq):
-                op = self._rendezvous.pop(seq, None)
-                if op is not None and op.state == _WITHDRAWING:
-                    op.finish(error=asyncio.CancelledError())
-            case w.Reclaim():
-                self._emit(w.Release(self._credit))  # even 0: the owner waits for an answer
-                self._credit = 0
-                self._desire_sent = 0
-                if self._blocked or self._resend:
-                    self._want()
-            case w.Closed():
-                self._closed = True
-                for op in self._blocked:
-                    if op.state == _WAITING and op.claim():
-                        op.finish(error=ClosedError(f"channel {self.name!r} is closed"))
-                self._blocked.clear()
-                if self._resend:
-                    # sent before a break, never accepted, and now the channel is closed
-                    lost = {seq for seq, _ in self._resend}
-                    self._unacked = deque(e for e in self._unacked if e[0] not in lost)
-                    self._resend.clear()
-                    self._undelivered += len(lost)
-                if self._credit:
-                    self._emit(w.Release(self._credit))
-                    self._credit = 0
-                w.wake_all(self._close_waiters)
-                self._maybe_release()
-            case w.End():
-                self._ended = True
-                for op in self._recv_ops:
-                    if op.state == _WAITING and op.claim():
-                        op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
-                self._recv_ops.clear()
-                self._maybe_release()
-            case w.Fail(code=code, reason=reason):
-                raise error_from_code(code, reason)
-            case _:
-                raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a channel owner")
-
-    def _maybe_release(self) -> None:
-        """A handle made from a reference lets go of its stream once the channel
-        is over for it (closed for a sender, drained for a receiver)."""
-        if not self._from_ref or self._unacked:
-            return
-        if self._can_send and not self._closed:
-            return
-        if self._can_recv and not self._ended:
-            return
-        self._hub._refs.pop((self.owner, self.name, "channel", self.direction), None)
-        if self._can_recv:
-            self._error = EndOfChannel(f"channel {self.name!r} is closed and drained")
-        else:
-            self._error = ClosedError(f"channel {self.name!r} is closed")
-        wire, self._wire = self._wire, None
-        if wire is not None:
-            wire.finish()
-            self._hub.node.spawn(wire.aclose(), f"release channel handle {self.name}")
-
-    def _on_deliver(self, dseq: int, item_id: str, data: bytes) -> None:
-        ops = self._recv_ops
-        while ops:
-            op = ops.popleft()
-            if op.claim(defer=True):
-                break
-        else:
-            self._emit(w.Requeue(dseq))  # its receive was cancelled meanwhile
-            return
-        op.dseq = dseq
-        op.wgen = self._wgen
-        self.received += 1
-        try:
-            value = self._codec.decode(data)
-        except NetchanError as exc:
-            self._emit(w.Done(dseq))  # a bad item is not retried forever
-            op.dseq = 0
-            op.finish(error=exc)
-            return
-        op.finish((item_id, value))
-
-    def _use_credit(self) -> None:
-        if self._closed and not self._resend:
-            if self._credit:
-                self._emit(w.Release(self._credit))
-                self._credit = 0
-            return
-        while self._credit and self._resend:
-            seq, data = self._resend.popleft()
-            self._credit -= 1
-            self._push(seq, data)
-        blocked = self._blocked
-        while self._credit and blocked:
-            op = blocked.popleft()
-            if op.claim():
-                self._commit(op)
-
-    def _commit(self, op: _Op) -> None:
-        self._credit -= 1
-        seq = self._next_seq
-        self._next_seq += 1
-        self._unacked.append((seq, op.data))
-        self._push(seq, op.data)
-        self.sent += 1
-        if self.capacity == 0:
-            op.state = _COMMITTED
-            op.seq = seq
-            self._rendezvous[seq] = op
-        else:
-            op.finish()
-
-    # -- frames to the owner --------------------------------------------------------
-
-    def _push(self, seq: int, data: bytes) -> None:
-        if not self._flush_scheduled and self._wire is not None:
-            # the first item of this loop turn leaves at once (latency); the
-            # rest of the turn is batched into one frame (throughput)
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_batch)
-            self._wire.send(w.Items(seq, [data]))
-            self._wire.stream.transmit_now()
-            return
-        if not self._batch:
-            self._batch_seq = seq
-        elif seq != self._batch_seq + len(self._batch):
-            self._flush_batch()
-            self._batch_seq = seq
-        self._batch.append(data)
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= w.BATCH_BYTES:
-            self._flush_batch()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_batch)
-
-    def _push_many(self, seq: int, datas: list[bytes]) -> None:
-        total = sum(map(len, datas))
-        if self._batch_bytes + total >= w.BATCH_BYTES:
-            for data in datas:
-                self._push(seq, data)
-                seq += 1
-            return
-        if self._batch and seq != self._batch_seq + len(self._batch):
-            self._flush_batch()
-        if not self._batch:
-            self._batch_seq = seq
-        self._batch.extend(datas)
-        self._batch_bytes += total
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_batch)
-
-    def _flush_batch(self) -> None:
-        scheduled, self._flush_scheduled = self._flush_scheduled, False
-        wire = self._wire
-        if self._batch and wire is not None:
-            wire.send(w.Items(self._batch_seq, self._batch))
-            if scheduled:
-                wire.stream.transmit_now()  # this turn already batched: no need to wait a turn more
-        self._batch = []
-        self._batch_bytes = 0
-
-    def _emit(self, frame: w.Frame) -> None:
-        if self._batch:
-            self._flush_batch()
-        if self._wire is not None:
-            self._wire.send(frame)
-
-    def _want(self) -> None:
-        desire = len(self._blocked) + len(self._resend)
-        if self.capacity > 0:
-            desire += min(self.capacity, PREFETCH)
-        if desire != self._desire_sent:
-            self._desire_sent = desire
-            self._emit(w.Want(desire))
 
     # -- ops ------------------------------------------------------------------------
 
     def watch(self) -> None:
         """Ask the owner to keep this handle told whether the channel is ready
         (select uses it to be fair between remote and local cases)."""
-        if not self._watching:
-            self._watching = True
-            if self._wire is not None:
-                self._emit(w.Watch())
+        self._core.watch()
+        self._drain()
 
     def _ready_now(self, sending: bool) -> bool:
-        self.watch()
-        if self._error is not None or self._wire is None:
-            return False
-        if sending:
-            if self._closed:
-                return True
-            if self.capacity == 0:
-                return self._hint[1] and not self._blocked
-            return self._credit > 0 and not self._blocked and not self._resend
-        return self._ended or (self._hint[0] and not self._recv_ops)
+        ready = self._core.ready_now(sending)
+        self._drain()
+        return ready and self._error is None and self._wire is not None
 
     def _usable(self) -> None:
         if self._error is not None:
@@ -1509,102 +1309,45 @@ class RemoteChannel(Channel):
 
     def _start_send(self, value: Any, group: _Group | None, index: int) -> _Op:
         self._usable()
-        if self._closed:
+        if self._core.closed:
             raise ClosedError(f"channel {self.name!r} is closed")
         op = _Op(group, index)
         op.sending = True
         op.data = self._codec.encode(value)
-        if self._credit and not self._blocked and not self._resend:
-            if op.claim():
-                self._commit(op)
-            return op
-        self._blocked.append(op)
-        self._want()
+        self._core.start_send(op)
+        self._drain()
         return op
 
     def _start_recv(self, group: _Group | None, index: int, process: bool) -> _Op:
         self._usable()
         op = _Op(group, index)
         op.process = process
-        if self._ended:
-            if op.claim():
-                op.finish(error=EndOfChannel(f"channel {self.name!r} is closed and drained"))
-            return op
-        self._recv_ops.append(op)
-        self._emit(w.Demand(1))
+        self._core.start_recv(op)
+        self._drain()
         return op
 
     def _cancel(self, op: _Op) -> None:
-        state = op.state
-        op.state = _CANCELLED
-        if op.dseq:
-            self._settle_frame(op, w.Requeue)  # delivered, never reached the application
-        elif state == _WAITING:
-            if op in self._recv_ops:
-                self._recv_ops.remove(op)
-                self._emit(w.Cancel(1))
-            elif op in self._blocked:
-                self._blocked.remove(op)
-                if self.capacity == 0:
-                    self._want()
-        elif state == _COMMITTED:
-            # a rendezvous nobody took yet: the owner answers WITHDRAWN if it
-            # removed it, ACCEPTED if a receiver took it first
-            op.state = _WITHDRAWING
-            for entry in self._unacked:
-                if entry[0] == op.seq:
-                    self._unacked.remove(entry)
-                    break
-            self._emit(w.Withdraw(op.seq))
+        self._core.cancel(op)
+        self._drain()
 
     def _consumed(self, op: _Op) -> None:
-        if op.dseq and not op.process:
-            self._settle_frame(op, w.Done)
+        self._core.consumed(op)
+        self._drain()
 
     def _entered(self, op: _Op) -> None:
-        if op.dseq and op.wgen == self._wgen:
-            self._emit(w.Taken(op.dseq))
+        self._core.entered(op)
+        self._drain()
 
     def _settle(self, op: _Op, ok: bool) -> None:
-        if op.dseq:
-            self._settle_frame(op, w.Done if ok else w.Requeue)
-
-    def _settle_frame(self, op: _Op, kind: type[w.Done] | type[w.Requeue]) -> None:
-        # a delivery belongs to the stream it came on: if that one is gone, so
-        # is the owner's record of it (the owner put it back when it lost us)
-        if op.wgen == self._wgen:
-            self._emit(kind(op.dseq))
-        op.dseq = 0
-
-    async def send_many(self, values: Iterable[Any]) -> None:
-        self._check("send")
-        await self._ready()
-        values = values if isinstance(values, list) else list(values)
-        i, n = 0, len(values)
-        while i < n:
-            k = 0
-            if self.capacity > 0 and not self._blocked and not self._resend and not self._closed \
-                    and self._wire is not None:
-                k = min(self._credit, n - i)
-            if not k:
-                await Channel.send(self, values[i])
-                i += 1
-                continue
-            datas = self._codec.encode_many(values[i : i + k])
-            seq = self._next_seq
-            self._next_seq = seq + k
-            self._credit -= k
-            self._unacked.extend(zip(range(seq, seq + k), datas))
-            self._push_many(seq, datas)
-            self.sent += k
-            i += k
+        self._core.settle(op, ok)
+        self._drain()
 
     def recv_nowait(self) -> Any:
         """A remote handle holds no items of its own: WouldBlock (EndOfChannel once drained).
         Use ``recv()`` with a timeout, or ``recv_many``."""
         self._check("recv")
         self._usable()
-        if self._ended:
+        if self._core.ended:
             raise EndOfChannel(f"channel {self.name!r} is closed and drained")
         raise WouldBlock(f"channel {self.name!r} is remote: nothing is buffered here")
 
@@ -1618,13 +1361,9 @@ class RemoteChannel(Channel):
         first = self._start_recv(None, 0, False)
         if first.state == _DONE:
             return [(await self._complete(first))[1]]
-        ops = [first]
-        for _ in range(max_items - 1):
-            op = _Op()
-            self._recv_ops.append(op)
-            ops.append(op)
-        if max_items > 1:
-            self._emit(w.Demand(max_items - 1))
+        ops = [first] + [_Op() for _ in range(max_items - 1)]
+        self._core.demand_more(ops[1:])
+        self._drain()
         try:
             value = (await self._complete(first))[1]
         except BaseException:
@@ -1642,44 +1381,40 @@ class RemoteChannel(Channel):
         return out
 
     def _cancel_many(self, ops: list[_Op]) -> None:
-        waiting = [op for op in ops if op.state == _WAITING]
-        for op in ops:
-            if op.state != _WAITING:
-                self._cancel(op)
-        if waiting:
-            gone = set(map(id, waiting))
-            for op in waiting:
-                op.state = _CANCELLED
-            self._recv_ops = deque(op for op in self._recv_ops if id(op) not in gone)
-            self._emit(w.Cancel(len(waiting)))
+        self._core.cancel_many(ops)
+        self._drain()
 
     async def flush(self) -> None:
         """Until the owner has accepted every item sent so far (BrokenError if the handle broke)."""
-        while self._unacked:
+        core = self._core
+        while core.unacked:
             if self._wire is None:
                 if self._resuming_now():
                     await self._ready()  # the handle reopens on the redialed session
                     continue
-                raise BrokenError(f"channel {self.name!r}: {len(self._unacked)} items not yet accepted")
+                raise BrokenError(f"channel {self.name!r}: {len(core.unacked)} items not yet accepted")
             fut = asyncio.get_running_loop().create_future()
             self._close_waiters.append(fut)
             await fut
-        if self._undelivered:
-            n, self._undelivered = self._undelivered, 0
+        if core.undelivered:
+            n, core.undelivered = core.undelivered, 0
             raise ClosedError(f"channel {self.name!r} closed before {n} items sent earlier could be delivered")
 
     async def close(self) -> None:
         """Close the channel at its owner (after every item sent so far)."""
         self._check("send")
         await self._ready()
-        if self._closed:
+        core = self._core
+        if core.closed:
             return
-        self._emit(w.Close())
-        while not self._closed:
+        core.close()
+        self._drain()
+        while not core.closed:
             if self._wire is None:
                 if self._resuming_now():
                     await self._ready()
-                    self._emit(w.Close())  # again, on the new stream
+                    core.close()  # again, on the new stream
+                    self._drain()
                     continue
                 raise BrokenError(f"channel {self.name!r}: lost before the close was confirmed")
             fut = asyncio.get_running_loop().create_future()
@@ -1692,19 +1427,19 @@ class RemoteChannel(Channel):
         Items sent but not yet confirmed by the owner are delivered first, for
         up to ``timeout`` seconds; BrokenError if some of them could not be.
         """
-        if self._error is None and self._unacked and self.capacity != 0:
+        core = self._core
+        if self._error is None and core.unacked and core.capacity != 0:
             try:
                 await asyncio.wait_for(self._deliver_owed(), timeout)
             except (NetchanError, asyncio.TimeoutError):
                 pass
-        lost = len(self._unacked) if self.capacity != 0 else 0
-        self._unacked.clear()
-        self._resend.clear()
+        lost = core.abandon()
         if self._error is None:
             self._error = ClosedError(f"channel handle {self.name!r} closed")
         wire, self._wire = self._wire, None
         if wire is not None:
-            self._broken(self._error)
+            core.broken(self._error)
+            self._drain()
             wire.finish()
             await wire.aclose()
         if lost:
@@ -1714,21 +1449,23 @@ class RemoteChannel(Channel):
     async def _deliver_owed(self) -> None:
         if self._wire is None:
             await self._ready()  # reopen: what the owner has not confirmed is sent again
-        self._flush_batch()
+        self._core.flush()
+        self._drain()
         await self.flush()
 
     def statistics(self) -> dict[str, Any]:
+        core = self._core
         return {
             "name": self.name,
             "owner": self.owner,
-            "capacity": self.capacity,
-            "credit": self._credit,
-            "unconfirmed": len(self._unacked),
-            "senders_waiting": len(self._blocked),
-            "receivers_waiting": len(self._recv_ops),
-            "sent": self.sent,
-            "received": self.received,
-            "closed": self._closed,
+            "capacity": core.capacity,
+            "credit": core.credit,
+            "unconfirmed": len(core.unacked),
+            "senders_waiting": len(core.blocked),
+            "receivers_waiting": len(core.recv_ops),
+            "sent": core.sent,
+            "received": core.received,
+            "closed": core.closed,
             "open": self._wire is not None,
         }
 
@@ -1912,10 +1649,15 @@ class ChannelHub:
         key = (owner, name, kind, direction)
         handle = self._refs.get(key)
         if handle is None or (isinstance(handle, RemoteChannel) and handle._error is not None):
-            handle = RemoteChannel(self, owner, name, direction=direction, addresses=addresses)
-            handle._from_ref = True
+            handle = RemoteChannel(self, owner, name, direction=direction, addresses=addresses, from_ref=True)
             self._refs[key] = handle
         return handle
+
+    def forget_reference(self, handle: RemoteChannel) -> None:
+        """``handle``, made from a reference, is over: a new reference makes a new one."""
+        key = (handle.owner, handle.name, "channel", handle.direction)
+        if self._refs.get(key) is handle:
+            del self._refs[key]
 
     async def peer_for(self, owner: str, addresses: Sequence[str], hint: Peer | None) -> Peer:
         """A session with ``owner``: the one we have (either direction), or a new one."""

@@ -16,12 +16,10 @@ arms several ops in one group, of which exactly one may claim.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import secrets
 import weakref
-from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Sequence
 
 from ..errors import (
@@ -39,14 +37,26 @@ from ..errors import (
     ServiceNotFound,
     Timeout,
     WouldBlock,
-    error_from_code,
 )
 from ..identity import check_node_id, node_id_set
 from ..node.node import register_extension
 from . import frames as w
 from .codec import DEFAULT_MAX_MESSAGE, Codec, Sendable, make_codec
-from .core import Accepted, ChannelCore, Closed, Deliver, End, Grant, Item, Reclaim, Withdrawn
+from .core import (
+    Accepted,
+    ChannelCore,
+    Closed,
+    Deliver,
+    End,
+    EndpointCore,
+    Grant,
+    Item,
+    Reclaim,
+    WithdrawAsked,
+    Withdrawn,
+)
 from .handle import CANCELLED, COMMITTED, DONE, WAITING, WITHDRAWING, Finished, HandleCore, LetGo, Progress
+from .wire import HANDSHAKE_TIMEOUT, REFUSALS, Wire, open_handle, read_one, wake_all
 
 if TYPE_CHECKING:
     from ..node.node import Node, Peer, Stream
@@ -796,7 +806,7 @@ class LocalChannel(Channel):
 
     # -- remote handles -------------------------------------------------------------
 
-    async def _serve(self, wire: w.Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
+    async def _serve(self, wire: Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
         ep = _Endpoint(self, wire, directions)
         core = self.core
         accepted = 0
@@ -831,10 +841,7 @@ class LocalChannel(Channel):
         finally:
             self._endpoints.discard(ep)
             self._watchers.discard(ep)
-            if ep._ack_timer is not None:
-                ep._ack_timer.cancel()
-            if ep._ready_timer is not None:
-                ep._ready_timer.cancel()
+            ep.stop()
             core.lost(ep)
             self._pump()
         if isinstance(error, ProtocolError):
@@ -844,146 +851,78 @@ class LocalChannel(Channel):
 
 
 class _Endpoint:
-    """A remote handle, as the owner's core sees it."""
+    """A remote handle, as the owner's core sees it: drives its EndpointCore
+    (frames out on the wire, the coalescing timer, the end-of-turn flush)."""
 
-    __slots__ = ("chan", "wire", "can_send", "can_recv", "origin", "_grant", "_ack", "_ack_sent", "_ack_timer",
-                 "_flush_scheduled", "_told", "_ready", "_ready_timer")
+    __slots__ = ("chan", "wire", "origin", "core", "_timer", "_timer_at", "_flush_scheduled")
 
-    def __init__(self, chan: LocalChannel, wire: w.Wire, directions: set[str]) -> None:
+    def __init__(self, chan: LocalChannel, wire: Wire, directions: set[str]) -> None:
         self.chan = chan
         self.wire = wire
-        self.can_send = "send" in directions
-        self.can_recv = "recv" in directions
         self.origin = "r" + secrets.token_hex(6)
-        self._grant = 0
-        self._ack = 0
-        self._ack_sent = 0
-        self._ack_timer: asyncio.TimerHandle | None = None
+        codec = chan.codec
+        self.core = EndpointCore(chan.core, self, can_send="send" in directions, can_recv="recv" in directions,
+                                 rendezvous=chan.capacity == 0,
+                                 decode=None if codec.name == "raw" else codec.decode,
+                                 max_message=codec.max_message)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._flush_scheduled = False
-        self._told: tuple[bool, bool] | None = None
-        self._ready: tuple[bool, bool] = (False, False)
-        self._ready_timer: asyncio.TimerHandle | None = None
+
+    def on_event(self, ev: Any) -> None:
+        self.core.on_event(ev, asyncio.get_running_loop().time())
+        self._drain()
 
     def tell_readiness(self, ready: tuple[bool, bool], now: bool = False) -> None:
-        """A watching handle hears when readiness changes: at most one READY per
-        ``_READY_EVERY`` (a busy channel flips its readiness item by item)."""
-        self._ready = ready
-        if now:
-            self._send_readiness()
-        elif ready != self._told and self._ready_timer is None:
-            self._ready_timer = asyncio.get_running_loop().call_later(_READY_EVERY, self._send_readiness)
+        self.core.tell_readiness(ready, asyncio.get_running_loop().time(), at_once=now)
+        self._drain()
 
-    def _send_readiness(self) -> None:
-        self._ready_timer = None
-        ready = self._ready
-        if ready != self._told and not self.wire.closing:
-            self._told = ready
-            self.wire.send(w.Ready(ready[0], ready[1]))
+    def on_frame(self, frame: w.Frame) -> None:
+        core = self.core
+        core.receive_frame(frame)
+        while core.events:
+            ev = core.events.popleft()
+            if type(ev) is WithdrawAsked:
+                self.chan._withdraw(self, ev.seq)
+            else:
+                self.chan._watchers.add(self)
+                core.tell_readiness(self.chan._readiness(), asyncio.get_running_loop().time(), at_once=True)
+        self._drain()
 
-    # owner -> handle
-    def on_event(self, ev: Any) -> None:
-        match ev:
-            case Deliver():
-                self.wire.send(w.Deliver(ev.dseq, ev.item.id, ev.item.data))
-            case Grant():
-                self._grant += ev.n
-                self._schedule()
-            case Accepted():
-                if self.chan.capacity == 0:
-                    # a rendezvous sender waits for exactly this item (takers
-                    # may take a sender's items out of order): not cumulative
-                    self.wire.send(w.Accepted(ev.seq))
-                    return
-                self._ack = max(self._ack, ev.seq)
-                if self._ack - self._ack_sent >= _ACK_EVERY:
-                    self._schedule()
-                elif self._ack_timer is None:
-                    # acknowledgements only free the sender's copies: no hurry
-                    self._ack_timer = asyncio.get_running_loop().call_later(_ACK_DELAY, self._flush)
-            case Reclaim():
-                self._flush()  # grants first, so the handle can give them back
-                self.wire.send(w.Reclaim())
-            case Closed():
-                self._flush()
-                self.wire.send(w.Closed())
-            case End():
-                self.wire.send(w.End())
-            case Withdrawn():
-                self.wire.send(w.Withdrawn(ev.seq))
-
-    def _schedule(self) -> None:
-        if not self._flush_scheduled:
+    def _drain(self) -> None:
+        core = self.core
+        if core.outbox:
+            frames, core.outbox = core.outbox, []
+            if not self.wire.closing:
+                for frame in frames:
+                    self.wire.send(frame)
+        loop = asyncio.get_running_loop()
+        if core.flush_wanted and not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
+        due = core.deadline()
+        if due != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(due, self._on_timer) if due is not None else None
+            self._timer_at = due
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        if self._ack > self._ack_sent:
-            self.wire.send(w.Accepted(self._ack))
-            self._ack_sent = self._ack
-        if self._grant:
-            self.wire.send(w.Grant(self._grant))
-            self._grant = 0
+        self.core.flush()
+        self._drain()
 
-    # handle -> owner
-    def on_frame(self, frame: w.Frame) -> None:
-        core = self.chan.core
-        kind = type(frame)
-        if kind in _SEND_FRAMES and not self.can_send:
-            raise RemoteProtocolError("this handle may not send")
-        if kind in _RECV_FRAMES and not self.can_recv:
-            raise RemoteProtocolError("this handle may not receive")
-        match frame:
-            case w.Items(seq=first_seq, items=datas):
-                codec = self.chan.codec
-                origin = core.origin_of(self)
-                if max(map(len, datas), default=0) > codec.max_message:
-                    raise RemoteProtocolError("an item is over the size limit")
-                seqs = range(first_seq, first_seq + len(datas))
-                if codec.name == "raw":
-                    items = [Item(origin, seq, d, d) for seq, d in zip(seqs, datas)]
-                else:
-                    # decoding here validates every item before it enters the channel
-                    decode = codec.decode
-                    items = [Item(origin, seq, d, decode(d)) for seq, d in zip(seqs, datas)]
-                core.items(self, first_seq, items)
-            case w.Demand(n=n):
-                core.demand(self, n)
-            case w.Done(dseq=dseq):
-                core.done(self, dseq)
-            case w.Taken(dseq=dseq):
-                core.taken(self, dseq)
-            case w.Requeue(dseq=dseq):
-                core.requeue(self, dseq)
-            case w.Cancel(n=n):
-                core.cancel_demand(self, n)
-            case w.Want(n=n):
-                core.want(self, n)
-            case w.Release(n=n):
-                core.release(self, n)
-            case w.Withdraw(seq=seq):
-                self.chan._withdraw(self, seq)
-            case w.Close():
-                core.close()
-                self.wire.send(w.Closed())
-            case w.Watch():
-                self.chan._watchers.add(self)
-                self.tell_readiness(self.chan._readiness(), now=True)
-            case _:
-                raise RemoteProtocolError(f"unexpected frame {kind.__name__} from a channel handle")
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.core.on_timer(asyncio.get_running_loop().time())
+        self._drain()
 
+    def stop(self) -> None:
+        """The handle is gone: no more timers."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
 
-#: a sender's items are acknowledged every this many, or after this delay
-_ACK_EVERY = 256
-_ACK_DELAY = 0.005
-#: watching handles hear of readiness changes at most this often
-_READY_EVERY = 0.002
-
-_SEND_FRAMES: frozenset[type[w.Frame]] = frozenset({w.Want, w.Items, w.Release, w.Close, w.Withdraw})
-_RECV_FRAMES: frozenset[type[w.Frame]] = frozenset({w.Demand, w.Cancel, w.Taken, w.Done, w.Requeue})
 
 
 # -- a handle to a channel owned elsewhere -------------------------------------------
@@ -1033,7 +972,7 @@ class RemoteChannel(Channel):
         #: the protocol state; decoding goes through the codec of the moment
         self._core = HandleCore(name, lambda data: self._codec.decode(data), from_ref=from_ref,
                                 max_message=max_message)
-        self._wire: w.Wire | None = None
+        self._wire: Wire | None = None
         self._opening: asyncio.Task[None] | None = None
         self._error: NetchanError | None = None  # permanent (refused, broken protocol, closed)
         self._refused: set[str] = set()
@@ -1098,7 +1037,7 @@ class RemoteChannel(Channel):
                 op.finish(ev.result, asyncio.CancelledError() if ev.cancelled else ev.error)
             elif type(ev) is Progress:
                 if self._close_waiters:
-                    w.wake_all(self._close_waiters)
+                    wake_all(self._close_waiters)
             elif type(ev) is LetGo:
                 self._let_go(ev.error)
 
@@ -1227,9 +1166,9 @@ class RemoteChannel(Channel):
             next_seq=core.unacked[0][0] if core.unacked else core.next_seq,
         )
         try:
-            wire, reply = await w.open_handle(peer, SERVICE, hello, w.max_frame(self._codec.max_message),
-                                              w.HANDSHAKE_TIMEOUT)
-        except w.REFUSALS as exc:
+            wire, reply = await open_handle(peer, SERVICE, hello, w.max_frame(self._codec.max_message),
+                                              HANDSHAKE_TIMEOUT)
+        except REFUSALS as exc:
             if not (self._resuming and isinstance(exc, ServiceNotFound)):
                 self._error = exc  # (a restarted owner may not have made the channel yet)
             raise
@@ -1264,7 +1203,7 @@ class RemoteChannel(Channel):
         finally:
             self._drain()
 
-    def _on_wire_end(self, wire: w.Wire, error: NetchanError) -> None:
+    def _on_wire_end(self, wire: Wire, error: NetchanError) -> None:
         if isinstance(error, EndOfStream):
             error = BrokenError(f"channel {self.name!r}: the owner ended the handle")
         elif isinstance(error, ProtocolError):
@@ -1678,10 +1617,10 @@ class ChannelHub:
     # -- the service ------------------------------------------------------------------
 
     async def _serve(self, stream: Stream, peer: Peer) -> None:
-        wire = w.Wire(stream, w.max_frame(DEFAULT_MAX_MESSAGE))
+        wire = Wire(stream, w.max_frame(DEFAULT_MAX_MESSAGE))
         wire.start()
         try:
-            hello = w.handshake(await w.read_one(wire, w.HANDSHAKE_TIMEOUT), w.Hello)
+            hello = w.handshake(await read_one(wire, HANDSHAKE_TIMEOUT), w.Hello)
             obj = self._owned.get(hello.name)
             kind = hello.kind
             try:

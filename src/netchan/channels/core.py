@@ -33,6 +33,7 @@ from typing import Any, Hashable
 import msgspec
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from . import frames as f
 
 __all__ = [
     "ChannelCore",
@@ -44,6 +45,9 @@ __all__ = [
     "Closed",
     "End",
     "Withdrawn",
+    "EndpointCore",
+    "WithdrawAsked",
+    "WatchAsked",
 ]
 
 Endpoint = Hashable
@@ -663,3 +667,178 @@ class ChannelCore:
                 self.events.append(End(ep))
             self._demand.clear()
             self._demand_total = 0
+
+
+# -- one remote handle, as its owner serves it --------------------------------------------
+
+#: a sender's items are acknowledged every this many, or after this delay
+ACK_EVERY = 256
+ACK_DELAY = 0.005
+#: watching handles hear of readiness changes at most this often
+READY_EVERY = 0.002
+
+_SEND_FRAMES: frozenset[type[f.Frame]] = frozenset({f.Want, f.Items, f.Release, f.Close, f.Withdraw})
+_RECV_FRAMES: frozenset[type[f.Frame]] = frozenset({f.Demand, f.Cancel, f.Taken, f.Done, f.Requeue})
+
+
+@dataclass(slots=True)
+class WithdrawAsked:
+    """The handle withdraws its rendezvous item ``seq`` (its send was cancelled)."""
+
+    seq: int
+
+
+@dataclass(slots=True)
+class WatchAsked:
+    """The handle wants to hear when the channel's readiness changes."""
+
+
+class EndpointCore:
+    """One remote handle as the owner serves it, without I/O.
+
+    The channel core's events for the handle become frames: grants and
+    acknowledgements are coalesced to one of each per loop turn (an
+    acknowledgement may wait ``ACK_DELAY`` or until ``ACK_EVERY`` items, since
+    it only frees the sender's copies), and readiness goes out at most every
+    ``READY_EVERY``.  The handle's frames become calls on the channel core.
+    Time comes in as ``now``; :meth:`deadline` says when :meth:`on_timer` is
+    due."""
+
+    def __init__(self, channel: ChannelCore, endpoint: Endpoint, *, can_send: bool, can_recv: bool,
+                 rendezvous: bool, decode: Any, max_message: int) -> None:
+        self.channel = channel
+        self.endpoint = endpoint  # how the channel core knows this handle
+        self.can_send = can_send
+        self.can_recv = can_recv
+        self.rendezvous = rendezvous
+        self._decode = decode  # None: items are kept as bytes (the raw codec)
+        self.max_message = max_message
+        self._grant = 0
+        self._ack = 0
+        self._ack_sent = 0
+        self._ack_due: float | None = None
+        self._told: tuple[bool, bool] | None = None
+        self._ready: tuple[bool, bool] = (False, False)
+        self._ready_due: float | None = None
+        #: frames for the handle, in order
+        self.outbox: list[f.Frame] = []
+        #: the driver calls :meth:`flush` at the end of this loop turn
+        self.flush_wanted = False
+        self.events: deque[WithdrawAsked | WatchAsked] = deque()
+
+    # owner -> handle
+
+    def on_event(self, ev: Any, now: float) -> None:
+        """An event of the channel core for this handle."""
+        match ev:
+            case Deliver():
+                self.outbox.append(f.Deliver(ev.dseq, ev.item.id, ev.item.data))
+            case Grant():
+                self._grant += ev.n
+                self.flush_wanted = True
+            case Accepted():
+                if self.rendezvous:
+                    # a rendezvous sender waits for exactly this item (takers
+                    # may take a sender's items out of order): not cumulative
+                    self.outbox.append(f.Accepted(ev.seq))
+                    return
+                self._ack = max(self._ack, ev.seq)
+                if self._ack - self._ack_sent >= ACK_EVERY:
+                    self.flush_wanted = True
+                elif self._ack_due is None:
+                    self._ack_due = now + ACK_DELAY
+            case Reclaim():
+                self.flush()  # grants first, so the handle can give them back
+                self.outbox.append(f.Reclaim())
+            case Closed():
+                self.flush()
+                self.outbox.append(f.Closed())
+            case End():
+                self.outbox.append(f.End())
+            case Withdrawn():
+                self.outbox.append(f.Withdrawn(ev.seq))
+
+    def tell_readiness(self, ready: tuple[bool, bool], now: float, at_once: bool = False) -> None:
+        """The channel's readiness (for a watching handle): told at once, or
+        at most once per ``READY_EVERY`` (a busy channel flips item by item)."""
+        self._ready = ready
+        if at_once:
+            self._send_readiness()
+        elif ready != self._told and self._ready_due is None:
+            self._ready_due = now + READY_EVERY
+
+    def _send_readiness(self) -> None:
+        self._ready_due = None
+        if self._ready != self._told:
+            self._told = self._ready
+            self.outbox.append(f.Ready(*self._ready))
+
+    def flush(self) -> None:
+        """What this turn coalesced: the acknowledgement, then the grant."""
+        self.flush_wanted = False
+        self._ack_due = None
+        if self._ack > self._ack_sent:
+            self.outbox.append(f.Accepted(self._ack))
+            self._ack_sent = self._ack
+        if self._grant:
+            self.outbox.append(f.Grant(self._grant))
+            self._grant = 0
+
+    def deadline(self) -> float | None:
+        """When :meth:`on_timer` is due next (None: nothing waits for time)."""
+        due = [t for t in (self._ack_due, self._ready_due) if t is not None]
+        return min(due) if due else None
+
+    def on_timer(self, now: float) -> None:
+        if self._ack_due is not None and now >= self._ack_due:
+            self.flush()
+        if self._ready_due is not None and now >= self._ready_due:
+            self._send_readiness()
+
+    # handle -> owner
+
+    def receive_frame(self, frame: f.Frame) -> None:
+        """A frame from the handle; RemoteProtocolError if it may not send it."""
+        channel = self.channel
+        ep = self.endpoint
+        kind = type(frame)
+        if kind in _SEND_FRAMES and not self.can_send:
+            raise RemoteProtocolError("this handle may not send")
+        if kind in _RECV_FRAMES and not self.can_recv:
+            raise RemoteProtocolError("this handle may not receive")
+        match frame:
+            case f.Items(seq=first_seq, items=datas):
+                origin = channel.origin_of(ep)
+                if max(map(len, datas), default=0) > self.max_message:
+                    raise RemoteProtocolError("an item is over the size limit")
+                seqs = range(first_seq, first_seq + len(datas))
+                decode = self._decode
+                if decode is None:
+                    items = [Item(origin, seq, d, d) for seq, d in zip(seqs, datas)]
+                else:
+                    # decoding here validates every item before it enters the channel
+                    items = [Item(origin, seq, d, decode(d)) for seq, d in zip(seqs, datas)]
+                channel.items(ep, first_seq, items)
+            case f.Demand(n=n):
+                channel.demand(ep, n)
+            case f.Done(dseq=dseq):
+                channel.done(ep, dseq)
+            case f.Taken(dseq=dseq):
+                channel.taken(ep, dseq)
+            case f.Requeue(dseq=dseq):
+                channel.requeue(ep, dseq)
+            case f.Cancel(n=n):
+                channel.cancel_demand(ep, n)
+            case f.Want(n=n):
+                channel.want(ep, n)
+            case f.Release(n=n):
+                channel.release(ep, n)
+            case f.Withdraw(seq=seq):
+                self.events.append(WithdrawAsked(seq))
+            case f.Close():
+                channel.close()
+                self.outbox.append(f.Closed())
+            case f.Watch():
+                self.events.append(WatchAsked())
+            case _:
+                raise RemoteProtocolError(f"unexpected frame {kind.__name__} from a channel handle")

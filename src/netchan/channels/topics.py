@@ -39,6 +39,7 @@ from ..errors import (
 from ..identity import node_id_set
 from . import frames as w
 from .codec import DEFAULT_MAX_MESSAGE, make_codec
+from .wire import HANDSHAKE_TIMEOUT, REFUSALS, Wire, open_handle, wake_all
 
 if TYPE_CHECKING:
     from ..node.node import Peer
@@ -128,7 +129,7 @@ class Subscription:
         self._queue.clear()
         self.topic._unsubscribe(self)
         self._wake()
-        w.wake_all(self._space)
+        wake_all(self._space)
 
     def _end(self) -> None:
         self._ended = True
@@ -139,7 +140,7 @@ class Subscription:
         msg = self._queue.popleft()
         self.received += 1
         if self._space:
-            w.wake_all(self._space)
+            wake_all(self._space)
         return msg
 
     async def recv(self) -> Any:
@@ -278,7 +279,7 @@ class Topic:
         self.closed = True
         for sub in list(self._subs):
             sub._end()
-            w.wake_all(sub._space)  # a publisher waiting for room learns of the close
+            wake_all(sub._space)  # a publisher waiting for room learns of the close
         self._hub._forget(self)
 
     def statistics(self) -> dict[str, Any]:
@@ -293,7 +294,7 @@ class Topic:
 
     # -- remote publishers and subscribers -------------------------------------------
 
-    async def _serve(self, wire: w.Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
+    async def _serve(self, wire: Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
         if "recv" in directions:
             window = min(hello.window or 16, 1024)  # the subscriber does not set our memory
             # the subscriber's own buffer, within what this topic allows one subscriber
@@ -305,7 +306,7 @@ class Topic:
             wire.send(w.Reply(ok=True, dir=["send"], codec=self.codec.name, schema=self.codec.schema))
             await self._take_publications(wire, peer)
 
-    async def _push(self, wire: w.Wire, sub: Subscription, window: int) -> None:
+    async def _push(self, wire: Wire, sub: Subscription, window: int) -> None:
         credit = [window]
         more: list[asyncio.Future[None]] = []
 
@@ -315,7 +316,7 @@ class Topic:
                     if not isinstance(frame, w.Demand):
                         raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a subscriber")
                     credit[0] = min(credit[0] + frame.n, window)
-                    w.wake_all(more)
+                    wake_all(more)
 
         reader = asyncio.ensure_future(read_credit())
         try:
@@ -343,7 +344,7 @@ class Topic:
             reader.cancel()
             await sub.aclose()
 
-    async def _take_publications(self, wire: w.Wire, peer: Peer) -> None:
+    async def _take_publications(self, wire: Wire, peer: Peer) -> None:
         codec = self.codec
         while True:
             try:
@@ -392,7 +393,7 @@ class _TopicHandle:
         self.name = name
         self._codec = make_codec(codec, type, hub.resolve)
         self._explicit = codec is not None or type is not None
-        self._wire: w.Wire | None = None
+        self._wire: Wire | None = None
         self._error: NetchanError | None = None
 
     def _hello(self) -> w.Hello:
@@ -410,9 +411,9 @@ class _TopicHandle:
         if self._error is not None:
             raise self._error.with_traceback(None)
         try:
-            wire, reply = await w.open_handle(self._peer, "netchan.channel", self._hello(),
-                                              w.max_frame(self._codec.max_message), w.HANDSHAKE_TIMEOUT)
-        except w.REFUSALS as exc:
+            wire, reply = await open_handle(self._peer, "netchan.channel", self._hello(),
+                                              w.max_frame(self._codec.max_message), HANDSHAKE_TIMEOUT)
+        except REFUSALS as exc:
             self._error = exc
             raise
         if not self._explicit and reply.codec != self._codec.name:
@@ -420,7 +421,7 @@ class _TopicHandle:
         self._wire = wire
         self._started(wire)
 
-    def _started(self, wire: w.Wire) -> None:
+    def _started(self, wire: Wire) -> None:
         pass
 
     async def aclose(self) -> None:
@@ -451,10 +452,10 @@ class RemoteTopic(_TopicHandle):
         self._refused = 0  # publications the owner did not deliver: the topic had closed
         self._reader: asyncio.Task[None] | None = None
 
-    def _started(self, wire: w.Wire) -> None:
+    def _started(self, wire: Wire) -> None:
         self._reader = self._hub.node.spawn(self._read(wire), f"topic handle {self.name}")
 
-    async def _read(self, wire: w.Wire) -> None:
+    async def _read(self, wire: Wire) -> None:
         try:
             while True:
                 for frame in await wire.read_frames():
@@ -469,14 +470,14 @@ class RemoteTopic(_TopicHandle):
                             raise error_from_code(code, reason)
                         case _:
                             raise RemoteProtocolError(f"unexpected frame {type(frame).__name__} from a topic")
-                w.wake_all(self._waiters)
+                wake_all(self._waiters)
         except (NetchanError, asyncio.CancelledError) as exc:
             if self._error is None:
                 self._error = exc if isinstance(exc, NetchanError) else ClosedError("closed")
                 if not isinstance(exc, ClosedError):
                     self._error = BrokenError(f"topic {self.name!r}: {exc}")
             self._wire = None
-            w.wake_all(self._waiters)
+            wake_all(self._waiters)
 
     async def publish(self, value: Any) -> None:
         """Publish ``value``; waits when too many publications are unconfirmed."""
@@ -548,10 +549,10 @@ class RemoteSubscription(_TopicHandle):
     def _hello(self) -> w.Hello:
         return msgspec.structs.replace(super()._hello(), window=self.window, buffer=self.buffer)
 
-    def _started(self, wire: w.Wire) -> None:
+    def _started(self, wire: Wire) -> None:
         self._reader = self._hub.node.spawn(self._read(wire), f"topic handle {self.name}")
 
-    async def _read(self, wire: w.Wire) -> None:
+    async def _read(self, wire: Wire) -> None:
         try:
             while True:
                 frames = await wire.read_frames()

@@ -185,3 +185,43 @@ def test_the_scan_finds_a_cycle_a_private_name_and_an_upward_import(tmp_path):
     assert sorted(private) == [("netchan.channels", "netchan.session.core", "_secret"),
                                ("netchan.node.peer", "netchan.session.core", "_hidden")]
     assert _upward(edges) == ["netchan.node.hub (layer 3) imports netchan.channels (layer 4)"]
+
+
+#: the protocol cores: bytes (or frames) and a clock in, frames and events out
+CORES = [
+    "netchan.session.core",
+    "netchan.session.control",
+    "netchan.session.router",
+    "netchan.session.scheduler",
+    "netchan.channels.core",
+    "netchan.channels.handle",
+    "netchan.channels.frames",
+    "netchan.channels.codec",
+]
+
+
+def _imports_asyncio(path: Path) -> bool:
+    tree = ast.parse(path.read_text())
+    for node in _runtime_nodes(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "asyncio" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "asyncio":
+            return True
+    return False
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_protocol_cores_do_no_io(core):
+    """A core imports no asyncio, and neither does anything it imports."""
+    modules, edges, _ = _scan(ROOT)
+    seen, todo = set(), [core]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        todo.extend(edges[mod])
+        parts = mod.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(2, len(parts)))  # the packages it runs
+    users = sorted(m for m in seen if _imports_asyncio(modules[m]))
+    assert not users, f"{core} runs asyncio through {users}"

@@ -22,7 +22,9 @@ This module gathers the public names of every layer.
 """
 
 from . import carriers, errors
-from .channels.channel import Channel, ChannelView, LocalChannel, RemoteChannel, select
+from .channels.channel import Channel, ChannelView, select
+from .channels.local import LocalChannel
+from .channels.remote import RemoteChannel
 from .channels.topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 from .errors import (
     AuthenticationError,
@@ -48,6 +50,11 @@ from .errors import (
 from .identity import Identity
 from .node.node import ANY, Node, Peer, Stream
 from .session.engine import DEFAULT_ENGINE, ENGINES
+
+# importing the hub registers channels and topics on every node made from now on
+from .channels import hub  # isort: skip
+
+del hub
 
 __version__ = "0.1.0"
 

@@ -43,7 +43,7 @@ from .wire import HANDSHAKE_TIMEOUT, REFUSALS, Wire, open_handle, wake_all
 
 if TYPE_CHECKING:
     from ..node.node import Peer
-    from .channel import ChannelHub
+    from .hub import ChannelHub
 
 __all__ = ["Topic", "Subscription", "RemoteTopic", "RemoteSubscription", "POLICIES"]
 
@@ -280,7 +280,7 @@ class Topic:
         for sub in list(self._subs):
             sub._end()
             wake_all(sub._space)  # a publisher waiting for room learns of the close
-        self._hub._forget(self)
+        self._hub.forget(self)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -294,7 +294,7 @@ class Topic:
 
     # -- remote publishers and subscribers -------------------------------------------
 
-    async def _serve(self, wire: Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
+    async def serve_handle(self, wire: Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
         if "recv" in directions:
             window = min(hello.window or 16, 1024)  # the subscriber does not set our memory
             # the subscriber's own buffer, within what this topic allows one subscriber

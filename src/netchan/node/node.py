@@ -54,7 +54,9 @@ from ..session.scheduler import MODES, PathDown, PathUp
 from .service import Extension, ServiceStream, extensions, register_extension
 
 if TYPE_CHECKING:
-    from ..channels.channel import ChannelHub, LocalChannel, RemoteChannel
+    from ..channels.hub import ChannelHub
+    from ..channels.local import LocalChannel
+    from ..channels.remote import RemoteChannel
     from ..channels.topics import RemoteSubscription, RemoteTopic, Subscription, Topic
 
 __all__ = ["Node", "Peer", "Stream", "ANY", "PING_SERVICE", "echo_service", "Extension",

@@ -41,7 +41,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-
 from .. import errors
 from ..errors import (
     AuthenticationError,

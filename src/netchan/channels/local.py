@@ -333,7 +333,7 @@ class _Endpoint:
     """A remote handle, as the owner's core sees it: drives its EndpointCore
     (frames out on the wire, the coalescing timer, the end-of-turn flush)."""
 
-    __slots__ = ("chan", "wire", "origin", "core", "_timer", "_timer_at", "_flush_scheduled")
+    __slots__ = ("chan", "wire", "origin", "core", "_timer", "_timer_at", "_flush_scheduled", "_stopped")
 
     def __init__(self, chan: LocalChannel, wire: Wire, directions: set[str]) -> None:
         self.chan = chan
@@ -347,6 +347,7 @@ class _Endpoint:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
+        self._stopped = False
 
     def on_event(self, ev: Any) -> None:
         self.core.on_event(ev, asyncio.get_running_loop().time())
@@ -379,7 +380,7 @@ class _Endpoint:
         if core.flush_wanted and not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        due = core.deadline()
+        due = None if self._stopped else core.deadline()
         if due != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
@@ -392,12 +393,16 @@ class _Endpoint:
         self._drain()
 
     def _on_timer(self) -> None:
+        due = self._timer_at
         self._timer = self._timer_at = None
-        self.core.on_timer(asyncio.get_running_loop().time())
+        # the loop may run a timer a clock tick early: it is due all the same
+        now = asyncio.get_running_loop().time()
+        self.core.on_timer(now if due is None else max(now, due))
         self._drain()
 
     def stop(self) -> None:
         """The handle is gone: no more timers."""
+        self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = self._timer_at = None

@@ -667,7 +667,7 @@ class _Session:
             self._wake_writers()
         if self._slot_waiters and core.can_open_stream():
             self._wake_slot_waiters()
-        if core._events:
+        if core.has_events:
             self._process_events()
         if core.closed:
             self._finish()

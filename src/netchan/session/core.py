@@ -403,6 +403,11 @@ class SessionCore:
         except Exception as exc:
             self._close(LocalProtocolError(f"QUIC engine failure: {exc}"))
 
+    @property
+    def has_events(self) -> bool:
+        """Whether :meth:`next_event` has something."""
+        return bool(self._events)
+
     def next_event(self) -> SessionEvent | None:
         return self._events.popleft() if self._events else None
 

@@ -723,7 +723,7 @@ async def test_a_broken_handle_resends_what_the_owner_had_not_confirmed(memory_u
             await h.send(i)  # credit in hand: these return before the owner confirms
         assert h.statistics()["unconfirmed"] > 0
         # break the handle's stream (not the session); the owner may or may not have the items
-        h._wire.stream._on_error(netchan.BrokenError("cut for the test"))
+        h._wire.stream.session_error(netchan.BrokenError("cut for the test"))
         await wait_for_condition(lambda: h._wire is None)
         await h.send(10)  # reopens, resends the unconfirmed items first
         await h.flush()
@@ -744,7 +744,7 @@ async def test_a_reopened_handle_sends_nothing_the_owner_already_had(memory_url)
         await wait_for_condition(lambda: chan.statistics()["buffered"] == 10)
         assert h.statistics()["unconfirmed"] == 10
         h._on_frame = on_frame
-        h._wire.stream._on_error(netchan.BrokenError("cut for the test"))
+        h._wire.stream.session_error(netchan.BrokenError("cut for the test"))
         await wait_for_condition(lambda: h._wire is None)
         await h._ready()  # reopens: the owner says it has all ten
         assert h.statistics()["unconfirmed"] == 0
@@ -766,7 +766,7 @@ async def test_a_rendezvous_handle_reopens_after_its_item_was_lost_with_the_stre
 
         def lossy(frame):
             if isinstance(frame, w.Items):  # lost in flight, and the stream breaks
-                asyncio.get_running_loop().call_soon(wire.stream._on_error, netchan.BrokenError("cut"))
+                asyncio.get_running_loop().call_soon(wire.stream.session_error, netchan.BrokenError("cut"))
                 return
             send(frame)
 
@@ -788,7 +788,7 @@ async def test_a_failed_rendezvous_item_that_a_receiver_gives_back_leaves(memory
         await wait_for_condition(lambda: chan.statistics()["receivers_waiting"] == 1)
         send_task = asyncio.create_task(sender.send("x"))
         await wait_for_condition(lambda: chan.statistics()["in_process"] == 1)
-        sender._wire.stream._on_error(netchan.BrokenError("cut"))
+        sender._wire.stream.session_error(netchan.BrokenError("cut"))
         with pytest.raises(netchan.BrokenError):
             await asyncio.wait_for(send_task, 5)
         await receiver.aclose()  # the receiver goes: what it held goes back... unless its send failed

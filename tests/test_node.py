@@ -541,7 +541,7 @@ async def test_another_sessions_packets_on_a_stolen_token_move_nothing(ids):
             asess.path.send_packets = lambda packets: w.writelines(tcp._frame(packets))
             for _ in range(5):
                 asess.core.probe(asess.loop.time())
-                asess._transmit()
+                asess.transmit()
                 await asyncio.sleep(0.05)
             asess.path.send_packets = own
             assert reply_path.conn is original and vpath.connects == 1

@@ -27,7 +27,7 @@ from .codec import Sendable
 from .core import Item
 from .handle import CANCELLED, COMMITTED, DONE, WAITING, WITHDRAWING
 
-__all__ = ["Channel", "ChannelView", "select", "Operation", "SelectGroup", "RecvCase", "SendCase",
+__all__ = ["Channel", "Receiver", "ChannelView", "select", "Operation", "SelectGroup", "RecvCase", "SendCase",
            "WAITING", "COMMITTED", "DONE", "CANCELLED", "WITHDRAWING"]
 
 #: how long select() lets a remote case that looks ready go first
@@ -125,7 +125,25 @@ class Operation:
 # -- the public API, shared by every kind of handle -----------------------------------
 
 
-class Channel(Sendable):
+class Receiver:
+    """``async for value in receiver``: ``recv()`` until EndOfChannel (channels,
+    subscriptions)."""
+
+    __slots__ = ()
+
+    async def recv(self) -> Any:
+        raise NotImplementedError
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                value = await self.recv()
+            except EndOfChannel:
+                return
+            yield value
+
+
+class Channel(Sendable, Receiver):
     """A channel handle: the same API whether the channel is here or remote.
 
     Owner: :class:`LocalChannel`; elsewhere: :class:`RemoteChannel`; a
@@ -281,17 +299,6 @@ class Channel(Sendable):
         if op.item is not None or op.dseq:
             self._consumed(op)
         return result
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Any]:
-        while True:
-            try:
-                value = await self.recv()
-            except EndOfChannel:
-                return
-            yield value
 
     def process(self) -> _Processing:
         """``async with ch.process() as value:`` acknowledges the item only when

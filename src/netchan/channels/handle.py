@@ -107,7 +107,8 @@ class HandleCore:
     def __init__(self, name: str, decode: Callable[[bytes], Any], *, from_ref: bool = False,
                  max_message: int = 1 << 20) -> None:
         self.name = name
-        self._decode = decode
+        #: how items become values (the driver replaces it when its codec changes)
+        self.decode = decode
         #: made from a reference in an item: let go once the channel is over for it
         self.from_ref = from_ref
         self.capacity = -1  # known once open
@@ -181,19 +182,10 @@ class HandleCore:
         ``resume``: then they wait for the stream the handle reopens."""
         self.open = False
         self.credit = 0
-        if self.capacity == 0 and not resume:
-            # every rendezvous send in flight fails below, and the owner drops
-            # the items nobody took: none may be sent again behind its caller
-            self.unacked.clear()
         # resuming: rendezvous sends in flight are sent again with their own
         # sequence numbers (a receiver drops a copy it already had by item id)
         if not resume:
-            for op in [*self.blocked, *self.recv_ops, *self.rendezvous.values()]:
-                if op.state in (WAITING, COMMITTED, WITHDRAWING):
-                    self._finish(op, error=error)
-            self.blocked.clear()
-            self.recv_ops.clear()
-            self.rendezvous.clear()
+            self.fail_waiting(error)
         else:
             self.blocked = deque(op for op in self.blocked if op.state == WAITING)
             self.recv_ops = deque(op for op in self.recv_ops if op.state == WAITING)
@@ -210,6 +202,8 @@ class HandleCore:
         self.recv_ops.clear()
         self.rendezvous.clear()
         if self.capacity == 0:
+            # every rendezvous send in flight failed, and the owner drops the
+            # items nobody took: none may be sent again behind its caller
             self.unacked.clear()
 
     def abandon(self) -> int:
@@ -326,7 +320,7 @@ class HandleCore:
         op.wgen = self.wgen
         self.received += 1
         try:
-            value = self._decode(data)
+            value = self.decode(data)
         except NetchanError as exc:
             self._emit(w.Done(dseq))  # a bad item is not retried for ever
             op.dseq = 0
@@ -344,7 +338,6 @@ class HandleCore:
     def send_now(self, data: bytes) -> None:
         """Send ``data`` with credit in hand (see :meth:`can_send_now`): no
         operation, no wait; the owner will accept it."""
-        assert self.can_send_now()
         self.credit -= 1
         seq = self.next_seq
         self.next_seq = seq + 1

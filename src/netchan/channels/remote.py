@@ -85,7 +85,7 @@ class RemoteChannel(Channel):
         self._can_send = direction != "recv"
         self._can_recv = direction != "send"
         #: the protocol state; decoding goes through the codec of the moment
-        self._core = HandleCore(name, lambda data: self._codec.decode(data), from_ref=from_ref,
+        self._core = HandleCore(name, self._codec.decode, from_ref=from_ref,
                                 max_message=max_message)
         self._wire: Wire | None = None
         self._opening: asyncio.Task[None] | None = None
@@ -303,6 +303,7 @@ class RemoteChannel(Channel):
         self._can_recv = self._can_recv and "recv" in directions
         if self._codec.name != reply.codec and not self._explicit_codec:
             self._codec = make_codec(reply.codec, None, self._hub.resolve, self._max_message)
+            core.decode = self._codec.decode
         if reply.max_message is not None:
             # an item the owner would refuse fails here, at send, with MessageTooLarge
             self._codec.max_message = min(self._max_message, reply.max_message)

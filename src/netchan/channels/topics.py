@@ -21,7 +21,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import msgspec
 
@@ -38,6 +38,7 @@ from ..errors import (
 )
 from ..identity import node_id_set
 from . import frames as w
+from .channel import Receiver
 from .codec import DEFAULT_MAX_MESSAGE, make_codec
 from .wire import HANDSHAKE_TIMEOUT, REFUSALS, Wire, open_handle, wake_all
 
@@ -79,7 +80,7 @@ async def _until_filled(sub: Any, queue: deque[Any], name: str) -> None:
             sub._waiter = None
 
 
-class Subscription:
+class Subscription(Receiver):
     """One subscriber's buffer at the owner; iterate it with ``async for``."""
 
     def __init__(self, topic: Topic, buffer: int) -> None:
@@ -147,15 +148,6 @@ class Subscription:
         """The next message (EndOfChannel when the topic closed and this buffer is drained)."""
         return (await self._next_message()).value
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Any]:
-        while True:
-            try:
-                yield await self.recv()
-            except EndOfChannel:
-                return
 
     async def _wait_space(self) -> None:
         if self.full and self._error is None:
@@ -525,7 +517,7 @@ class RemoteTopic(_TopicHandle):
             raise refused
 
 
-class RemoteSubscription(_TopicHandle):
+class RemoteSubscription(_TopicHandle, Receiver):
     """A subscription to another node's topic: ``async for message in sub``."""
 
     _direction: w.Direction = "recv"
@@ -594,15 +586,6 @@ class RemoteSubscription(_TopicHandle):
             self._consumed = 0
         return self._codec.decode(data)
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Any]:
-        while True:
-            try:
-                yield await self.recv()
-            except EndOfChannel:
-                return
 
     async def aclose(self) -> None:
         if self._reader is not None:

@@ -736,12 +736,13 @@ class Node:
             session.close()
         if sessions:
             await asyncio.wait([s.done for s in sessions], timeout=1.0)
-        for session in sessions:
-            if session.dialed:
-                self.close_path_later(session.path, 0)
-        closing = list(self._closing_paths)
-        for path in closing:  # now, and wait until each has let go of its socket
-            self._closing_paths.pop(path).cancel()
+        # every dialed path still open closes now (also those a finished session
+        # would have closed shortly), and we wait until each has let go of its socket
+        closing = {s.path for s in sessions if s.dialed} | self._closing_paths.keys()
+        for path in closing:
+            timer = self._closing_paths.pop(path, None)
+            if timer is not None:
+                timer.cancel()
             path.close()
         for task in list(self._tasks):
             task.cancel()

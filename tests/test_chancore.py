@@ -54,6 +54,38 @@ def test_grants_go_round_robin_to_hungry_senders():
     assert [(e.endpoint, e.n) for e in events(core) if isinstance(e, Grant)] == [("b", 1)]
 
 
+@pytest.mark.parametrize("capacity, desire", [(1, 2), (1, 8), (3, 8), (8, 16)])
+def test_senders_that_always_want_more_than_they_get_take_turns(capacity, desire):
+    core = ChannelCore(capacity)
+    senders = ["a", "b", "c", "d"]
+    for s in senders:
+        core.attach_sender(s, s)
+    for s in senders:
+        core.want(s, desire)
+    share = -(-capacity // len(senders))
+    granted = dict.fromkeys(senders, 0)
+    for _ in range(40):
+        # each handle does what a busy one does: it sends at once with the
+        # credit it is granted, answers a reclaim and asks again
+        while core.events:
+            for e in events(core):
+                s = e.endpoint
+                if isinstance(e, Grant):
+                    assert core._senders[s].credit <= share  # nobody holds more than its share
+                    granted[s] += e.n
+                    nxt = core._senders[s].next_seq
+                    core.items(s, nxt, items(e.n, nxt, s))
+                elif isinstance(e, Reclaim):
+                    core.release(s, core._senders[s].credit)
+                    core.want(s, desire)
+        assert occupancy(core) <= capacity
+        # every sender is served in turn: none gets ahead of another by more than a share
+        assert max(granted.values()) - min(granted.values()) <= share, granted
+        while core.take_nowait() is not None:
+            pass
+    assert min(granted.values()) >= 40 * capacity // len(senders) - share
+
+
 def test_rendezvous_grants_only_against_waiting_receivers():
     core = ChannelCore(0)
     core.attach_sender("s", "s")
@@ -240,3 +272,116 @@ def test_items_given_back_one_by_one_keep_their_order():
     assert [it.id for it in core.queue] == ["s:1", "s:2", "s:4", "s:5"]
     core.requeue("w", d[2].dseq)
     assert [it.id for it in core.queue] == ["s:1", "s:2", "s:3", "s:4", "s:5"]
+
+
+# -- a sender that comes back after being lost (its peer fell silent, say) ----------------
+
+
+def _rendezvous_sent(core, ep, origin, seq):
+    """``ep`` (origin ``origin``) sends rendezvous item ``seq`` to a waiting receiver "r"."""
+    core.attach_sender(ep, origin, seq)
+    core.want(ep, 1)
+    core.items(ep, seq, items(1, seq, origin))
+
+
+def test_rendezvous_resend_of_a_taken_item_is_confirmed_not_delivered_again():
+    core = ChannelCore(0)
+    core.demand("r", 1)
+    _rendezvous_sent(core, "s1", "o", 1)
+    [deliver] = [e for e in events(core) if isinstance(e, Deliver)]
+    core.done("r", deliver.dseq)  # taken: Accepted(s1, 1) goes out, and is lost with s1
+    core.lost("s1")
+    events(core)
+    core.demand("r", 1)
+    _rendezvous_sent(core, "s2", "o", 1)  # the same handle, on a new stream, resends it
+    evs = events(core)
+    assert Accepted("s2", 1) in evs
+    assert not [e for e in evs if isinstance(e, Deliver)] and not core.queue
+    assert core.duplicates == 1 and core.items_in == 1
+
+
+@pytest.mark.parametrize("then", ["take", "give back"])
+def test_rendezvous_item_held_when_its_sender_was_lost_is_readopted_by_its_resend(then):
+    core = ChannelCore(0)
+    core.demand("r", 1)
+    _rendezvous_sent(core, "s1", "o", 1)
+    [deliver] = [e for e in events(core) if isinstance(e, Deliver)]
+    core.lost("s1")  # the receiver still holds the item, not taken yet
+    core.demand("r2", 1)
+    _rendezvous_sent(core, "s2", "o", 1)
+    evs = events(core)
+    assert not [e for e in evs if isinstance(e, Deliver)], "a second copy was delivered"
+    if then == "take":
+        core.done("r", deliver.dseq)
+        assert Accepted("s2", 1) in events(core)
+    else:
+        core.requeue("r", deliver.dseq)
+        # back in the queue as the sender's item, and on to the next receiver
+        evs = events(core)
+        assert [e.item.id for e in evs if isinstance(e, Deliver)] == ["o:1"]
+        assert not core.queue
+
+
+def test_lost_rendezvous_sender_item_given_back_leaves_when_it_does_not_return():
+    core = ChannelCore(0)
+    core.demand("r", 1)
+    _rendezvous_sent(core, "s1", "o", 1)
+    [deliver] = [e for e in events(core) if isinstance(e, Deliver)]
+    core.lost("s1")
+    core.requeue("r", deliver.dseq)
+    assert not core.queue and not core._orphans
+    core.demand("r", 1)
+    _rendezvous_sent(core, "s2", "o", 1)  # a resend now is a first send
+    assert [e.item.id for e in events(core) if isinstance(e, Deliver)] == ["o:1"]
+
+
+def test_rendezvous_memory_of_taken_items_is_bounded():
+    from netchan.channels.core import MAX_TAKEN
+
+    core = ChannelCore(0)
+    core.attach_sender("s", "o")
+    for seq in range(1, MAX_TAKEN + 50):
+        core.demand("r", 1)
+        core.want("s", 1)
+        core.items("s", seq, items(1, seq, "o"))
+        [deliver] = [e for e in events(core) if isinstance(e, Deliver)]
+        core.done("r", deliver.dseq)
+    assert len(core._rdv_taken["o"]) == MAX_TAKEN
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 8])
+def test_lost_sender_credit_goes_to_others_and_its_return_never_exceeds_capacity(capacity):
+    core = ChannelCore(capacity)
+    core.attach_sender("dead", "d")
+    core.want("dead", capacity)
+    core.attach_sender("live", "l")
+    core.want("live", capacity)
+    events(core)
+    assert core._senders["dead"].credit == capacity  # the first asker holds all the room
+    core.items("dead", 1, items(1, 1, "d"))  # one item got in before it fell silent
+    core.lost("dead")  # unresponsive: its unused credit is taken back
+    grants = [e for e in events(core) if isinstance(e, Grant)]
+    assert sum(g.n for g in grants if g.endpoint == "live") == capacity - 1
+    assert occupancy(core) <= capacity
+    # it comes back and resends what it had sent (1 arrived, 2 and 3 did not)
+    upto = core.attach_sender("back", "d", 1)
+    assert upto == 1
+    core.want("back", 2)
+    owed = [2, 3]
+    live_seq = 1
+    for _ in range(4 * capacity + 4):
+        assert occupancy(core) <= capacity
+        for ep in ("back", "live"):
+            held = core._senders[ep].credit
+            if ep == "back":
+                n = min(held, len(owed))
+                if n:
+                    core.items("back", owed[0], items(n, owed[0], "d"))
+                    del owed[:n]
+            elif held:
+                core.items("live", live_seq, items(held, live_seq, "l"))
+                live_seq += held
+            assert occupancy(core) <= capacity
+        core.take_nowait()
+        events(core)
+    assert not owed, "the returning sender never got credit for what it still owed"

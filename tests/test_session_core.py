@@ -14,7 +14,9 @@ from netchan.session.core import (
     StreamData,
     StreamRefused,
     StreamRequested,
+    Responsive,
     Terminated,
+    Unresponsive,
 )
 from netchan.session.control import ControlFrames
 from netchan.tools.testing import SessionPair
@@ -147,6 +149,66 @@ def test_keepalive_pings_when_idle(engine):
     pair.advance(5.0)
     assert pair.client.packets_sent + pair.server.packets_sent >= sent_before + 4
     assert not pair.client.closed and not pair.server.closed
+
+
+@pytest.mark.parametrize("silence", [0.7, 3.0])
+def test_silent_peer_is_unresponsive_then_responsive_again(engine, silence):
+    config = SessionConfig(unresponsive_after=0.5, linger=10.0)
+    pair = established(engine, config=config)
+    pair.advance(2.0)  # idle but answering: never unresponsive
+    assert not events_of(pair.client_events, Unresponsive) and not events_of(pair.server_events, Unresponsive)
+    pair.filter = lambda direction, packet: False  # the network goes dark
+    pair.advance(0.3)  # (the last packet came at most a ping interval before)
+    assert not events_of(pair.server_events, Unresponsive)
+    pair.advance(silence - 0.3)
+    for events, core in ((pair.client_events, pair.client), (pair.server_events, pair.server)):
+        gone = events_of(events, Unresponsive)
+        assert len(gone) == 1 and 0.5 <= gone[0].silent_for < 0.7, gone
+        assert core.unresponsive and not core.closed
+    pair.filter = None
+    pair.advance(2.0)
+    for events, core in ((pair.client_events, pair.client), (pair.server_events, pair.server)):
+        back = events_of(events, Responsive)
+        assert len(back) == 1 and back[0].silent_for >= silence - 0.1 and not core.unresponsive
+        assert events.index(back[0]) > events.index(events_of(events, Unresponsive)[0])
+        assert not events_of(events, Terminated)
+
+
+def test_idle_session_asks_for_answers_often_enough_and_no_more(engine):
+    config = SessionConfig(unresponsive_after=0.5, linger=10.0)
+    pair = established(engine, config=config)
+    before = pair.client.packets_sent + pair.server.packets_sent
+    pair.advance(10.0)
+    moved = pair.client.packets_sent + pair.server.packets_sent - before
+    # a PING and its acknowledgement every eighth of a second or so
+    assert 40 <= moved <= 400, moved
+    assert pair.client.answer_time is not None and pair.client.answer_time < 0.1
+    assert not events_of(pair.client_events, Unresponsive)
+
+
+def test_silent_peer_is_asked_ever_less_often(engine):
+    config = SessionConfig(unresponsive_after=0.5, keepalive_interval=1.0, linger=30.0)
+    pair = established(engine, config=config)
+    pair.filter = lambda direction, packet: False
+    before = pair.client.packets_sent
+    pair.advance(20.0)
+    # without backing off, 160 pings; with it about 20 (and the engine's own probes)
+    assert pair.client.packets_sent - before < 60
+    assert pair.client.unresponsive and not pair.client.closed
+
+
+def test_unresponsive_detection_can_be_turned_off(engine):
+    config = SessionConfig(unresponsive_after=None, keepalive_interval=1.0, linger=10.0)
+    pair = established(engine, config=config)
+    pair.filter = lambda direction, packet: False
+    pair.advance(5.0)
+    assert not events_of(pair.client_events, Unresponsive) and not pair.client.unresponsive
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, 10.0, 20.0])
+def test_unresponsive_time_must_be_shorter_than_linger(value):
+    with pytest.raises(errors.ConfigurationError, match="unresponsive_after"):
+        SessionConfig(unresponsive_after=value, linger=10.0)
 
 
 def test_session_ends_after_linger_without_packets(engine):

@@ -44,6 +44,7 @@ from .errors import (
     RemoteProtocolError,
     SchemaMismatch,
     ServiceNotFound,
+    TakenBack,
     Timeout,
     WouldBlock,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "ServiceNotFound",
+    "TakenBack",
     "Timeout",
     "WouldBlock",
 ]

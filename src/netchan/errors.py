@@ -5,7 +5,8 @@
     NetchanError
      ├── ClosedError            you closed it (or asked for it to close)
      ├── BrokenError            the peer or the network broke it
-     │    └── EndOfStream       the peer finished sending (clean end of a byte stream)
+     │    ├── EndOfStream       the peer finished sending (clean end of a byte stream)
+     │    └── TakenBack         the peer reset a stream because we fell silent: reopen it
      ├── EndOfChannel           a closed channel has been drained
      ├── WouldBlock             a *_nowait call could not complete at once
      ├── Timeout                a deadline passed (also a TimeoutError)
@@ -34,6 +35,7 @@ __all__ = [
     "ClosedError",
     "BrokenError",
     "EndOfStream",
+    "TakenBack",
     "EndOfChannel",
     "WouldBlock",
     "Timeout",
@@ -72,6 +74,14 @@ class BrokenError(NetchanError):
 
 class EndOfStream(BrokenError):
     """The peer finished sending on this stream; no more data will come."""
+
+
+class TakenBack(BrokenError):
+    """The peer reset a stream because this node was silent past the peer's
+    unresponsive time: it took back what the stream held (channel credit,
+    items in hand).  Nothing else is wrong: a handle reopens and carries on."""
+
+    code = 0x4E430007
 
 
 class EndOfChannel(NetchanError):
@@ -147,7 +157,8 @@ class RemoteProtocolError(ProtocolError):
 #: wire code -> exception class, for errors that close a session
 _BY_CODE: dict[int, type[NetchanError]] = {
     cls.code: cls
-    for cls in (BrokenError, AuthenticationError, NotAllowed, ServiceNotFound, ProtocolError, SchemaMismatch)
+    for cls in (BrokenError, AuthenticationError, NotAllowed, ServiceNotFound, ProtocolError, SchemaMismatch,
+                TakenBack)
 }
 
 

@@ -54,6 +54,8 @@ Endpoint = Hashable
 
 #: senders whose last sequence number a channel remembers (to drop resends)
 MAX_ORIGINS = 4096
+#: rendezvous items taken that a channel remembers per sender (to drop resends)
+MAX_TAKEN = 1024
 
 
 class Item(msgspec.Struct):
@@ -177,6 +179,11 @@ class ChannelCore:
         self._rank = 0
         #: highest sequence accepted per origin, so that resent items are dropped
         self._accepted_upto: OrderedDict[str, int] = OrderedDict()
+        #: rendezvous: the latest sequences a receiver took, per origin (a
+        #: sender that lost the confirmation resends them), and the items
+        #: receivers hold whose sender was lost (it may come back for them)
+        self._rdv_taken: dict[str, dict[int, None]] = {}
+        self._orphans: dict[tuple[str, int], Item] = {}
         # counters for statistics()
         self.items_in = 0
         self.items_out = 0
@@ -289,8 +296,13 @@ class ChannelCore:
         n = len(items)
         if n > s.credit:
             raise RemoteProtocolError(f"{n} items sent with {s.credit} credits")
-        upto = self._accepted_upto[s.origin] if self.capacity else 0
-        fresh = items if first_seq > upto else [it for it in items if it.seq > upto]
+        if self.capacity:
+            upto = self._accepted_upto[s.origin]
+            fresh = items if first_seq > upto else [it for it in items if it.seq > upto]
+        elif self._rdv_taken or self._orphans:
+            fresh = self._rendezvous_resends(ep, s.origin, items)
+        else:
+            fresh = items
         dup = n - len(fresh)
         s.next_seq = first_seq + n
         # every item used a credit, a resent one too (the sender spent it)
@@ -316,7 +328,7 @@ class ChannelCore:
                 self._hungry[ep] = None
             if self._demand:
                 self._dispatch()
-        elif dup:
+        elif dup and self.capacity:
             self.events.append(Accepted(ep, s.next_seq - 1))
         if dup:
             # the credit of a dropped resend frees a place nobody holds now
@@ -324,6 +336,25 @@ class ChannelCore:
                 self._hungry[ep] = None
             self._grant()
             self._check_end()
+
+    def _rendezvous_resends(self, ep: Endpoint, origin: str, items: list[Item]) -> list[Item]:
+        """The items a rendezvous sender sends for the first time.  A resent
+        item that a receiver took is acknowledged again; one a receiver holds
+        (its sender was lost meanwhile) is the sender's again."""
+        taken = self._rdv_taken.get(origin)
+        orphans = self._orphans
+        fresh = []
+        for it in items:
+            if taken is not None and it.seq in taken:
+                self.events.append(Accepted(ep, it.seq))
+                continue
+            held = orphans.pop((origin, it.seq), None) if orphans else None
+            if held is not None:
+                held.sender = ep
+                held.withdrawn = False
+                continue
+            fresh.append(it)
+        return fresh
 
     def put(self, ep: Endpoint, item: Item) -> None:
         """One item from a local sender, using one credit (no sequence checks)."""
@@ -517,6 +548,8 @@ class ChannelCore:
         """Put a returned item back at the head, after returned items older than it
         (so items given back one by one keep their order)."""
         if item.withdrawn:
+            if self._orphans:
+                self._orphans.pop((item.origin, item.seq), None)
             if item.sender is not None:
                 self.events.append(Withdrawn(item.sender, item.seq))  # its send was cancelled
                 item.sender = None
@@ -547,6 +580,18 @@ class ChannelCore:
         if sender is not None:
             item.sender = None
             self.events.append(Accepted(sender, item.seq))
+        if self.capacity == 0:
+            origin = item.origin
+            if self._orphans:
+                self._orphans.pop((origin, item.seq), None)
+            taken = self._rdv_taken.get(origin)
+            if taken is None:
+                taken = self._rdv_taken[origin] = {}
+                if len(self._rdv_taken) > MAX_ORIGINS:
+                    del self._rdv_taken[next(iter(self._rdv_taken))]
+            taken[item.seq] = None
+            if len(taken) > MAX_TAKEN:
+                del taken[next(iter(taken))]
 
     # -- endpoints going away -------------------------------------------------------
 
@@ -571,6 +616,7 @@ class ChannelCore:
                         if it.sender is ep:
                             it.withdrawn = True
                             it.sender = None
+                            self._orphans[(it.origin, it.seq)] = it
         self.cancel_demand(ep, self._demand_total)
         owed = self._owed.pop(ep, None)
         if owed:
@@ -627,21 +673,35 @@ class ChannelCore:
         if free <= 0:
             return
         senders = self._senders
+        share = self._share()
         for ep in list(self._hungry):
             s = senders[ep]
-            n = min(free, s.desire - s.credit)
+            n = min(free, s.desire - s.credit, share - s.credit)
             if n > 0:
                 s.credit += n
                 self._reserved += n
                 free -= n
                 self.events.append(Grant(ep, n))
-            if s.credit >= s.desire:
-                del self._hungry[ep]
+            del self._hungry[ep]
+            if s.credit < s.desire and s.credit < share:
+                # still short: behind the others that wait, so that senders
+                # take turns (one that always wants more never starves them)
+                self._hungry[ep] = None
             if free == 0:
                 break
         if self._hungry and free == 0:
             # others still wait: whoever got credit keeps only what it can use now
             self._reclaim_idle()
+
+    def _share(self) -> int:
+        """The most credit one of several remote senders may hold: its share of
+        the capacity.  No sender holds the whole channel while others are
+        attached, so one that falls silent holding credit (until it is found
+        unresponsive) never stops the rest."""
+        n = len(self._senders)
+        if n <= 1 or self.capacity == 0:
+            return 1 << 62
+        return -(-self.capacity // n)
 
     def _reclaim_idle(self) -> None:
         if len(self._senders) == 1:

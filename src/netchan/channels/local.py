@@ -8,7 +8,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ClosedError, EndOfChannel, NetchanError, ProtocolError
+from ..errors import ClosedError, EndOfChannel, NetchanError, ProtocolError, TakenBack
 from . import frames as w
 from .channel import CANCELLED, COMMITTED, DONE, WAITING, WITHDRAWING, Channel, Operation, SelectGroup
 from .codec import Codec
@@ -312,12 +312,25 @@ class LocalChannel(Channel):
             if not ended.done():
                 ended.set_result(error)
 
+        def on_responsiveness(responsive: bool) -> None:
+            # a silent peer holds nothing here: its credit goes to other
+            # senders and the items in its hands back to the queue (the
+            # finally below); the reset tells its handle to reopen and resend
+            if not responsive and not ended.done():
+                log.info("channel %r: %s is unresponsive: taking back what its handle holds",
+                         self.name, peer.node_id)
+                self._pump()  # what the core decided for it so far leaves first
+                wire.abort(TakenBack.code)
+                ended.set_result(TakenBack("the handle's peer was unresponsive"))
+
+        stop_watching = peer.on_responsiveness(on_responsiveness)
         try:
             wire.attach(on_frames, on_end)
             error = await ended
         except ProtocolError as exc:
             error = exc
         finally:
+            stop_watching()
             self._endpoints.discard(ep)
             self._watchers.discard(ep)
             ep.stop()

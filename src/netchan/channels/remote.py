@@ -19,6 +19,7 @@ from ..errors import (
     NotAllowed,
     ProtocolError,
     ServiceNotFound,
+    TakenBack,
     WouldBlock,
 )
 from . import frames as w
@@ -337,8 +338,9 @@ class RemoteChannel(Channel):
         if self._wire is wire:
             peer = self._peer
             self._wire = None
-            if self._error is None and peer is not None and peer.reconnecting:
-                # the session is being redialed: wait for it, then go on there
+            if self._error is None and peer is not None and (peer.reconnecting or isinstance(error, TakenBack)):
+                # the session is being redialed (wait for it, then go on there),
+                # or the owner took back what we held while we were silent
                 self._core.broken(error, resume=True)
                 self._drain()
                 self._open_soon(resume=True)

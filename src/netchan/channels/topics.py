@@ -5,7 +5,10 @@ last ``history`` ones), in publication order.  Each subscriber has its own
 buffer at the owner; when it is full the topic's policy decides:
 
 * ``block``: publish waits until that subscriber has room (the default;
-  nothing is ever dropped);
+  nothing is ever dropped).  A remote subscriber whose peer is unresponsive
+  (silent past the node's unresponsive time) does not hold publishers up: if
+  it is full, or fills while silent, it is cut off (it learns why with
+  BrokenError when it is heard again);
 * ``drop_oldest``: the oldest buffered message makes room (counted);
 * ``drop_newest``: the new message is not buffered for it (counted);
 * ``disconnect``: the subscriber is cut off with BrokenError.
@@ -93,6 +96,8 @@ class Subscription(Receiver):
         self.received = 0
         self._error: NetchanError | None = None
         self._ended = False
+        #: a remote subscriber whose peer is unresponsive: it may not block
+        self.silent = False
 
     def __repr__(self) -> str:
         return f"<Subscription to {self.topic.name!r} ({len(self._queue)} buffered)>"
@@ -108,6 +113,9 @@ class Subscription(Receiver):
         if len(self._queue) >= self.buffer:
             policy = self.topic.policy
             if policy == "block":
+                if self.silent:
+                    self._cut_silent()
+                    return True
                 return False
             self.dropped += 1
             if policy == "drop_newest":
@@ -135,6 +143,17 @@ class Subscription(Receiver):
     def _end(self) -> None:
         self._ended = True
         self._wake()
+
+    def set_silent(self, silent: bool) -> None:
+        """Its peer is unresponsive (or heard again): a full blocking subscriber is cut off."""
+        self.silent = silent
+        if silent and self.full and self.topic.policy == "block" and self._error is None:
+            self._cut_silent()
+
+    def _cut_silent(self) -> None:
+        self.dropped += 1
+        self._fail(BrokenError(f"subscriber to {self.topic.name!r} cut off: it was unresponsive "
+                               "while a publisher waited for it"))
 
     async def _next_message(self) -> _Message:
         await _until_filled(self, self._queue, self.topic.name)
@@ -293,7 +312,11 @@ class Topic:
             asked = hello.buffer or self.buffer
             sub = self.subscribe(min(asked, max(self.buffer, MAX_REMOTE_BUFFER)))
             wire.send(w.Reply(ok=True, dir=["recv"], codec=self.codec.name, schema=self.codec.schema))
-            await self._push(wire, sub, window)
+            stop_watching = peer.on_responsiveness(lambda responsive: sub.set_silent(not responsive))
+            try:
+                await self._push(wire, sub, window)
+            finally:
+                stop_watching()
         else:
             wire.send(w.Reply(ok=True, dir=["send"], codec=self.codec.name, schema=self.codec.schema))
             await self._take_publications(wire, peer)

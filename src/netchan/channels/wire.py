@@ -38,9 +38,6 @@ def wake_all(futs: list[asyncio.Future[None]]) -> None:
     futs.clear()
 
 
-
-
-
 class Wire:
     """Frames in and out of one stream."""
 
@@ -137,13 +134,13 @@ class Wire:
         if w is not None and not w.done():
             w.set_result(None)
 
-    def abort(self) -> None:
+    def abort(self, error_code: int = 0) -> None:
         """Drop everything and reset the stream (the peer learns at once)."""
         self.closing = True
         self._out.clear()
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
-        self.stream.abort()
+        self.stream.abort(error_code)
 
     async def aclose(self, error: NetchanError | None = None) -> None:
         if error is not None and self.error is None:

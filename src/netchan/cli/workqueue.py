@@ -5,9 +5,13 @@ This process is the producer: its node owns a ``jobs`` channel and a
 :class:`~netchan.tools.chaos.TcpCutter` that terminates every TCP connection each
 ``cut_every`` seconds, take jobs with ``async with jobs.process()``, and send
 each result on the reply channel that travels inside the job.  One worker is
-killed (SIGKILL) partway through: the job it held goes back to the queue when
-its session is declared lost, another worker does it, and the producer drops
-the duplicate result (if the dead worker's result got out) by job id.
+killed (SIGKILL) partway through.  Every node runs with default settings: the
+producer marks the dead worker's peer unresponsive after half a second of
+silence, takes back what it held (the job it was processing goes back to the
+head of the queue, the credit it held on the results channel to the live
+workers), and the live workers never stop.  Another worker does the requeued
+job, and the producer drops the duplicate result (if the dead worker's result
+got out) by job id.  The summary reports the longest gap in jobs done.
 """
 
 from __future__ import annotations
@@ -27,10 +31,6 @@ from ..identity import Identity
 from ..node.node import Node
 from ..tools.chaos import TcpCutter
 
-#: workers declare a silent peer lost after this long (the QUIC idle timeout)
-WORKER_LINGER = 3.0
-
-
 def work(payload: bytes, rounds: int) -> str:
     """The job: a chain of hashes (the producer checks every answer)."""
     digest = payload
@@ -41,7 +41,7 @@ def work(payload: bytes, rounds: int) -> str:
 
 async def run_worker(key_path: str, owner: str, url: str, number: int, engine: str | None = None) -> None:
     """A worker process: take jobs until the channel ends, reconnecting if the session is lost."""
-    async with Node(Identity.load(key_path), linger=WORKER_LINGER, engine=engine) as node:
+    async with Node(Identity.load(key_path), engine=engine) as node:
         announced = False
         while True:
             try:
@@ -71,6 +71,18 @@ class _Progress:
         self.by_worker: dict[int, int] = {}
         self.killed_at: int | None = None
         self.kills: list[int] = []  # jobs done at each kill
+        self.dying: dict[str, float] = {}  # killed worker's node id -> when, until marked unresponsive
+        self.done_times: list[float] = []
+        self.unresponsive_after: list[float] = []  # kill -> "peer unresponsive", seconds
+
+    def longest_gap(self, start: float) -> tuple[float, float]:
+        """The longest time without a job done, and when it began (from ``start``)."""
+        best, at, last = 0.0, 0.0, start
+        for t in self.done_times:
+            if t - last > best:
+                best, at = t - last, last - start
+            last = t
+        return best, at
 
 
 async def run_workqueue(
@@ -134,6 +146,12 @@ async def run_workqueue(
                     start = time.perf_counter()
                     expected = {}
 
+                    async def watch() -> None:
+                        async for ev in node.events():
+                            killed = progress.dying.pop(ev.peer_id, None) if ev.kind == "peer unresponsive" else None
+                            if killed is not None:
+                                progress.unresponsive_after.append(time.perf_counter() - killed)
+
                     async def produce() -> None:
                         reply = results.send_only()
                         for i in range(jobs):
@@ -153,11 +171,13 @@ async def run_workqueue(
                             if r["result"] != expected.get(job_id):
                                 progress.wrong += 1
                             progress.done[job_id] = r["result"]
+                            progress.done_times.append(time.perf_counter())
                             progress.by_worker[r["worker"]] = progress.by_worker.get(r["worker"], 0) + 1
                             while kill_points and len(progress.done) >= jobs * kill_points[0]:
                                 kill_points.pop(0)
                                 # the last worker first (as the one-kill demo always did), then any
                                 victim = len(procs) - 1 if not progress.kills else rng.randrange(len(procs))
+                                progress.dying[worker_ids[victim].node_id] = time.perf_counter()
                                 procs[victim].send_signal(signal.SIGKILL)
                                 await procs[victim].wait()
                                 progress.kills.append(len(progress.done))
@@ -166,17 +186,19 @@ async def run_workqueue(
                                 if kill_points or kills > 1:
                                     procs[victim] = await start_worker(victim)  # a replacement
 
+                    watcher = asyncio.ensure_future(watch())
                     tasks = [asyncio.ensure_future(produce()), asyncio.ensure_future(collect())]
                     finished = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*tasks), deadline))
                     while not finished.done():
                         await asyncio.wait([finished], timeout=0.25)
                         _line(progress, cutter, time.perf_counter() - start, job_chan.statistics())
                     elapsed = time.perf_counter() - start
+                    watcher.cancel()
                     try:
                         finished.result()
                     except (asyncio.TimeoutError, NetchanError) as exc:
                         print(f"\n  stopped: {exc or 'deadline passed'}")
-                    return _summary(progress, cutter, elapsed, job_chan.statistics())
+                    return _summary(progress, cutter, elapsed, start, job_chan.statistics())
                 finally:
                     await _stop(procs)
 
@@ -191,7 +213,7 @@ def _line(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, Any]
     sys.stdout.flush()
 
 
-def _summary(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, Any]) -> int:
+def _summary(p: _Progress, cutter: TcpCutter, elapsed: float, start: float, stats: dict[str, Any]) -> int:
     lost = p.total - len(p.done)
     print("\n")
     print(f"  jobs done          {len(p.done)} of {p.total} ({len(p.done) / elapsed:.0f} jobs/s over {elapsed:.1f} s)")
@@ -203,6 +225,11 @@ def _summary(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, A
     else:
         print(f"  workers killed     {len(p.kills)}, at " + ", ".join(map(str, p.kills))
               + f" jobs done; what they held went back to the queue ({stats['requeued']} requeued)")
+    if p.unresponsive_after:
+        print("  marked unresponsive " + ", ".join(f"{t:.2f} s" for t in p.unresponsive_after)
+              + " after " + ("the kill" if len(p.kills) == 1 else "each kill"))
+    gap, at = p.longest_gap(start)
+    print(f"  longest gap        {gap:.2f} s without a job done (from {at:.1f} s)")
     print(f"  duplicates dropped {p.duplicates} (by job id)")
     print("  jobs per worker    " + ", ".join(f"#{w}: {n}" for w, n in sorted(p.by_worker.items())))
     print(f"  TCP cuts survived  {cutter.cuts} (connections made: {cutter.connections})")

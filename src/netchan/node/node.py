@@ -27,6 +27,7 @@ from ..errors import (
     NotAllowed,
     ProtocolError,
     ServiceNotFound,
+    TakenBack,
     Timeout,
 )
 from ..identity import Identity, check_node_id
@@ -36,6 +37,7 @@ from ..session.core import (
     ConnectionIdRetired,
     CreditGranted,
     DatagramReceived,
+    Responsive,
     SessionConfig,
     SessionCore,
     StopSending,
@@ -45,6 +47,7 @@ from ..session.core import (
     StreamRequested,
     StreamReset,
     Terminated,
+    Unresponsive,
 )
 from ..session.engine import Engine, get_engine
 from ..session.multipath import MultiPath, PathInfo
@@ -84,7 +87,10 @@ _REDIAL_MAX = 2.0
 @dataclass(frozen=True)
 class PeerEvent:
     """Something that happened to a peer: ``kind`` is "peer up", "peer down",
-    "path up" or "path down"; ``path`` names the path, ``detail`` says why."""
+    "peer unresponsive" (silent past the node's unresponsive time: what it
+    held on this node's channels was taken back), "peer responsive" (heard
+    again), "path up" or "path down"; ``path`` names the path, ``detail``
+    says why."""
 
     kind: str
     peer_id: str
@@ -131,10 +137,49 @@ class Peer:
         self._user_closed = False
         #: how many times this peer came back with a new session
         self.reconnects = 0
+        #: how many times it fell silent past the unresponsive time
+        self.silences = 0
+        self._watchers: list[Callable[[bool], None]] = []
 
     def __repr__(self) -> str:
-        state = "reconnecting" if self.reconnecting else "closed" if self.closed else "up"
-        return f"<Peer {self.node_id} {state} via {self._session.path.label}>"
+        return f"<Peer {self.node_id} {self.state} via {self._session.path.label}>"
+
+    @property
+    def state(self) -> str:
+        """"up"; "unresponsive" (silent past the node's unresponsive time, the
+        session still lingering); "reconnecting" (the session was lost and is
+        being dialed again); or "closed" (over for good)."""
+        if self.reconnecting:
+            return "reconnecting"
+        core = self._session.core
+        if core.closed:
+            return "closed"
+        return "unresponsive" if core.unresponsive else "up"
+
+    @property
+    def responsive(self) -> bool:
+        """False while the peer is silent past the unresponsive time (or gone)."""
+        return self.state == "up"
+
+    def on_responsiveness(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``callback(False)`` each time the peer falls silent past the
+        unresponsive time, ``callback(True)`` when it is heard again.  Returns
+        the function that stops it.  (Services use it to take back what a
+        silent peer holds.)"""
+        self._watchers.append(callback)
+
+        def stop() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return stop
+
+    def _tell_watchers(self, responsive: bool) -> None:
+        for callback in list(self._watchers):
+            try:
+                callback(responsive)
+            except Exception:
+                log.exception("responsiveness watcher of %s failed", self.node_id)
 
     @property
     def node(self) -> Node:
@@ -292,6 +337,13 @@ class Peer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _reset_error(code: int, what: str) -> NetchanError:
+    """The error a stream the peer reset (or stopped reading) with ``code`` reports."""
+    if code == TakenBack.code:
+        return TakenBack(f"the peer {what}: this node was silent past its unresponsive time")
+    return BrokenError(f"the peer {what} (code {code:#x})")
 
 
 def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
@@ -517,15 +569,11 @@ class _Session:
                 case StreamReset():
                     stream = streams.get(ev.stream_id)
                     if stream is not None:
-                        stream.session_reset(
-                            BrokenError(f"the peer abandoned the stream (code {ev.error_code:#x})")
-                        )
+                        stream.session_reset(_reset_error(ev.error_code, "abandoned the stream"))
                 case StopSending():
                     stream = streams.get(ev.stream_id)
                     if stream is not None:
-                        stream.session_stop_sending(
-                            BrokenError(f"the peer stopped reading (code {ev.error_code:#x})")
-                        )
+                        stream.session_stop_sending(_reset_error(ev.error_code, "stopped reading"))
                 case CreditGranted():
                     stream = streams.get(ev.stream_id)
                     if stream is not None:
@@ -550,8 +598,23 @@ class _Session:
                     self.node._add_cid(self, ev.connection_id)
                 case ConnectionIdRetired():
                     self.node._remove_cid(self, ev.connection_id)
+                case Unresponsive() | Responsive():
+                    self._on_responsiveness(type(ev) is Responsive, ev.silent_for)
                 case Terminated():
                     self._on_terminated(ev.error)
+
+    def _on_responsiveness(self, responsive: bool, silent_for: float) -> None:
+        peer = self.peer
+        if peer is None or peer._session is not self:
+            return
+        if responsive:
+            detail = f"heard again after {silent_for:.2f} s"
+        else:
+            peer.silences += 1
+            detail = f"nothing heard for {silent_for:.2f} s"
+        self.node._emit(PeerEvent("peer responsive" if responsive else "peer unresponsive",
+                                  self.peer_id or "", self.path.label, detail))
+        peer._tell_watchers(responsive)
 
     def _on_terminated(self, error: NetchanError) -> None:
         peer = self.peer
@@ -601,6 +664,18 @@ class Node:
 
     ``allow`` lists the node ids that may connect to us (``ANY`` admits every
     peer that proves a key).  Use as ``async with Node(...) as node:``.
+
+    ``linger``: how long a silent session is kept before it is given up (and,
+    if we dialed it, dialed again).  ``unresponsive``: how long a peer may be
+    silent before it counts as unresponsive (``peer.state``, a "peer
+    unresponsive" event): the credit it holds on this node's channels goes to
+    other senders, the items it was handed and had not finished go back to
+    the head of their queue, and it no longer holds up a blocking topic; if
+    it comes back within the linger its handles carry on, nothing lost or
+    doubled.  A node asks a silent peer to answer every quarter of that time.
+    A peer whose event loop is blocked that long (CPU-bound work in a
+    coroutine) counts as silent too: run such work in a thread, or raise
+    ``unresponsive``.  None turns this off (only the linger applies).
     """
 
     def __init__(
@@ -612,6 +687,7 @@ class Node:
         engine: str | Engine | None = None,
         linger: float = 60.0,
         keepalive: float = 1.0,
+        unresponsive: float | None = 0.5,
         handshake_timeout: float = 10.0,
         max_stream_data: int = 16 * 1024 * 1024,
         max_data: int = 64 * 1024 * 1024,
@@ -636,6 +712,7 @@ class Node:
         self.config = SessionConfig(
             linger=linger,
             keepalive_interval=keepalive,
+            unresponsive_after=unresponsive,
             handshake_timeout=handshake_timeout,
             max_stream_data=max_stream_data,
             max_data=max_data,
@@ -1044,7 +1121,7 @@ class Node:
 
     def events(self, maxsize: int = 1000) -> AsyncIterator[PeerEvent]:
         """``async for ev in node.events():`` every PeerEvent from now on (peer
-        up/down, path up/down), until the node closes.  A reader that falls
+        up/down, unresponsive/responsive, path up/down), until the node closes.  A reader that falls
         more than ``maxsize`` behind loses the oldest ones."""
         queue: deque[PeerEvent | None] = deque(maxlen=maxsize)
         wake: list[asyncio.Future[None]] = []

@@ -216,13 +216,14 @@ class Stream(ServiceStream):
         session.wake_credit(self)
         session.wake_writers()
 
-    def abort(self) -> None:
-        """Abandon the stream at once, both ways: the peer sees it reset."""
+    def abort(self, error_code: int = 0) -> None:
+        """Abandon the stream at once, both ways: the peer sees it reset
+        (with ``error_code``; TakenBack.code makes it a TakenBack there)."""
         if self._closed:
             return
         session = self._session
         if not session.core.closed:
-            session.core.reset_stream(self.stream_id)
+            session.core.reset_stream(self.stream_id, error_code)
             session.schedule_transmit()
         self._closed = True
         self._consumer = None

@@ -28,9 +28,14 @@ What it adds on top of QUIC:
   more on stream 0 as its application consumes bytes, the sender queues no
   more than granted, and a peer that sends beyond its credit is cut off.  A
   slow reader stalls only its own stream.
-* **Keepalives.**  A PING is sent when nothing has been received for
-  ``keepalive_interval``, so a live session always has traffic and a dead path
-  is noticed.  The QUIC idle timeout is the session's linger time.
+* **Liveness.**  When nothing has been heard from the peer for a quarter of
+  ``unresponsive_after`` (at most ``keepalive_interval``), a PING asks it to
+  answer, so a live session always has traffic.  A peer that stays silent for
+  ``unresponsive_after`` (or four of its measured answer times, if longer) is
+  reported :class:`Unresponsive`, and :class:`Responsive` again with its next
+  packet: users of the session can take back what the peer holds long before
+  the session itself is given up.  The QUIC idle timeout is the session's
+  linger time.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ __all__ = [
     "ConnectionIdIssued",
     "ConnectionIdRetired",
     "Terminated",
+    "Unresponsive",
+    "Responsive",
 ]
 
 AUTH_STREAM = 0
@@ -190,6 +197,23 @@ class Terminated(SessionEvent):
     error: NetchanError
 
 
+@dataclass(frozen=True, slots=True)
+class Unresponsive(SessionEvent):
+    """Nothing was heard from the peer for ``silent_for`` seconds, though it
+    was asked to answer: it may be dead, or its network dark.  The session
+    lives on (until the linger time); :class:`Responsive` follows if the peer
+    is heard again."""
+
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class Responsive(SessionEvent):
+    """The peer was heard again after :class:`Unresponsive`."""
+
+    silent_for: float
+
+
 # ---------------------------------------------------------------------------
 # configuration
 
@@ -202,8 +226,12 @@ class SessionConfig:
     packet_size: int = 1350
     #: how long a session outlives a broken carrier (the QUIC idle timeout)
     linger: float = 60.0
-    #: send a PING when nothing was received for this long
+    #: send a PING when nothing was received for this long (or for a quarter
+    #: of ``unresponsive_after``, if that is shorter)
     keepalive_interval: float = 1.0
+    #: a peer silent this long is reported Unresponsive (None: never); the
+    #: session waits for four of the peer's measured answer times if longer
+    unresponsive_after: float | None = 0.5
     #: authentication must complete within this time after the first packet
     handshake_timeout: float = 10.0
     #: connection-level and per-stream receive windows (the per-stream one is
@@ -218,6 +246,8 @@ class SessionConfig:
             raise errors.ConfigurationError("linger, keepalive_interval and handshake_timeout must be > 0")
         if self.keepalive_interval >= self.linger:
             raise errors.ConfigurationError("keepalive_interval must be shorter than linger")
+        if self.unresponsive_after is not None and not 0 < self.unresponsive_after < self.linger:
+            raise errors.ConfigurationError("unresponsive_after must be > 0 and shorter than linger")
 
 
 # ---------------------------------------------------------------------------
@@ -304,6 +334,13 @@ class SessionCore:
         self._last_rx = now
         self._last_ping = now
         self._ping_uid = 0
+        #: liveness: whether the peer is silent past unresponsive_after, the
+        #: pause between pings while it is, and the PINGs awaiting an answer
+        self.unresponsive = False
+        #: smoothed time from a PING to its acknowledgement (None: no sample yet)
+        self.answer_time: float | None = None
+        self._ping_every = self._probe_interval()
+        self._pings: dict[int, float] = {}
         self.packets_received = 0
         self.packets_sent = 0
         if is_client:
@@ -332,6 +369,10 @@ class SessionCore:
             self._close(RemoteProtocolError(f"QUIC error: {exc}"))
             return False
         if authentic or not self.authenticated:
+            if self.unresponsive and authentic:
+                self.unresponsive = False
+                self._ping_every = self._probe_interval()
+                self._events.append(Responsive(now - self._last_rx))
             self._last_rx = now  # forged packets must not hold back keepalives
         self._process_quic_events()
         if not self.closed:
@@ -353,12 +394,31 @@ class SessionCore:
     def get_timer(self) -> float | None:
         timer = self._quic.get_timer()
         if not self.closed:
-            nxt = self._deadline if not self.authenticated else (
-                max(self._last_rx, self._last_ping) + self.config.keepalive_interval
-            )
+            if not self.authenticated:
+                nxt = self._deadline
+            else:
+                nxt = max(self._last_rx, self._last_ping) + self._ping_every
+                if not self.unresponsive and self.config.unresponsive_after is not None:
+                    nxt = min(nxt, self._last_rx + self.unresponsive_time)
             if timer is None or nxt < timer:
                 timer = nxt
         return timer
+
+    @property
+    def unresponsive_time(self) -> float:
+        """The silence after which the peer counts as unresponsive: the
+        configured time, or four of its measured answer times if longer."""
+        limit = self.config.unresponsive_after
+        if limit is None:
+            return self.config.linger
+        answer = self.answer_time
+        return limit if answer is None else max(limit, 4 * answer)
+
+    def _probe_interval(self) -> float:
+        keepalive = self.config.keepalive_interval
+        if self.config.unresponsive_after is None:
+            return keepalive
+        return min(keepalive, self.unresponsive_time / 4)
 
     def handle_timer(self, now: float) -> None:
         self._now = now
@@ -376,8 +436,17 @@ class SessionCore:
             if now >= self._deadline:
                 self._close(self._rejected or errors.Timeout("authentication did not complete in time"))
             return
-        interval = self.config.keepalive_interval
+        if (not self.unresponsive and self.config.unresponsive_after is not None
+                and now >= self._last_rx + self.unresponsive_time):
+            self.unresponsive = True
+            self._events.append(Unresponsive(now - self._last_rx))
+        interval = self._ping_every
         if now >= self._last_rx + interval and now >= self._last_ping + interval:
+            if self.unresponsive:
+                # a silent peer is asked ever less often, up to the keepalive interval
+                self._ping_every = min(interval * 2, self.config.keepalive_interval)
+            else:
+                self._ping_every = self._probe_interval()
             self.probe(now)
 
     def probe(self, now: float) -> None:
@@ -398,6 +467,10 @@ class SessionCore:
             return
         self._last_ping = now
         self._ping_uid += 1
+        pings = self._pings
+        if len(pings) >= 16:
+            del pings[next(iter(pings))]  # unanswered for long: no sample from it
+        pings[self._ping_uid] = now
         try:
             send(self._ping_uid)
         except Exception as exc:
@@ -663,6 +736,8 @@ class SessionCore:
                     self._on_stream_reset(event.stream_id, event.error_code, StreamReset)
                 elif isinstance(event, ev.StopSendingReceived):
                     self._on_stream_reset(event.stream_id, event.error_code, StopSending)
+                elif isinstance(event, ev.PingAcknowledged):
+                    self._on_ping_answered(event.uid)
                 elif isinstance(event, ev.ConnectionIdIssued):
                     self._events.append(ConnectionIdIssued(event.connection_id))
                 elif isinstance(event, ev.ConnectionIdRetired):
@@ -671,6 +746,16 @@ class SessionCore:
                     self._on_terminated(event)
         except NetchanError as exc:
             self._close(exc)
+
+    def _on_ping_answered(self, uid: int) -> None:
+        sent = self._pings.pop(uid, None)
+        if sent is None:
+            return
+        sample = self._now - sent
+        answer = self.answer_time
+        self.answer_time = sample if answer is None else answer * 0.875 + sample * 0.125
+        if not self.unresponsive:
+            self._ping_every = self._probe_interval()
 
     def _on_terminated(self, event: Any) -> None:
         if self.closed:

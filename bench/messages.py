@@ -270,7 +270,17 @@ RTT_CASES = [
 ]
 
 
-def run_all(runs: int, quick: bool) -> None:
+def measure_at(src: str, case: str, n: int) -> dict:
+    """``measure`` with the netchan found in ``src`` (another version), in a process of its own."""
+    env = dict(os.environ, PYTHONPATH=src)
+    out = subprocess.run([sys.executable, __file__, "--case", case, "-n", str(n)], env=env,
+                         stdout=subprocess.PIPE, text=True, check=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_all(runs: int, quick: bool, baseline: tuple[str, str] | None = None) -> None:
+    """``baseline``: (label, src directory) of another netchan version, measured
+    in the same run, alternating with this one, for the netchan cases."""
     scale = 8 if quick else 1
     carrier = LISTEN.split(":", 1)[0]
     print(f"Messages of 64 bytes, two processes on loopback ({carrier} carrier, qh3, uvloop; "
@@ -278,13 +288,22 @@ def run_all(runs: int, quick: bool) -> None:
     print(f"{'case':40} {'msg/s':>11} {'vs zmq':>8} {'vs zmq.asyncio':>15}   runs")
     rates: dict[str, float] = {}
     for label, case, n in RATE_CASES:
-        results = [measure(case, n // scale)["rate"] for _ in range(runs)]
+        results, before = [], []
+        for _ in range(runs):
+            results.append(measure(case, n // scale)["rate"])
+            if baseline and case.startswith("netchan"):
+                before.append(measure_at(baseline[1], case, n // scale)["rate"])
         rate = statistics.median(results)
         rates[case] = rate
         vs_zmq = f"{rate / rates['zmq']:7.2f}x" if "zmq" in rates else ""
         vs_async = f"{rate / rates['zmq-asyncio']:14.2f}x" if "zmq-asyncio" in rates else ""
         spread = ", ".join(f"{r / 1000:.0f}k" for r in results)
         print(f"{label:40} {rate:11,.0f} {vs_zmq:>8} {vs_async:>15}   {spread}", flush=True)
+        if before:
+            old = statistics.median(before)
+            spread = ", ".join(f"{r / 1000:.0f}k" for r in before)
+            print(f"{'  the same at ' + baseline[0]:40} {old:11,.0f} {'':>8} {'':>15}   {spread}"
+                  f"   (this one: {rate / old:.2f}x)", flush=True)
     print(f"\nRequest/response round trip, one at a time (median of {runs} runs of p50 and p99)\n")
     print(f"{'case':40} {'p50 µs':>9} {'p99 µs':>9} {'p50 vs raw':>11}")
     base = None
@@ -310,7 +329,7 @@ def main() -> None:
     if a.child:
         _child(a)
     elif a.case:
-        print(measure(a.case, a.n, a.loop))
+        print(json.dumps(measure(a.case, a.n, a.loop)))
     else:
         run_all(a.runs, a.quick)
 

@@ -5,6 +5,11 @@
    and zmq.asyncio; request/response round trips beside raw asyncio TCP.
 3. Resilience: throughput through a cutting proxy beside the same without
    cuts; the failover gap; mirror beside one path under 20% loss.
+4. A dead peer: the longest stall of the live senders and workers when one
+   peer is killed, beside the same with only the linger to end it.
+
+``--baseline REF`` measures the netchan message rates of git revision REF
+too, alternating with this tree's, and prints them side by side.
 
 Every figure is the median of ``--runs`` runs (default 3).
 """
@@ -13,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import deadpeer  # noqa: E402
 import messages  # noqa: E402
 import resilience  # noqa: E402
 from throughput import measure  # noqa: E402
@@ -40,19 +48,34 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller transfers")
-    p.add_argument("--only", choices=["bulk", "messages", "resilience"], help="run one part")
+    p.add_argument("--only", choices=["bulk", "messages", "resilience", "deadpeer"], help="run one part")
+    p.add_argument("--baseline", metavar="REF", help="a git revision whose message rates to show beside")
     a = p.parse_args()
     if a.only in (None, "bulk"):
         bulk(a)
     if a.only in (None, "messages"):
         if a.only is None:
             print()
-        messages.run_all(a.runs, a.quick)
+        with tempfile.TemporaryDirectory() as tmp:
+            baseline = (a.baseline, _export(a.baseline, tmp)) if a.baseline else None
+            messages.run_all(a.runs, a.quick, baseline)
     if a.only in (None, "resilience"):
         if a.only is None:
             print()
         _uvloop_run(resilience.run_all(a.runs, a.quick))
+    if a.only in (None, "deadpeer"):
+        if a.only is None:
+            print()
+        _uvloop_run(deadpeer.run_all(a.runs, a.quick))
     return 0
+
+
+def _export(ref: str, into: str) -> str:
+    """The package at git revision ``ref``, unpacked under ``into``; returns its src directory."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", ref, "src"], stdout=subprocess.PIPE, check=True)
+    subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
+    return str(Path(into) / "src")
 
 
 def _uvloop_run(coro) -> None:

@@ -35,6 +35,21 @@ def check_capacity(chan):
         assert len(core.queue) + core.owed + core._reserved <= core.capacity, chan.statistics()
 
 
+async def freeze_holding_credit(proc, chan, node_id, receive):
+    """SIGSTOP ``proc`` at a moment it holds credit it will not use (not an
+    item in flight, which would still arrive); returns when it stopped."""
+    for _ in range(50):
+        # a receive grants the place it frees at once, before the sender uses it
+        await receive(1000, until=lambda: credit_held(chan, node_id) > 0)
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        await asyncio.sleep(0.05)  # what it had sent arrives
+        if credit_held(chan, node_id) > 0:
+            return stopped
+        os.kill(proc.pid, signal.SIGCONT)
+    raise AssertionError("the sender never held credit")
+
+
 async def _watch(node, seen):
     async for ev in node.events():
         seen.append((time.monotonic(), ev.kind, ev.peer_id))
@@ -76,12 +91,9 @@ async def test_a_sender_process_that_dies_or_freezes_holding_credit_stalls_no_ot
                     await asyncio.sleep(0.002)  # a receiver slower than four senders
 
             await receive(20)
-            # strike while the victim holds credit the others need (a receive
-            # grants the place it frees at once, before the sender can use it)
-            await receive(3 * count, until=lambda: credit_held(chan, ids[victim]) > 0)
-            assert credit_held(chan, ids[victim]) > 0
-            struck = time.monotonic()
-            os.kill(procs[victim].pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+            struck = await freeze_holding_credit(procs[victim], chan, ids[victim], receive)
+            if how == "kill":
+                os.kill(procs[victim].pid, signal.SIGKILL)
             before = [i for k, i in got if k == victim]
             live = [(k, i) for k in range(4) if k != victim for i in range(count)]
             while not set(live) <= set(got):

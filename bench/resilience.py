@@ -151,7 +151,7 @@ async def run_all(runs: int, quick: bool) -> None:
               + f"   (ratios {ratios}; {statistics.median(r[2] for r in results):.0f} cuts per run)",
               flush=True)
     gaps = await failover_gaps(max(5, runs))
-    print(f"\nfailover gap, udp blackholed -> tcp (default probes: 0.1 s, down after 0.7 s)")
+    print("\nfailover gap, udp blackholed -> tcp (default probes: 0.1 s, down after 0.7 s)")
     print(f"  median {statistics.median(gaps) * 1000:.0f} ms   all: "
           + ", ".join(f"{g * 1000:.0f}" for g in gaps) + " ms")
     msize = (2 if quick else 4) * MiB

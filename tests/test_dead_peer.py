@@ -6,6 +6,7 @@ peer that comes back within the linger carries on, nothing lost or doubled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -48,6 +49,20 @@ async def freeze_holding_credit(proc, chan, node_id, receive):
             return stopped
         os.kill(proc.pid, signal.SIGCONT)
     raise AssertionError("the sender never held credit")
+
+
+@contextlib.asynccontextmanager
+async def dark_and_lit(owner, engine):
+    """Two nodes with a handle each on the owner's channel "c": the first
+    through a UDP proxy that can go dark, the other direct."""
+    host, port = owner.addresses[0].removeprefix("udp://").rsplit(":", 1)
+    async with UdpChaos((host, int(port))) as chaos, \
+            netchan.Node(engine=engine) as dark, netchan.Node(engine=engine) as lit:
+        owner.allow(dark.node_id)
+        owner.allow(lit.node_id)
+        handles = [await (await dark.connect(chaos.url, owner.node_id)).channel("c"),
+                   await (await lit.connect(owner.addresses[0], owner.node_id)).channel("c")]
+        yield chaos, dark, handles
 
 
 async def _watch(node, seen):
@@ -113,7 +128,7 @@ async def test_a_sender_process_that_dies_or_freezes_holding_credit_stalls_no_ot
                     await receive(1)
                 await wait_for_condition(lambda: peer.state == "up", timeout=10)
             else:
-                await asyncio.sleep(0.2)  # anything the dead sender had confirmed is in the queue
+                # what the owner accepted from the dead sender is in the queue: drain it
                 while chan.statistics()["buffered"]:
                     await receive(1)
             for k in range(4):
@@ -141,13 +156,7 @@ async def test_a_sender_that_goes_dark_loses_its_credit_then_comes_back_and_deli
         chan = owner.channel("c", capacity=capacity)
         seen = []
         watcher = asyncio.ensure_future(_watch(owner, seen))
-        host, port = owner.addresses[0].removeprefix("udp://").rsplit(":", 1)
-        async with UdpChaos((host, int(port))) as chaos, \
-                netchan.Node(engine=engine) as dark, netchan.Node(engine=engine) as lit:
-            owner.allow(dark.node_id)
-            owner.allow(lit.node_id)
-            handles = [await (await dark.connect(chaos.url, owner.node_id)).channel("c"),
-                       await (await lit.connect(owner.addresses[0], owner.node_id)).channel("c")]
+        async with dark_and_lit(owner, engine) as (chaos, dark, handles):
 
             counts = [count, 0]  # the lit one sends on through the dark, until told to stop
             lit_stop = asyncio.Event()
@@ -212,13 +221,7 @@ async def test_a_receiver_that_goes_dark_gives_back_what_it_held_and_receives_ag
     count = 60
     async with netchan.Node(listen=["udp://127.0.0.1:0"], engine=engine) as owner:
         chan = owner.channel("c", capacity=capacity)
-        host, port = owner.addresses[0].removeprefix("udp://").rsplit(":", 1)
-        async with UdpChaos((host, int(port))) as chaos, \
-                netchan.Node(engine=engine) as dark, netchan.Node(engine=engine) as lit:
-            owner.allow(dark.node_id)
-            owner.allow(lit.node_id)
-            handles = [await (await dark.connect(chaos.url, owner.node_id)).channel("c"),
-                       await (await lit.connect(owner.addresses[0], owner.node_id)).channel("c")]
+        async with dark_and_lit(owner, engine) as (chaos, dark, handles):
             got: list[list[int]] = [[], []]
 
             async def receive(k):
@@ -275,7 +278,8 @@ async def test_the_item_a_worker_process_killed_mid_item_held_goes_to_another_wo
             assert await lines(holder, 2) == [["ready"], ["holding", "0"]]
             worker = await start_worker(tmp_path, owner, "jobs", "plain", 2)
             assert await lines(worker, 5) == [["ready"], *[["done", str(i)] for i in range(1, 5)]]
-            assert chan.statistics()["in_process"] == 1  # the holder's
+            # the plain worker's confirmations arrive: only the holder's item is in process
+            await wait_for_condition(lambda: chan.statistics()["in_process"] == 1, timeout=10)
             holder.kill()
             killed = time.monotonic()
             assert await lines(worker, 1) == [["done", "0"]]

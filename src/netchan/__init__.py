@@ -52,10 +52,12 @@ from .identity import Identity
 from .node.node import ANY, Node, Peer, Stream
 from .session.engine import DEFAULT_ENGINE, ENGINES
 
-# importing the hub registers channels and topics on every node made from now on
+# importing the hub registers channels and topics on every node made from now on,
+# importing the tunnel service the "tunnel" service
 from .channels import hub  # isort: skip
+from .tunnels import service as _tunnels  # isort: skip
 
-del hub
+del hub, _tunnels
 
 __version__ = "0.1.0"
 

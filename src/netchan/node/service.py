@@ -64,8 +64,8 @@ class ServiceStream(abc.ABC):
         """Finish sending (what was sent is still delivered) and stop receiving."""
 
     @abc.abstractmethod
-    def abort(self) -> None:
-        """Abandon the stream both ways at once: the peer sees it reset."""
+    def abort(self, error_code: int = 0) -> None:
+        """Abandon the stream both ways at once: the peer sees it reset with ``error_code``."""
 
 
 class Extension(Protocol):

@@ -1,0 +1,55 @@
+"""A local TCP listener whose connections go into a tunnel (``-L``, ``-D``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from .pump import Counters
+
+if TYPE_CHECKING:
+    from ..node.node import Peer
+    from .service import Tunnels
+
+
+class Front:
+    """Listens here; each connection runs :meth:`handle` in a task of its own,
+    all of them cancelled by :meth:`aclose`."""
+
+    def __init__(self, tunnels: Tunnels, peer: Peer) -> None:
+        self.tunnels = tunnels
+        self.peer = peer
+        self.counters = Counters()
+        self.server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it listens (the real port if 0 was asked for)."""
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def start(self, bind: str, port: int) -> Front:
+        self.server = await asyncio.start_server(self._on_client, bind, port, reuse_address=True)
+        return self
+
+    def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self.handle(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> Front:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,107 @@
+"""Bytes between a TCP connection and a tunnel stream, both ways, with
+backpressure, half-close and resets carried end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import BrokenError, ClosedError, EndOfStream, NetchanError
+from ..node.service import ServiceStream
+from .protocol import ERROR_CODES, RESET
+
+#: read this much from a TCP connection at a time
+READ_SIZE = 256 * 1024
+
+
+@dataclass
+class Counters:
+    """What one forward (or the whole node) moved."""
+
+    opened: int = 0
+    open: int = 0
+    failed: int = 0
+    bytes_out: int = 0  # from the local application to the far end
+    bytes_in: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+def reset_tcp(writer: asyncio.StreamWriter) -> None:
+    """Close with a RST, so the application sees a reset connection, not an end."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
+
+
+async def pump(stream: ServiceStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               counters: list[Counters]) -> None:
+    """Carry bytes until both directions ended (or one broke: then both end at once)."""
+    broken: list[BaseException] = []
+
+    async def tcp_to_stream() -> None:
+        try:
+            while True:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    await stream.send_eof()  # a half-close: the other way goes on
+                    return
+                await stream.send(data)
+                for c in counters:
+                    c.bytes_out += len(data)
+        except (ConnectionError, OSError) as exc:
+            broken.append(exc)
+            stream.abort(ERROR_CODES[RESET])
+            raise
+        except NetchanError as exc:  # the stream broke
+            broken.append(exc)
+            raise
+
+    async def stream_to_tcp() -> None:
+        try:
+            while True:
+                try:
+                    data = await stream.receive(READ_SIZE)
+                except EndOfStream:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                for c in counters:
+                    c.bytes_in += len(data)
+                await writer.drain()
+        except (BrokenError, ClosedError) as exc:
+            broken.append(exc)
+            reset_tcp(writer)  # the far end broke: so does this connection
+            raise
+        except (ConnectionError, OSError) as exc:
+            broken.append(exc)
+            stream.abort(ERROR_CODES[RESET])
+            raise
+
+    up = asyncio.ensure_future(tcp_to_stream())
+    down = asyncio.ensure_future(stream_to_tcp())
+    try:
+        await asyncio.wait([up, down], return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in (up, down):
+            task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
+        if broken:
+            stream.abort(ERROR_CODES[RESET])
+            reset_tcp(writer)
+        else:
+            await stream.aclose()
+            writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass

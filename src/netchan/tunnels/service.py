@@ -1,0 +1,365 @@
+"""The tunnel service on a node: the exit (connect out for a peer, under the
+exit rules), remote listeners (``-R``) for peers allowed to bind, and the
+client side of both (local listeners, ``-L``; answering a remote
+listener's connections).
+
+``Tunnels.of(node)`` is a node's part; every node has one (it registers the
+"tunnel" service) but connects nowhere and listens for no one until it is
+given exit rules or remote-bind permissions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigurationError, NetchanError, ProtocolError
+from ..node.service import ServiceStream, register_extension
+from .front import Front
+from .protocol import (
+    FAILED,
+    HOST_UNREACHABLE,
+    NOT_ALLOWED,
+    SERVICE,
+    Accepted,
+    Listen,
+    Open,
+    Reply,
+    TunnelError,
+    code_of,
+    format_address,
+    read_header,
+    request,
+    send_header,
+)
+from .pump import Counters, pump, reset_tcp
+from .rules import ExitRules, parse_hostport
+from .socks5 import Socks5
+
+if TYPE_CHECKING:
+    from ..node.node import Node, Peer
+
+__all__ = ["Tunnels", "LocalForward", "RemoteForward", "Socks5"]
+
+log = logging.getLogger("netchan.tunnels")
+
+#: how long connecting out may take
+CONNECT_TIMEOUT = 10.0
+
+
+class LocalForward(Front):
+    """``-L``: a local TCP listener whose connections go to ``host:port`` at the peer's end."""
+
+    def __init__(self, tunnels: Tunnels, peer: Peer, host: str, port: int) -> None:
+        super().__init__(tunnels, peer)
+        self.host = host
+        self.port = port
+
+    @property
+    def target(self) -> str:
+        return format_address(self.host, self.port)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.tunnels.carry(self.peer, Open(self.host, self.port), reader, writer, [self.counters])
+
+
+class RemoteForward:
+    """``-R``: the peer listens on ``bind``; its connections come here and go to ``host:port``."""
+
+    def __init__(self, tunnels: Tunnels, peer: Peer, host: str, port: int) -> None:
+        self.tunnels = tunnels
+        self.peer = peer
+        self.host = host
+        self.port = port
+        self.counters = Counters()
+        self.listener = 0
+        #: where the peer listens, "host:port"
+        self.address = ""
+        self._control: ServiceStream | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def target(self) -> str:
+        return format_address(self.host, self.port)
+
+    async def start(self, bind: str, port: int) -> RemoteForward:
+        stream, reply = await request(self.peer, Listen(bind, port),
+                                      f"the peer will not listen on {format_address(bind, port)}: ")
+        self._control, self.listener, self.address = stream, reply.listener, reply.address
+        self.tunnels._remote[(self.peer.node_id, reply.listener)] = self
+        self._watch = asyncio.ensure_future(self._watch_control(stream))
+        return self
+
+    async def _watch_control(self, stream: ServiceStream) -> None:
+        try:
+            while True:
+                await stream.receive()  # nothing comes: it ends when the listener does
+        except NetchanError:
+            pass
+        finally:
+            self.tunnels._remote.pop((self.peer.node_id, self.listener), None)
+
+    async def aclose(self) -> None:
+        self.tunnels._remote.pop((self.peer.node_id, self.listener), None)
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._control is not None:
+            await self._control.aclose()
+
+    async def __aenter__(self) -> RemoteForward:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _Listener:
+    """A listener this node runs for a peer (the serving side of ``-R``)."""
+
+    def __init__(self, number: int, peer: Peer, server: asyncio.base_events.Server) -> None:
+        self.number = number
+        self.peer = peer
+        self.server = server
+
+
+class Tunnels:
+    """A node's tunnel service."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        #: where this node connects out to for its peers (nothing until told)
+        self.exits = ExitRules()
+        #: (host, port) a peer may ask this node to listen on (port 0: any)
+        self.remote_binds: list[tuple[str, int]] = []
+        #: everything forwarded through this node, all forwards
+        self.counters = Counters()
+        self._numbers = itertools.count(1)
+        self._listeners: dict[int, _Listener] = {}
+        self._remote: dict[tuple[str, int], RemoteForward] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        node.serve(SERVICE, self._serve)
+
+    @classmethod
+    def of(cls, node: Node) -> Tunnels:
+        return node.extension("tunnels")
+
+    # -- configuration --------------------------------------------------------------
+
+    def allow_exit(self, *rules: str) -> None:
+        """Let peers reach these destinations through this node (see :mod:`netchan.tunnels.rules`)."""
+        for rule in rules:
+            self.exits.add(rule)
+
+    def allow_remote_bind(self, *binds: str) -> None:
+        """Let peers ask this node to listen on ``[bind:]port`` (port 0 or ``*``: any port)."""
+        for text in binds:
+            host, port = parse_hostport(text, default_host="127.0.0.1")
+            try:
+                number = 0 if port == "*" else int(port)
+            except ValueError:
+                raise ConfigurationError(f"remote bind {text!r}: the port must be a number or *") from None
+            self.remote_binds.append((host, number))
+
+    # -- the client side -----------------------------------------------------------------
+
+    async def forward_local(self, peer: Peer, listen: str, target: str) -> LocalForward:
+        """``-L``: listen on ``listen`` (``[bind:]port``) here; connections go to ``target`` at the peer."""
+        bind, port = parse_hostport(listen, default_host="127.0.0.1")
+        host, tport = parse_hostport(target)
+        return await LocalForward(self, peer, host, _port(tport)).start(bind, _port(port, zero=True))
+
+    async def forward_remote(self, peer: Peer, listen: str, target: str) -> RemoteForward:
+        """``-R``: the peer listens on ``listen``; connections come here and go to ``target``."""
+        bind, port = parse_hostport(listen, default_host="127.0.0.1")
+        host, tport = parse_hostport(target)
+        return await RemoteForward(self, peer, host, _port(tport)).start(bind, _port(port, zero=True))
+
+    async def socks5(self, peer: Peer, listen: str, users: dict[str, str] | None = None) -> Socks5:
+        """``-D``: a SOCKS5 listener on ``listen`` (``[bind:]port``); connections leave at the peer.
+        ``users``: username -> password (RFC 1929); none: no authentication."""
+        bind, port = parse_hostport(listen, default_host="127.0.0.1")
+        return await Socks5(self, peer, users).start(bind, _port(port, zero=True))
+
+    async def open(self, peer: Peer, host: str, port: int) -> ServiceStream:
+        """A stream connected to ``host:port`` at the peer's end (TunnelError if it could not be)."""
+        stream, _ = await request(peer, Open(host, port))
+        return stream
+
+    async def try_open(self, peer: Peer, request: Open, counters: list[Counters]) -> ServiceStream | str:
+        """:meth:`open`, counted in ``counters`` (and this node's): the stream, or why not (a code)."""
+        try:
+            return await self.open(peer, request.host, request.port)
+        except NetchanError as exc:  # TunnelError or the session's own
+            code = getattr(exc, "tunnel_code", FAILED)
+            for c in (*counters, self.counters):
+                c.failed += 1
+                c.count_error(code)
+            log.info("tunnel to %s refused: %s", format_address(request.host, request.port), exc)
+            return code
+
+    async def carry(self, peer: Peer, request: Open, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter, counters: list[Counters]) -> None:
+        """Connect ``request`` at the peer and relay a local connection's bytes to it."""
+        stream = await self.try_open(peer, request, counters)
+        if isinstance(stream, str):
+            reset_tcp(writer)  # the application sees its connection reset, not a hang
+            return
+        await self.relay(stream, reader, writer, [*counters, self.counters])
+
+    async def relay(self, stream: ServiceStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     counters: list[Counters]) -> None:
+        for c in counters:
+            c.opened += 1
+            c.open += 1
+        try:
+            await pump(stream, reader, writer, counters)
+        finally:
+            for c in counters:
+                c.open -= 1
+
+    # -- the serving side ----------------------------------------------------------
+
+    async def _serve(self, stream: ServiceStream, peer: Peer) -> None:
+        header = await read_header(stream)
+        match header:
+            case Open():
+                await self._exit(stream, peer, header)
+            case Listen():
+                await self._listen(stream, peer, header)
+            case Accepted():
+                await self._accepted(stream, peer, header)
+            case _:
+                raise ProtocolError(f"unexpected {type(header).__name__} opening a tunnel stream")
+
+    async def _exit(self, stream: ServiceStream, peer: Peer, req: Open) -> None:
+        where = format_address(req.host, req.port)
+        try:
+            reader, writer = await self._connect_out(req.host, req.port)
+        except (OSError, TunnelError, asyncio.TimeoutError) as exc:
+            code = code_of(exc)
+            self.counters.failed += 1
+            self.counters.count_error(code)
+            log.warning("tunnel for %s to %s: %s (%s)", peer.node_id, where, code, exc)
+            await send_header(stream, Reply(False, code, f"{where}: {exc}"))
+            return
+        await send_header(stream, Reply(True, address=where))
+        log.info("tunnel for %s to %s", peer.node_id, where)
+        await self.relay(stream, reader, writer, [])
+
+    async def _connect_out(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``host:port`` if the exit rules allow it (at an allowed address)."""
+        rules = self.exits
+        if not 1 <= port <= 65535:
+            raise TunnelError(NOT_ALLOWED, f"port {port} is not a port")
+        if rules.allows_name(host, port):
+            return await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        if rules.is_address(host) or not rules.may_resolve(host, port):
+            raise TunnelError(NOT_ALLOWED, "no exit rule allows it")
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
+        except socket.gaierror as exc:
+            raise TunnelError(HOST_UNREACHABLE, f"{host} does not resolve: {exc}") from None
+        allowed = [info for info in infos if rules.allows_address(info[4][0], port)]
+        if not allowed:
+            raise TunnelError(NOT_ALLOWED, f"no exit rule allows {host} (at {infos[0][4][0]})")
+        error: BaseException | None = None
+        for info in allowed:
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(info[4][0], port), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def _listen(self, stream: ServiceStream, peer: Peer, req: Listen) -> None:
+        where = format_address(req.host, req.port)
+        if not any(h in (req.host, "*") and p in (req.port, 0) for h, p in self.remote_binds):
+            log.warning("%s asked to listen on %s: not allowed", peer.node_id, where)
+            await send_header(stream, Reply(False, NOT_ALLOWED, f"listening on {where} is not allowed here"))
+            return
+        number = next(self._numbers)
+
+        def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.ensure_future(self._to_listener_owner(peer, number, reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        try:
+            server = await asyncio.start_server(on_client, req.host, req.port, reuse_address=True)
+        except OSError as exc:
+            await send_header(stream, Reply(False, code_of(exc), f"cannot listen on {where}: {exc.strerror}"))
+            return
+        bound = server.sockets[0].getsockname()
+        self._listeners[number] = _Listener(number, peer, server)
+        address = format_address(bound[0], bound[1])
+        log.info("listening on %s for %s", address, peer.node_id)
+        try:
+            await send_header(stream, Reply(True, address=address, listener=number))
+            while True:
+                await stream.receive()  # until the peer closes the listener (or its session ends)
+        except NetchanError:
+            pass
+        finally:
+            del self._listeners[number]
+            server.close()
+            log.info("stopped listening on %s for %s", address, peer.node_id)
+
+    async def _to_listener_owner(self, peer: Peer, number: int, reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+        client = writer.get_extra_info("peername")
+        try:
+            stream = await peer.open_stream(SERVICE)
+            await send_header(stream, Accepted(number, format_address(*client[:2]) if client else ""))
+            reply = await read_header(stream)
+        except NetchanError as exc:
+            log.info("connection to listener %d could not reach %s: %s", number, peer.node_id, exc)
+            reset_tcp(writer)
+            return
+        if not isinstance(reply, Reply) or not reply.ok:
+            reason = reply.reason if isinstance(reply, Reply) else type(reply).__name__
+            log.info("connection to listener %d refused by %s: %s", number, peer.node_id, reason)
+            stream.abort()
+            reset_tcp(writer)
+            return
+        await self.relay(stream, reader, writer, [])
+
+    async def _accepted(self, stream: ServiceStream, peer: Peer, req: Accepted) -> None:
+        fwd = self._remote.get((peer.node_id, req.listener))
+        if fwd is None:
+            await send_header(stream, Reply(False, NOT_ALLOWED, f"no listener {req.listener} of ours"))
+            return
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(fwd.host, fwd.port), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            code = code_of(exc)
+            fwd.counters.failed += 1
+            fwd.counters.count_error(code)
+            await send_header(stream, Reply(False, code, f"{fwd.target}: {exc}"))
+            return
+        await send_header(stream, Reply(True, address=fwd.target))
+        await self.relay(stream, reader, writer, [fwd.counters])
+
+    async def aclose(self) -> list[NetchanError]:
+        for listener in self._listeners.values():
+            listener.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return []
+
+
+def _port(text: str, zero: bool = False) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigurationError(f"{text!r} is not a port number") from None
+    if not (0 if zero else 1) <= port <= 65535:
+        raise ConfigurationError(f"port {port} is out of range")
+    return port
+
+
+register_extension("tunnels", Tunnels)

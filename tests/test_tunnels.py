@@ -1,0 +1,400 @@
+"""Tunnels: exit rules, -L and -R forwarding (bytes both ways, half-close,
+refusals and resets carried end to end, through a proxy that cuts the tcp
+carrier), and the SOCKS5 front end with real clients (curl, httpx)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import netchan
+from netchan.tools.chaos import TcpCutter
+from netchan.tunnels import ExitRules, TunnelError, Tunnels
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+async def _echo(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def tcp_server(handler=_echo):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def pair(carrier="udp", engine=None, via=None):
+    """An exit node and a client node with a session between them (through
+    ``via(address)``, a proxy context, if given)."""
+    async with netchan.Node(listen=[f"{carrier}://127.0.0.1:0"], engine=engine) as exit_node, \
+            netchan.Node(engine=engine) as client:
+        exit_node.allow(client.node_id)
+        url = exit_node.addresses[0]
+        async with (via(url) if via else contextlib.nullcontext(url)) as dial:
+            peer = await client.connect(dial, exit_node.node_id)
+            yield Tunnels.of(exit_node), Tunnels.of(client), peer
+
+
+@contextlib.asynccontextmanager
+async def cutter(url, every=1.0):
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    async with TcpCutter((host, int(port)), cut_every=every) as c:
+        yield c, c.url
+
+
+@contextlib.contextmanager
+def http_file(tmp_path, size):
+    """A file of ``size`` random bytes served over HTTP on loopback: (port, sha256)."""
+    path = tmp_path / "blob"
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for i in range(size >> 20):
+            block = chunk[i % 256:] + chunk[: i % 256]  # not all the same MiB
+            f.write(block)
+            digest.update(block)
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], digest.hexdigest()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+async def curl(*args, timeout=60):
+    proc = await asyncio.create_subprocess_exec("curl", "-sS", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out, err.decode()
+
+
+async def sha256_of_download(args, timeout=120):
+    proc = await asyncio.create_subprocess_exec("curl", "-sS", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    digest, size = hashlib.sha256(), 0
+    try:
+        async def read():
+            nonlocal size
+            while chunk := await proc.stdout.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            return await proc.stderr.read()
+
+        err = await asyncio.wait_for(read(), timeout)
+        await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, digest.hexdigest(), size, err.decode()
+
+
+def _reply(code):
+    return bytes([5, code, 0, 1, 0, 0, 0, 0, 0, 0])
+
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+# -- exit rules ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule, host, port, allowed", [
+    ("127.0.0.1:8000", "127.0.0.1", 8000, True),
+    ("127.0.0.1:8000", "127.0.0.1", 8001, False),
+    ("127.0.0.1:8000", "127.0.0.2", 8000, False),
+    ("10.0.0.0/8:*", "10.200.3.4", 22, True),
+    ("10.0.0.0/8:*", "11.0.0.1", 22, False),
+    ("10.0.0.0/8:8000-8100", "10.0.0.1", 8100, True),
+    ("10.0.0.0/8:8000-8100", "10.0.0.1", 8101, False),
+    ("example.org:443", "example.org", 443, True),
+    ("example.org:443", "EXAMPLE.ORG.", 443, True),
+    ("example.org:443", "www.example.org", 443, False),
+    ("*.example.org:443", "www.example.org", 443, True),
+    ("*.example.org:443", "example.org", 443, False),
+    ("*.example.org:443", "badexample.org", 443, False),
+    ("[::1]:22", "::1", 22, True),
+    ("[fd00::/8]:*", "fd12::1", 80, True),
+    ("[fd00::/8]:*", "10.0.0.1", 80, False),
+    ("127.0.0.0/8:*", "::ffff:127.0.0.1", 80, True),
+    ("*:*", "anything.example", 1, True),
+])
+def test_exit_rules(rule, host, port, allowed):
+    assert ExitRules([rule]).allows_name(host, port) is allowed
+
+
+@pytest.mark.parametrize("bad", ["8000", "host:", "host:0", "host:70000", "host:a-b", "::1:22", ":80", "a..b:1"])
+def test_a_bad_exit_rule_is_refused_with_a_clear_error(bad):
+    with pytest.raises(netchan.ConfigurationError):
+        ExitRules([bad])
+
+
+def test_no_rules_allow_nothing():
+    rules = ExitRules()
+    assert not rules.allows_name("127.0.0.1", 80) and not rules.allows_name("localhost", 80)
+
+
+# -- -L ------------------------------------------------------------------------------------
+
+
+@pytest.mark.async_timeout(60)
+@pytest.mark.parametrize("carrier", ["udp", "tcp"])
+@pytest.mark.parametrize("write", [1, 1000, 16 * 1024, 256 * 1024, 1 << 20])
+async def test_local_forward_carries_bytes_both_ways_at_any_write_size(engine, carrier, write):
+    total = 4 << 20 if write >= 1000 else 20_000
+    async with tcp_server() as port, pair(carrier, engine) as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            reader, writer = await asyncio.open_connection(*fwd.address)
+            data = os.urandom(total)
+
+            async def send():
+                for i in range(0, total, write):
+                    writer.write(data[i:i + write])
+                    await writer.drain()
+                writer.write_eof()
+
+            sender = asyncio.ensure_future(send())
+            got = await asyncio.wait_for(reader.read(-1), 30)  # until the echo's EOF
+            await sender
+            writer.close()
+            assert got == data
+            assert fwd.counters.bytes_out == total and fwd.counters.bytes_in == total
+
+
+@pytest.mark.async_timeout(60)
+async def test_a_half_close_reaches_the_far_side_and_the_reply_still_comes_back(engine):
+    reply = os.urandom(3 << 20)
+
+    async def request_then_reply(reader, writer):
+        request = await reader.read(-1)  # everything until the client's shutdown(SHUT_WR)
+        writer.write(hashlib.sha256(request).digest() + reply)
+        await writer.drain()
+        writer.close()
+
+    async with tcp_server(request_then_reply) as port, pair("udp", engine) as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            sock = socket.create_connection(fwd.address)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            request = os.urandom(100_000)
+            await loop.sock_sendall(sock, request)
+            sock.shutdown(socket.SHUT_WR)
+            got = bytearray()
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 20):
+                got += chunk
+            sock.close()
+            assert bytes(got) == hashlib.sha256(request).digest() + reply
+
+
+@pytest.mark.async_timeout(30)
+async def test_refused_and_forbidden_destinations_fail_fast_with_their_reason():
+    async with tcp_server() as open_port, pair() as (exit_t, client_t, peer):
+        with socket.socket() as s:  # a port with nobody listening
+            s.bind(("127.0.0.1", 0))
+            closed_port = s.getsockname()[1]
+        exit_t.allow_exit(f"127.0.0.1:{closed_port}", f"127.0.0.1:{open_port}", "10.0.0.0/8:*")
+        t = time.monotonic()
+        with pytest.raises(TunnelError) as info:
+            await client_t.open(peer, "127.0.0.1", closed_port)
+        assert info.value.tunnel_code == "refused"
+        with pytest.raises(TunnelError) as info:
+            await client_t.open(peer, "127.0.0.2", open_port)
+        assert info.value.tunnel_code == "not-allowed" and "no exit rule" in str(info.value)
+        # a name is resolved at the exit and reached only at an allowed address
+        stream = await client_t.open(peer, "localhost", open_port)
+        await stream.aclose()
+        with pytest.raises(TunnelError) as info:
+            await client_t.open(peer, "localhost", open_port + 1)
+        assert info.value.tunnel_code == "not-allowed" and "localhost" in str(info.value)
+        assert time.monotonic() - t < 1.0
+        assert exit_t.counters.errors == {"refused": 1, "not-allowed": 2}
+        # through -L the local application sees its connection reset, not a hang
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{closed_port}") as fwd:
+            reader, writer = await asyncio.open_connection(*fwd.address)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(10), 5)
+            writer.close()
+            assert fwd.counters.errors == {"refused": 1}
+
+
+@pytest.mark.async_timeout(30)
+async def test_a_destination_that_resets_resets_the_client_connection():
+    async def reset_after_a_read(reader, writer):
+        await reader.read(10)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with tcp_server(reset_after_a_read) as port, pair() as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            reader, writer = await asyncio.open_connection(*fwd.address)
+            writer.write(b"hello")
+            with pytest.raises(ConnectionResetError):
+                while await asyncio.wait_for(reader.read(10), 5):
+                    pass
+            writer.close()
+
+
+# -- -R ------------------------------------------------------------------------------------
+
+
+@pytest.mark.async_timeout(60)
+async def test_remote_forward_listens_at_the_peer_and_connects_here(engine):
+    async with tcp_server() as port, pair("udp", engine) as (exit_t, client_t, peer):
+        with pytest.raises(TunnelError) as info:  # off by default
+            await client_t.forward_remote(peer, "127.0.0.1:0", f"127.0.0.1:{port}")
+        assert info.value.tunnel_code == "not-allowed"
+        exit_t.allow_remote_bind("127.0.0.1:*")
+        async with await client_t.forward_remote(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            host, rport = fwd.address.rsplit(":", 1)
+            for size in (1, 70_000, 2 << 20):
+                reader, writer = await asyncio.open_connection(host, int(rport))
+                data = os.urandom(size)
+                writer.write(data)
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(-1), 20) == data
+                writer.close()
+        # closed: the peer stops listening
+        await asyncio.sleep(0)
+        with pytest.raises(OSError):
+            for _ in range(100):
+                r, w = await asyncio.open_connection(host, int(rport))
+                w.close()
+                await asyncio.sleep(0.02)
+
+
+# -- through a proxy that cuts the tcp carrier every second -------------------------------
+
+@needs_curl
+@pytest.mark.async_timeout(150)
+@pytest.mark.parametrize("direction, every", [("-L", 1.0), ("-L", 0.25), ("-R", 1.0), ("-R", 0.25)])
+async def test_curl_fetches_256_mib_through_a_tunnel_whose_tcp_carrier_keeps_being_cut(tmp_path, direction, every):
+    cutters = []
+
+    @contextlib.asynccontextmanager
+    async def via(url):
+        async with cutter(url, every) as (c, dial):
+            cutters.append(c)
+            yield dial
+
+    with http_file(tmp_path, 256 << 20) as (http_port, digest):
+        async with pair("tcp", via=via) as (exit_t, client_t, peer):
+            if direction == "-L":
+                exit_t.allow_exit(f"127.0.0.1:{http_port}")
+                fwd = await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{http_port}")
+                host, port = fwd.address
+            else:
+                exit_t.allow_remote_bind("127.0.0.1:0")
+                fwd = await client_t.forward_remote(peer, "127.0.0.1:0", f"127.0.0.1:{http_port}")
+                host, port = fwd.address.rsplit(":", 1)
+            async with fwd:
+                code, got, size, err = await sha256_of_download([f"http://{host}:{port}/blob"])
+            assert code == 0, err
+            assert size == 256 << 20 and got == digest
+            assert cutters[0].cuts >= 1  # it went through cuts
+
+
+# -- SOCKS5 --------------------------------------------------------------------------------
+
+
+@needs_curl
+@pytest.mark.async_timeout(60)
+async def test_socks5_with_curl_hostname_and_the_ruleset_refusal(tmp_path):
+    with http_file(tmp_path, 4 << 20) as (http_port, digest):
+        async with pair() as (exit_t, client_t, peer):
+            exit_t.allow_exit(f"localhost:{http_port}")
+            async with await client_t.socks5(peer, "127.0.0.1:0") as socks:
+                proxy = "socks5h://{}:{}".format(*socks.address)
+                code, got, size, err = await sha256_of_download(
+                    ["--proxy", proxy, f"http://localhost:{http_port}/blob"])
+                assert code == 0, err
+                assert got == digest
+                # a destination outside the rules: refused by ruleset, at once
+                t = time.monotonic()
+                code, _, err = await curl("--proxy", proxy, f"http://localhost:{http_port + 1}/")
+                assert code != 0 and time.monotonic() - t < 1.0
+                assert "(2)" in err or "ruleset" in err.lower(), err  # curl names the reply code
+                # the reply itself: 2, "connection not allowed by ruleset"
+                reader, writer = await asyncio.open_connection(*socks.address)
+                name = b"localhost"
+                writer.write(b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name
+                             + struct.pack("!H", http_port + 1))
+                assert await asyncio.wait_for(reader.readexactly(12), 5) == b"\x05\x00" + _reply(2)
+                writer.close()
+                assert socks.counters.errors == {"not-allowed": 2}
+
+
+@pytest.mark.async_timeout(60)
+async def test_socks5_with_httpx_and_a_password(tmp_path):
+    import httpx
+
+    with http_file(tmp_path, 1 << 20) as (http_port, digest):
+        async with pair() as (exit_t, client_t, peer):
+            exit_t.allow_exit(f"127.0.0.1:{http_port}")
+            async with await client_t.socks5(peer, "127.0.0.1:0", users={"alice": "s3cret"}) as socks:
+                host, port = socks.address
+                async with httpx.AsyncClient(proxy=f"socks5://alice:s3cret@{host}:{port}") as http:
+                    r = await asyncio.wait_for(http.get(f"http://127.0.0.1:{http_port}/blob"), 20)
+                    assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == digest
+                async with httpx.AsyncClient(proxy=f"socks5://alice:wrong@{host}:{port}") as http:
+                    with pytest.raises(httpx.ProxyError):
+                        await asyncio.wait_for(http.get(f"http://127.0.0.1:{http_port}/blob"), 20)
+                async with httpx.AsyncClient(proxy=f"socks5://{host}:{port}") as http:
+                    with pytest.raises(httpx.ProxyError):  # no credentials at all
+                        await asyncio.wait_for(http.get(f"http://127.0.0.1:{http_port}/blob"), 20)
+
+
+@pytest.mark.async_timeout(30)
+async def test_socks5_refuses_what_it_does_not_do_with_the_right_codes():
+    async with pair() as (exit_t, client_t, peer):
+        async with await client_t.socks5(peer, "127.0.0.1:0") as socks:
+            reader, writer = await asyncio.open_connection(*socks.address)
+            writer.write(b"\x05\x01\x00" + b"\x05\x02\x00\x01" + bytes(4) + b"\x00\x50")  # BIND
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x05\x00"
+            assert (await asyncio.wait_for(reader.readexactly(10), 5))[1] == 7  # command not supported
+            writer.close()
+            reader, writer = await asyncio.open_connection(*socks.address)
+            writer.write(b"\x04\x01\x00\x50" + bytes(4) + b"\x00")  # SOCKS4
+            assert await asyncio.wait_for(reader.read(10), 5) == b""
+            writer.close()

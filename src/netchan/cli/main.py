@@ -15,6 +15,8 @@ from ..errors import NetchanError
 from ..identity import Identity
 from ..node.node import ANY, PING_SERVICE, Node, echo_service
 from ..session.engine import DEFAULT_ENGINE, ENGINES
+from ..tunnels import Tunnels
+from . import tunnel as tunnel_cli
 from .runner import run
 
 
@@ -46,10 +48,21 @@ async def _serve(args: argparse.Namespace) -> int:
     allow = ANY if any(a.lower() == "any" for a in args.allow) else args.allow
     node = Node(_identity(args.identity), listen=args.listen, allow=allow, engine=args.engine)
     node.serve("echo", echo_service)
+    tunnels = Tunnels.of(node)
+    try:
+        tunnels.allow_exit(*args.exit)
+        tunnels.allow_remote_bind(*args.allow_remote_bind)
+    except NetchanError as exc:
+        print(f"netchan serve: {exc}", file=sys.stderr)
+        return 2
     async with node:
         print(f"node {node.node_id}", flush=True)
         for url in node.addresses:
             print(f"listening on {url}", flush=True)
+        for rule in args.exit:
+            print(f"exit to {rule}", flush=True)
+        for bind in args.allow_remote_bind:
+            print(f"peers may listen on {bind}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,14 +145,21 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_help = f"QUIC engine: {', '.join(ENGINES)} (default {DEFAULT_ENGINE})"
 
-    p = sub.add_parser("serve", help="run a node with an echo service")
+    p = sub.add_parser("serve", help="run a node: an echo service, and tunnels' exits where --exit allows")
     p.add_argument("--listen", action="append", required=True, metavar="URL",
                    help="udp://HOST:PORT, tcp://HOST:PORT (repeatable)")
     p.add_argument("--allow", action="append", default=[], metavar="ID",
                    help="node id allowed to connect (repeatable; 'any' admits every key)")
     p.add_argument("--identity", metavar="PATH", help="key file (default: a throwaway key)")
+    p.add_argument("--exit", action="append", default=[], metavar="HOST:PORT",
+                   help="let peers' tunnels reach this (an address, CIDR network or name; port, range or *; "
+                        "repeatable; none: tunnels reach nothing)")
+    p.add_argument("--allow-remote-bind", action="append", default=[], metavar="[BIND:]PORT",
+                   help="let peers ask us to listen here for them (-R); port 0 or *: any (repeatable)")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(_serve(a), a.engine))
+
+    tunnel_cli.add_parser(sub, engine_help, run)
 
     p = sub.add_parser("ping", help="authenticated round trips to a node (over one path or several)")
     p.add_argument("url", nargs="+", help="one URL, or several: the paths of one session")

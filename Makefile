@@ -18,6 +18,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
+	@command -v socat >/dev/null && test -x /usr/sbin/sshd || \
+		{ [ "$$(id -u)" = 0 ] && apt-get install -y -qq openssh-server socat >/dev/null || \
+		  echo "(install openssh-server and socat to compare tunnels with ssh)"; }
 	$(PY) bench/run.py $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:

@@ -33,13 +33,16 @@ class Counters:
 
 def reset_tcp(writer: asyncio.StreamWriter) -> None:
     """Close with a RST, so the application sees a reset connection, not an end."""
+    transport = writer.transport
+    if transport.is_closing():
+        return
     sock = writer.get_extra_info("socket")
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
+        except (OSError, ValueError):  # already closed
             pass
-    writer.transport.abort()
+    transport.abort()
 
 
 async def pump(stream: ServiceStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

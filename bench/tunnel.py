@@ -13,7 +13,6 @@ first byte).  Medians of ``runs``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil

@@ -106,7 +106,7 @@ async def test_serve_and_tunnel_commands_forward_both_ways_and_proxy(tmp_path):
 @pytest.mark.async_timeout(30)
 async def test_tunnel_with_nothing_to_do_or_a_bad_spec_says_so():
     for extra, message in (([], "nothing to do"), (["-L", "8080"], "write [BIND:]PORT"),
-                           (["-L", "0:127.0.0.1:1/udp"], "UDP forwarding")):
+                           (["-R", "0:127.0.0.1:1/udp"], "-R .../udp")):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "netchan", "tunnel", "udp://127.0.0.1:9", "--peer", "x" * 32, *extra,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -398,3 +398,118 @@ async def test_socks5_refuses_what_it_does_not_do_with_the_right_codes():
             writer.write(b"\x04\x01\x00\x50" + bytes(4) + b"\x00")  # SOCKS4
             assert await asyncio.wait_for(reader.read(10), 5) == b""
             writer.close()
+
+
+# -- UDP -----------------------------------------------------------------------------------
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+
+@contextlib.asynccontextmanager
+async def udp_echo():
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+    try:
+        yield transport.get_extra_info("sockname")[1]
+    finally:
+        transport.close()
+
+
+class _UdpClient(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.got = asyncio.Queue()
+
+    def datagram_received(self, data, addr):
+        self.got.put_nowait(data)
+
+
+async def echo_all(address, payloads, window=64, patience=0.5):
+    """Send every payload through ``address`` and collect its echo, with at
+    most ``window`` in flight; one that does not come back in ``patience`` s
+    is sent again (UDP may lose).  Returns (echoes by index, resends)."""
+    loop = asyncio.get_running_loop()
+    transport, client = await loop.create_datagram_endpoint(_UdpClient, remote_addr=address)
+    back: dict[int, bytes] = {}
+    sent_at: dict[int, float] = {}
+    resends = 0
+    todo = list(range(len(payloads)))
+    progress = loop.time()
+    try:
+        while len(back) < len(payloads):
+            now = loop.time()
+            assert now - progress < 10, f"no echo for 10 s ({len(back)} of {len(payloads)} back)"
+            for i, t in list(sent_at.items()):
+                if now - t > patience:
+                    resends += 1
+                    del sent_at[i]
+                    todo.insert(0, i)
+            while todo and len(sent_at) < window:
+                i = todo.pop(0)
+                transport.sendto(struct.pack("!I", i) + payloads[i])
+                sent_at[i] = loop.time()
+            try:
+                data = await asyncio.wait_for(client.got.get(), patience)
+            except asyncio.TimeoutError:
+                continue
+            (i,) = struct.unpack_from("!I", data)
+            back.setdefault(i, data[4:])
+            progress = loop.time()
+            sent_at.pop(i, None)
+    finally:
+        transport.close()
+    return back, resends
+
+
+@pytest.mark.async_timeout(90)
+@pytest.mark.parametrize("carrier", ["udp", "tcp"])
+async def test_ten_thousand_datagrams_through_a_udp_forward_each_checked(engine, carrier):
+    async with udp_echo() as port, pair(carrier, engine) as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.forward_udp(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            limit = peer.max_datagram_size("tunnel-udp") - 5  # the flow prefix
+            sizes = [1, 100, 512, 1000, limit - 4]  # (4: the test's own index)
+            payloads = [os.urandom(sizes[i % len(sizes)]) for i in range(10_000)]
+            back, resends = await echo_all(fwd.address, payloads)
+            assert all(back[i] == payloads[i] for i in range(len(payloads)))
+            assert resends < len(payloads) // 10, resends
+            # one byte over the limit: dropped and counted, never truncated
+            dropped = fwd.counters.dropped
+            loop = asyncio.get_running_loop()
+            transport, client = await loop.create_datagram_endpoint(_UdpClient, remote_addr=fwd.address)
+            transport.sendto(os.urandom(limit + 1))
+            transport.sendto(b"after")
+            assert await asyncio.wait_for(client.got.get(), 5) == b"after"
+            transport.close()
+            assert fwd.counters.dropped == dropped + 1
+
+
+@pytest.mark.async_timeout(30)
+async def test_udp_flows_are_refused_outside_the_rules_and_each_source_is_its_own_flow():
+    async with udp_echo() as port, pair() as (exit_t, client_t, peer):
+        async with await client_t.forward_udp(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            loop = asyncio.get_running_loop()
+            transport, client = await loop.create_datagram_endpoint(_UdpClient, remote_addr=fwd.address)
+            transport.sendto(b"x")
+            await wait_until(lambda: fwd.counters.errors.get("not-allowed") == 1)
+            transport.close()
+            exit_t.allow_exit(f"127.0.0.1:{port}")
+            clients = []
+            for k in range(3):
+                transport, client = await loop.create_datagram_endpoint(_UdpClient, remote_addr=fwd.address)
+                clients.append((transport, client))
+                transport.sendto(b"from %d" % k)
+            for k, (transport, client) in enumerate(clients):
+                assert await asyncio.wait_for(client.got.get(), 5) == b"from %d" % k
+                transport.close()
+            assert len(exit_t.udp.exits) == 3
+
+
+async def wait_until(predicate, timeout=10.0):
+    from .helpers import wait_for_condition
+
+    await wait_for_condition(predicate, timeout=timeout)

@@ -88,8 +88,8 @@ async def run_tunnel(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"netchan tunnel: {exc}", file=sys.stderr)
         return 2
-    if any(proto == "udp" for *_, proto in forwards):
-        print("netchan tunnel: UDP forwarding (/udp) is not available yet", file=sys.stderr)
+    if any(kind == "-R" and proto == "udp" for kind, *_, proto in forwards):
+        print("netchan tunnel: -R .../udp is not available yet (-L .../udp is)", file=sys.stderr)
         return 2
     if not forwards and not socks:
         print("netchan tunnel: nothing to do: give -L, -R or -D", file=sys.stderr)
@@ -103,8 +103,12 @@ async def run_tunnel(args: argparse.Namespace) -> int:
         tunnels = Tunnels.of(node)
         running: list[Any] = []
         try:
-            for kind, listen, target, _proto in forwards:
-                if kind == "-L":
+            for kind, listen, target, proto in forwards:
+                if kind == "-L" and proto == "udp":
+                    fwd = await tunnels.forward_udp(peer, listen, target)
+                    host, port = fwd.address
+                    print(f"-L listening on {_join(host, str(port))}/udp -> {target}/udp at the peer", flush=True)
+                elif kind == "-L":
                     fwd = await tunnels.forward_local(peer, listen, target)
                     host, port = fwd.address
                     print(f"-L listening on {_join(host, str(port))} -> {target} at the peer", flush=True)

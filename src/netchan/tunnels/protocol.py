@@ -56,6 +56,13 @@ class Open(msgspec.Struct, tag="open"):
     port: int
 
 
+class OpenUdp(msgspec.Struct, tag="udp"):
+    """Open a UDP flow to ``host:port``; the Reply's ``listener`` is its number."""
+
+    host: str
+    port: int
+
+
 class Listen(msgspec.Struct, tag="listen"):
     """Listen on ``host:port`` for me (``-R``); port 0: any free port."""
 
@@ -76,10 +83,11 @@ class Reply(msgspec.Struct, tag="reply"):
     reason: str = ""
     #: what was bound or connected to, "host:port"
     address: str = ""
+    #: the listener's number (Listen), the flow's (OpenUdp)
     listener: int = 0
 
 
-Header = Open | Listen | Accepted | Reply
+Header = Open | OpenUdp | Listen | Accepted | Reply
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Header)
 
@@ -112,7 +120,7 @@ async def read_header(stream: ServiceStream) -> Header:
         raise ProtocolError(f"malformed tunnel header: {exc}") from None
 
 
-async def request(peer: Peer, header: Open | Listen, refused: str = "") -> tuple[ServiceStream, Reply]:
+async def request(peer: Peer, header: Open | OpenUdp | Listen, refused: str = "") -> tuple[ServiceStream, Reply]:
     """Open a tunnel stream with ``header``; the stream and the peer's
     Reply if it agreed, else TunnelError (its reason after ``refused``)."""
     stream = await peer.open_stream(SERVICE)

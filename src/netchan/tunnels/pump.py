@@ -25,6 +25,8 @@ class Counters:
     failed: int = 0
     bytes_out: int = 0  # from the local application to the far end
     bytes_in: int = 0
+    datagrams: int = 0  # UDP datagrams carried
+    dropped: int = 0  # UDP datagrams too large for the session (never truncated), or sent while it was down
     errors: dict[str, int] = field(default_factory=dict)
 
     def count_error(self, code: str) -> None:

@@ -24,9 +24,11 @@ from .protocol import (
     HOST_UNREACHABLE,
     NOT_ALLOWED,
     SERVICE,
+    DATAGRAM_SERVICE,
     Accepted,
     Listen,
     Open,
+    OpenUdp,
     Reply,
     TunnelError,
     code_of,
@@ -38,6 +40,7 @@ from .protocol import (
 from .pump import Counters, pump, reset_tcp
 from .rules import ExitRules, parse_hostport
 from .socks5 import Socks5
+from .udp import UdpFlows, UdpForward
 
 if TYPE_CHECKING:
     from ..node.node import Node, Peer
@@ -140,7 +143,9 @@ class Tunnels:
         self._listeners: dict[int, _Listener] = {}
         self._remote: dict[tuple[str, int], RemoteForward] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.udp = UdpFlows(self)
         node.serve(SERVICE, self._serve)
+        node.serve_datagrams(DATAGRAM_SERVICE, self.udp.on_datagram)
 
     @classmethod
     def of(cls, node: Node) -> Tunnels:
@@ -176,6 +181,12 @@ class Tunnels:
         bind, port = parse_hostport(listen, default_host="127.0.0.1")
         host, tport = parse_hostport(target)
         return await RemoteForward(self, peer, host, _port(tport)).start(bind, _port(port, zero=True))
+
+    async def forward_udp(self, peer: Peer, listen: str, target: str) -> UdpForward:
+        """``-L .../udp``: a UDP socket on ``listen`` here; datagrams go to ``target`` at the peer."""
+        bind, port = parse_hostport(listen, default_host="127.0.0.1")
+        host, tport = parse_hostport(target)
+        return await UdpForward(self, peer, host, _port(tport)).start(bind, _port(port, zero=True))
 
     async def socks5(self, peer: Peer, listen: str, users: dict[str, str] | None = None) -> Socks5:
         """``-D``: a SOCKS5 listener on ``listen`` (``[bind:]port``); connections leave at the peer.
@@ -231,6 +242,8 @@ class Tunnels:
                 await self._listen(stream, peer, header)
             case Accepted():
                 await self._accepted(stream, peer, header)
+            case OpenUdp():
+                await self.udp.serve(stream, peer, header)
             case _:
                 raise ProtocolError(f"unexpected {type(header).__name__} opening a tunnel stream")
 
@@ -238,38 +251,48 @@ class Tunnels:
         where = format_address(req.host, req.port)
         try:
             reader, writer = await self._connect_out(req.host, req.port)
-        except (OSError, TunnelError, asyncio.TimeoutError) as exc:
-            code = code_of(exc)
-            self.counters.failed += 1
-            self.counters.count_error(code)
-            log.warning("tunnel for %s to %s: %s (%s)", peer.node_id, where, code, exc)
-            await send_header(stream, Reply(False, code, f"{where}: {exc}"))
+        except (OSError, NetchanError, asyncio.TimeoutError) as exc:
+            await self.refuse(stream, peer, where, exc)
             return
         await send_header(stream, Reply(True, address=where))
         log.info("tunnel for %s to %s", peer.node_id, where)
         await self.relay(stream, reader, writer, [])
 
-    async def _connect_out(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to ``host:port`` if the exit rules allow it (at an allowed address)."""
+    async def refuse(self, stream: ServiceStream, peer: Peer, where: str, exc: BaseException) -> None:
+        """Answer a request this node could not carry out, counted and logged."""
+        code = code_of(exc)
+        self.counters.failed += 1
+        self.counters.count_error(code)
+        log.warning("tunnel for %s to %s: %s (%s)", peer.node_id, where, code, exc)
+        await send_header(stream, Reply(False, code, f"{where}: {exc}"))
+
+    async def resolve_exit(self, host: str, port: int, udp: bool = False) -> list[tuple[str, int]]:
+        """The addresses at which this node may reach ``host:port`` for a peer
+        (a name a name rule allows stays a name); TunnelError if none."""
         rules = self.exits
         if not 1 <= port <= 65535:
             raise TunnelError(NOT_ALLOWED, f"port {port} is not a port")
         if rules.allows_name(host, port):
-            return await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+            return [(host, port)]
         if rules.is_address(host) or not rules.may_resolve(host, port):
             raise TunnelError(NOT_ALLOWED, "no exit rule allows it")
         loop = asyncio.get_running_loop()
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
         try:
-            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=kind), CONNECT_TIMEOUT)
         except socket.gaierror as exc:
             raise TunnelError(HOST_UNREACHABLE, f"{host} does not resolve: {exc}") from None
-        allowed = [info for info in infos if rules.allows_address(info[4][0], port)]
+        allowed = [(info[4][0], port) for info in infos if rules.allows_address(info[4][0], port)]
         if not allowed:
             raise TunnelError(NOT_ALLOWED, f"no exit rule allows {host} (at {infos[0][4][0]})")
+        return allowed
+
+    async def _connect_out(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``host:port`` if the exit rules allow it (at an allowed address)."""
         error: BaseException | None = None
-        for info in allowed:
+        for address in await self.resolve_exit(host, port):
             try:
-                return await asyncio.wait_for(asyncio.open_connection(info[4][0], port), CONNECT_TIMEOUT)
+                return await asyncio.wait_for(asyncio.open_connection(*address), CONNECT_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as exc:
                 error = exc
         assert error is not None
@@ -344,6 +367,7 @@ class Tunnels:
         await self.relay(stream, reader, writer, [fwd.counters])
 
     async def aclose(self) -> list[NetchanError]:
+        self.udp.close()
         for listener in self._listeners.values():
             listener.server.close()
         for task in list(self._tasks):

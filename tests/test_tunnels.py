@@ -513,3 +513,43 @@ async def wait_until(predicate, timeout=10.0):
     from .helpers import wait_for_condition
 
     await wait_for_condition(predicate, timeout=timeout)
+
+
+@pytest.mark.async_timeout(60)
+@pytest.mark.parametrize("by", ["ipv4", "name"])
+async def test_socks5_udp_associate_round_trips_dns_sized_datagrams(by):
+    async with udp_echo() as port, pair() as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.socks5(peer, "127.0.0.1:0") as socks:
+            reader, writer = await asyncio.open_connection(*socks.address)
+            writer.write(b"\x05\x01\x00" + b"\x05\x03\x00\x01" + bytes(6))  # UDP ASSOCIATE, 0.0.0.0:0
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x05\x00"
+            reply = await asyncio.wait_for(reader.readexactly(10), 5)
+            assert reply[:4] == b"\x05\x00\x00\x01"
+            relay = (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+            if by == "ipv4":
+                header = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port)
+            else:
+                exit_t.allow_exit(f"localhost:{port}")
+                header = b"\x00\x00\x00\x03\x09localhost" + struct.pack("!H", port)
+            loop = asyncio.get_running_loop()
+            transport, client = await loop.create_datagram_endpoint(_UdpClient, remote_addr=relay)
+            try:
+                for size in (12, 64, 512, 1200):
+                    query = os.urandom(size)
+                    for _ in range(20):  # UDP may lose: ask again, as a resolver does
+                        transport.sendto(header + query)
+                        try:
+                            answer = await asyncio.wait_for(client.got.get(), 1)
+                            break
+                        except asyncio.TimeoutError:
+                            continue
+                    assert answer[:3] == b"\x00\x00\x00" and answer.endswith(query)
+                    assert answer[3:-size] == header[3:]  # it says where the answer came from
+                # a fragment is dropped (RFC 1928 lets a relay drop what it does not reassemble)
+                transport.sendto(b"\x00\x00\x01" + header[3:] + b"fragment")
+                transport.sendto(header + b"whole")
+                assert (await asyncio.wait_for(client.got.get(), 5)).endswith(b"whole")
+            finally:
+                transport.close()
+                writer.close()

@@ -1,8 +1,8 @@
 """``-D``: a SOCKS5 front end (RFC 1928) whose connections leave at the peer.
 
-CONNECT with IPv4, IPv6 and domain names (resolved at the exit, under its
-exit rules); username/password authentication (RFC 1929) when users are
-given.  A destination the exit refuses gets the matching reply code
+CONNECT and UDP ASSOCIATE with IPv4, IPv6 and domain names (resolved at the
+exit, under its exit rules; each UDP destination is a flow of its own);
+username/password authentication (RFC 1929) when users are given.  A destination the exit refuses gets the matching reply code
 ("connection not allowed by ruleset", "connection refused", "host
 unreachable"...) at once.
 """
@@ -14,10 +14,12 @@ import hmac
 import ipaddress
 import logging
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .front import Front
-from .protocol import SOCKS_REPLY, Open
+from ..errors import NetchanError
+from .protocol import SOCKS_REPLY, Open, format_address
+from .udp import Flow
 
 if TYPE_CHECKING:
     from ..node.node import Peer
@@ -57,6 +59,9 @@ class Socks5(Front):
         if request is None:
             writer.close()
             return
+        if isinstance(request, _Associate):
+            await self._associate(reader, writer)
+            return
         stream = await self.tunnels.try_open(self.peer, request, [self.counters])
         if isinstance(stream, str):
             writer.write(_reply(SOCKS_REPLY.get(stream, GENERAL_FAILURE)))
@@ -65,7 +70,8 @@ class Socks5(Front):
         writer.write(_reply(SUCCEEDED))
         await self.tunnels.relay(stream, reader, writer, [self.counters, self.tunnels.counters])
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Open | None:
+    async def _handshake(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> Open | _Associate | None:
         version, n = await reader.readexactly(2)
         if version != 5:
             raise _Refused(f"not SOCKS5 (version {version})")
@@ -94,10 +100,12 @@ class Socks5(Front):
             await writer.drain()
             return None
         (port,) = struct.unpack("!H", await reader.readexactly(2))
+        if cmd == UDP_ASSOCIATE:
+            return _Associate()
         if cmd != CONNECT:
             writer.write(_reply(COMMAND_NOT_SUPPORTED))
             await writer.drain()
-            log.info("SOCKS5 command %d refused (only CONNECT)", cmd)
+            log.info("SOCKS5 command %d refused (CONNECT and UDP ASSOCIATE only)", cmd)
             return None
         return Open(host, port)
 
@@ -114,13 +122,125 @@ class Socks5(Front):
             raise _Refused(f"wrong username or password (user {user.decode('utf-8', 'replace')!r})")
 
 
+    async def _associate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """UDP ASSOCIATE: a UDP relay for this client, for as long as its TCP connection lasts."""
+        client_ip = writer.get_extra_info("peername")[0]
+        relay = _UdpRelay(self, client_ip)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=(self.address[0], 0))
+        except OSError as exc:
+            log.info("SOCKS5 UDP ASSOCIATE: %s", exc)
+            writer.write(_reply(GENERAL_FAILURE))
+            await _drain_and_close(writer)
+            return
+        host, port = transport.get_extra_info("sockname")[:2]
+        writer.write(_reply(SUCCEEDED, host, port))
+        try:
+            while await reader.read(4096):
+                pass  # the association lasts as long as this connection
+        except ConnectionError:
+            pass
+        finally:
+            relay.close()
+            transport.close()
+            writer.close()
+
+
+class _Associate:
+    pass
+
+
+class _UdpRelay(asyncio.DatagramProtocol):
+    """One UDP ASSOCIATE: datagrams from the client, each with a SOCKS5 UDP
+    header naming its destination, go through one flow per destination."""
+
+    def __init__(self, socks: Socks5, client_ip: str) -> None:
+        self.socks = socks
+        self.client_ip = client_ip
+        self.client: Any = None  # the client's UDP address, from its first datagram
+        self.transport: asyncio.DatagramTransport | None = None
+        self.flows: dict[tuple[str, int], Flow] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if addr[0] != self.client_ip or (self.client is not None and addr != self.client):
+            return  # only the associated client may use it
+        self.client = addr
+        parsed = _parse_udp(data)
+        if parsed is None:
+            return  # malformed, or a fragment (FRAG != 0): dropped, as RFC 1928 allows
+        host, port, payload = parsed
+        flow = self.flows.get((host, port))
+        if flow is None or flow.closed:
+            header = _address(host, port)
+            flow = Flow(self.socks.peer, [self.socks.counters, self.socks.tunnels.counters],
+                        lambda d, h=header: self._back(h + d))
+            self.flows[(host, port)] = flow
+            self.socks.spawn(self._open(flow, host, port))
+        flow.send(payload)
+
+    def _back(self, data: bytes) -> None:
+        if self.transport is not None and self.client is not None:
+            self.transport.sendto(b"\x00\x00\x00" + data, self.client)
+
+    async def _open(self, flow: Flow, host: str, port: int) -> None:
+        try:
+            await self.socks.tunnels.udp.open(flow, host, port)
+        except NetchanError as exc:
+            for c in flow.counters:
+                c.failed += 1
+                c.count_error(getattr(exc, "tunnel_code", "failed"))
+            log.info("SOCKS5 UDP to %s: %s", format_address(host, port), exc)
+        finally:
+            flow.closed = True
+
+    def close(self) -> None:
+        for flow in self.flows.values():
+            flow.close()
+
+
+def _parse_udp(data: bytes) -> tuple[str, int, bytes] | None:
+    if len(data) < 10 or data[0:2] != b"\x00\x00" or data[2] != 0:
+        return None
+    atyp = data[3]
+    try:
+        if atyp == IPV4:
+            host, rest = str(ipaddress.IPv4Address(data[4:8])), data[8:]
+        elif atyp == IPV6:
+            host, rest = str(ipaddress.IPv6Address(data[4:20])), data[20:]
+        elif atyp == DOMAIN:
+            n = data[4]
+            host, rest = data[5:5 + n].decode("idna"), data[5 + n:]
+        else:
+            return None
+    except (ValueError, UnicodeError):
+        return None
+    if len(rest) < 2:
+        return None
+    return host, struct.unpack("!H", rest[:2])[0], rest[2:]
+
+
+def _address(host: str, port: int) -> bytes:
+    """ATYP, address and port, as SOCKS5 writes them."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode("idna")
+        return bytes([DOMAIN, len(name)]) + name + struct.pack("!H", port)
+    return bytes([IPV4 if ip.version == 4 else IPV6]) + ip.packed + struct.pack("!H", port)
+
+
 class _Refused(Exception):
     pass
 
 
-def _reply(code: int) -> bytes:
-    # BND.ADDR and BND.PORT: the exit's own are not known here; zeros, as many servers send
-    return bytes([5, code, 0, IPV4, 0, 0, 0, 0, 0, 0])
+def _reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
+    # BND.ADDR and BND.PORT: for CONNECT the exit's own are not known here (zeros, as
+    # many servers send); for UDP ASSOCIATE, where to send the datagrams
+    return bytes([5, code, 0]) + _address(host, port)
 
 
 async def _drain_and_close(writer: asyncio.StreamWriter) -> None:

@@ -14,6 +14,7 @@ each packet, so a session's identity never depends on an address.
 from __future__ import annotations
 
 import ssl
+import sys
 import weakref
 from typing import Any, Callable
 
@@ -26,6 +27,8 @@ __all__ = ["Engine", "get_engine", "ENGINES", "DEFAULT_ENGINE", "VIRTUAL_ADDRESS
 
 VIRTUAL_ADDRESS = ("fd00::1", 1)
 ALPN = "netchan/1"
+#: streams a peer may have open at once (each forwarded connection is one)
+MAX_CONCURRENT_STREAMS = 10_000
 
 
 class Engine:
@@ -171,18 +174,39 @@ class _Qh3Engine(Engine):
             # qh3's client always announces max_udp_payload_size=1472, which
             # keeps the server's packets small even on stream carriers where
             # we want large ones.  Re-announce the size we chose.
+            # It also announces a fixed 100 concurrent streams (see Connection).
             def serialize_transport_parameters(self) -> bytes:
                 data = super().serialize_transport_parameters()
                 size = getattr(self.configuration, "netchan_packet_size", 0)
-                if not self.configuration.is_client or size <= 1472:
-                    return data
                 params = pull_quic_transport_parameters(Buffer(data=data))
-                params.max_udp_payload_size = size
+                params.initial_max_streams_bidi = MAX_CONCURRENT_STREAMS
+                if self.configuration.is_client and size > 1472:
+                    params.max_udp_payload_size = size
                 buf = Buffer(capacity=len(data) + 64)
                 push_quic_transport_parameters(buf, params)
                 return buf.data
 
+        core_module = sys.modules[QuicConnection.__module__]
+        native_core = core_module.QuicConnectionCore
+        signature = (native_core.__text_signature__ or "").strip("()").split(", ")
+        streams_at = signature.index("local_max_streams_bidi") if "local_max_streams_bidi" in signature else -1
+
+        def core_with_more_streams(*args: Any) -> Any:
+            # qh3 lets a peer open 100 streams at a time, too few for a tunnel's
+            # concurrent connections; the limit is a positional argument of the
+            # native core, found by name in its signature
+            if 0 <= streams_at < len(args):
+                args = (*args[:streams_at], MAX_CONCURRENT_STREAMS, *args[streams_at + 1:])
+            return native_core(*args)
+
         class Connection(QuicConnection):
+            def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
+                core_module.QuicConnectionCore = core_with_more_streams
+                try:
+                    super()._create_core(remote_addr, initial_dcid, now)
+                finally:
+                    core_module.QuicConnectionCore = native_core
+
             def _create_tls(self, remote_source_cid: bytes | None) -> Any:
                 bridge = Bridge(
                     self._configuration,
@@ -261,6 +285,13 @@ class _AioquicEngine(Engine):
         from aioquic.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 
         class Connection(QuicConnection):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                # aioquic lets a peer open 128 streams at a time: too few for a
+                # tunnel's concurrent connections
+                limit = self._local_max_streams_bidi
+                limit.value = limit.sent = MAX_CONCURRENT_STREAMS
+
             # aioquic neither announces its max_udp_payload_size nor obeys the
             # peer's: a server that met a client on a stream carrier would keep
             # sending large packets after the client moved to a datagram path

@@ -256,7 +256,7 @@ class Tunnels:
             return
         await send_header(stream, Reply(True, address=where))
         log.info("tunnel for %s to %s", peer.node_id, where)
-        await self.relay(stream, reader, writer, [])
+        await self.relay(stream, reader, writer, [self.counters])
 
     async def refuse(self, stream: ServiceStream, peer: Peer, where: str, exc: BaseException) -> None:
         """Answer a request this node could not carry out, counted and logged."""
@@ -348,7 +348,7 @@ class Tunnels:
             stream.abort()
             reset_tcp(writer)
             return
-        await self.relay(stream, reader, writer, [])
+        await self.relay(stream, reader, writer, [self.counters])
 
     async def _accepted(self, stream: ServiceStream, peer: Peer, req: Accepted) -> None:
         fwd = self._remote.get((peer.node_id, req.listener))
@@ -364,7 +364,7 @@ class Tunnels:
             await send_header(stream, Reply(False, code, f"{fwd.target}: {exc}"))
             return
         await send_header(stream, Reply(True, address=fwd.target))
-        await self.relay(stream, reader, writer, [fwd.counters])
+        await self.relay(stream, reader, writer, [fwd.counters, self.counters])
 
     async def aclose(self) -> list[NetchanError]:
         self.udp.close()

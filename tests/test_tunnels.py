@@ -607,3 +607,49 @@ async def test_a_thousand_forwarded_connections_with_a_hundred_busy_all_correct_
             # 1,000 idle connections cost well under 200 KB each, and the busy ones do not pile up
             assert idle - before < 200, (before, idle)
             assert peak - before < 400, (before, idle, peak)
+
+
+@pytest.mark.async_timeout(90)
+@pytest.mark.parametrize("write", [16 * 1024, 256 * 1024])
+async def test_a_forwarded_connection_survives_failover_and_cuts_with_no_byte_lost(write):
+    from netchan.tools.chaos import UdpChaos
+
+    async with tcp_server() as port, \
+            netchan.Node(listen=["udp://127.0.0.1:0", "tcp://127.0.0.1:0"]) as exit_node, \
+            netchan.Node() as client:
+        exit_node.allow(client.node_id)
+        Tunnels.of(exit_node).allow_exit(f"127.0.0.1:{port}")
+        (uh, up), (th, tp) = (u.split("://")[1].rsplit(":", 1) for u in exit_node.addresses)
+        async with UdpChaos((uh, int(up))) as udp, TcpCutter((th, int(tp)), cut_every=0.5) as tcp:
+            peer = await client.connect([udp.url, tcp.url], exit_node.node_id, paths="failover")
+            async with await Tunnels.of(client).forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+                reader, writer = await asyncio.open_connection(*fwd.address)
+                total = 48 << 20
+                data = os.urandom(total)
+                got = bytearray()
+
+                async def send():
+                    for i in range(0, total, write):
+                        writer.write(data[i:i + write])
+                        await writer.drain()
+                    writer.write_eof()
+
+                async def receive():
+                    while chunk := await reader.read(1 << 20):
+                        got.extend(chunk)
+
+                tasks = [asyncio.ensure_future(send()), asyncio.ensure_future(receive())]
+                try:
+                    await wait_until(lambda: len(got) > total // 8, timeout=30)
+                    udp.blackhole = True  # the active path goes dark: over to tcp, which is cut every 0.5 s
+                    await wait_until(lambda: len(got) > total // 2, timeout=30)
+                    assert [p.active for p in peer.paths] == [False, True]
+                    udp.blackhole = False  # and back
+                    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                finally:
+                    udp.blackhole = False
+                    for t in tasks:
+                        t.cancel()
+                writer.close()
+                assert bytes(got) == data
+                assert tcp.cuts >= 1 and tcp.bytes_forwarded > 0

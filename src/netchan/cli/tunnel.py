@@ -103,6 +103,7 @@ async def run_tunnel(args: argparse.Namespace) -> int:
         tunnels = Tunnels.of(node)
         running: list[Any] = []
         try:
+            fwd: Any
             for kind, listen, target, proto in forwards:
                 if kind == "-L" and proto == "udp":
                     fwd = await tunnels.forward_udp(peer, listen, target)
@@ -146,7 +147,7 @@ async def _until_stopped(peer: Peer, running: list[Any], tunnels: Tunnels) -> No
 
 
 def _rows(peer: Peer, running: list[Any]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for kind, fwd in running:
         c = fwd.counters
         where = fwd.address if isinstance(fwd.address, str) else _join(fwd.address[0], str(fwd.address[1]))

@@ -48,6 +48,15 @@ class ServiceStream(abc.ABC):
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """Bytes from the peer (at most ``max_bytes``); EndOfStream after its end."""
 
+    async def receive_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; EndOfStream if the stream ends first."""
+        parts = []
+        while n:
+            chunk = await self.receive(n)
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
     @abc.abstractmethod
     def consume(self, on_data: Callable[[bytes], None],
                 on_end: Callable[[NetchanError], None]) -> None:

@@ -173,15 +173,6 @@ class Stream(ServiceStream):
             session.schedule_transmit()  # a credit message for the peer
         return data
 
-    async def receive_exactly(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; EndOfStream if the stream ends first."""
-        parts = []
-        while n:
-            chunk = await self.receive(n)
-            parts.append(chunk)
-            n -= len(chunk)
-        return b"".join(parts)
-
     async def send_eof(self) -> None:
         """Tell the peer we will send nothing more (it gets EndOfStream)."""
         if self._send_closed:

@@ -187,7 +187,7 @@ class _Qh3Engine(Engine):
                 return buf.data
 
         core_module = sys.modules[QuicConnection.__module__]
-        native_core = core_module.QuicConnectionCore
+        native_core = getattr(core_module, "QuicConnectionCore")
         signature = (native_core.__text_signature__ or "").strip("()").split(", ")
         streams_at = signature.index("local_max_streams_bidi") if "local_max_streams_bidi" in signature else -1
 
@@ -201,11 +201,11 @@ class _Qh3Engine(Engine):
 
         class Connection(QuicConnection):
             def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
-                core_module.QuicConnectionCore = core_with_more_streams
+                setattr(core_module, "QuicConnectionCore", core_with_more_streams)
                 try:
                     super()._create_core(remote_addr, initial_dcid, now)
                 finally:
-                    core_module.QuicConnectionCore = native_core
+                    setattr(core_module, "QuicConnectionCore", native_core)
 
             def _create_tls(self, remote_source_cid: bytes | None) -> Any:
                 bridge = Bridge(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import TYPE_CHECKING, Any, Coroutine, Self
 
 from .pump import Counters
 
@@ -29,7 +29,7 @@ class Front:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[:2]
 
-    async def start(self, bind: str, port: int) -> Front:
+    async def start(self, bind: str, port: int) -> Self:
         self.server = await asyncio.start_server(self._on_client, bind, port, reuse_address=True)
         return self
 
@@ -52,7 +52,7 @@ class Front:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> Front:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -282,7 +282,7 @@ class Tunnels:
             infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=kind), CONNECT_TIMEOUT)
         except socket.gaierror as exc:
             raise TunnelError(HOST_UNREACHABLE, f"{host} does not resolve: {exc}") from None
-        allowed = [(info[4][0], port) for info in infos if rules.allows_address(info[4][0], port)]
+        allowed = [(str(info[4][0]), port) for info in infos if rules.allows_address(str(info[4][0]), port)]
         if not allowed:
             raise TunnelError(NOT_ALLOWED, f"no exit rule allows {host} (at {infos[0][4][0]})")
         return allowed

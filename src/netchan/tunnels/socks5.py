@@ -176,8 +176,11 @@ class _UdpRelay(asyncio.DatagramProtocol):
         flow = self.flows.get((host, port))
         if flow is None or flow.closed:
             header = _address(host, port)
-            flow = Flow(self.socks.peer, [self.socks.counters, self.socks.tunnels.counters],
-                        lambda d, h=header: self._back(h + d))
+
+            def back(data: bytes, prefix: bytes = header) -> None:
+                self._back(prefix + data)
+
+            flow = Flow(self.socks.peer, [self.socks.counters, self.socks.tunnels.counters], back)
             self.flows[(host, port)] = flow
             self.socks.spawn(self._open(flow, host, port))
         flow.send(payload)

@@ -230,8 +230,10 @@ class UdpForward(Front):
         if flow is None or flow.closed:
             transport = self.transport
             assert transport is not None
-            flow = Flow(self.peer, [self.counters, self.tunnels.counters],
-                        lambda d, a=addr: transport.sendto(d, a))
+            def back(data: bytes, to: Any = addr) -> None:
+                transport.sendto(data, to)
+
+            flow = Flow(self.peer, [self.counters, self.tunnels.counters], back)
             self._flows[addr] = flow
             self.spawn(self._open(flow, addr))
         flow.send(data)

@@ -653,3 +653,36 @@ async def test_a_forwarded_connection_survives_failover_and_cuts_with_no_byte_lo
                 writer.close()
                 assert bytes(got) == data
                 assert tcp.cuts >= 1 and tcp.bytes_forwarded > 0
+
+
+@pytest.mark.async_timeout(60)
+async def test_a_slow_reader_slows_only_its_own_forwarded_connection():
+    source_size = 64 << 20
+
+    async def firehose(reader, writer):
+        await reader.readexactly(1)
+        block = os.urandom(1 << 20)
+        try:
+            for _ in range(source_size >> 20):
+                writer.write(block)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async with tcp_server(firehose) as port, pair() as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            slow_r, slow_w = await asyncio.open_connection(*fwd.address)
+            slow_w.write(b"x")  # asks for 64 MiB and reads none of it
+            await wait_until(lambda: fwd.counters.bytes_in > 4 << 20)
+            fast_r, fast_w = await asyncio.open_connection(*fwd.address)
+            fast_w.write(b"x")
+            n = 0
+            while chunk := await asyncio.wait_for(fast_r.read(1 << 20), 20):
+                n += len(chunk)
+            assert n == source_size  # all of it, while the other waits
+            # the slow one got no more than its stream window and the socket buffers hold
+            assert fwd.counters.bytes_in - source_size < 24 << 20
+            slow_w.close()
+            fast_w.close()

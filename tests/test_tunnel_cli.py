@@ -112,3 +112,37 @@ async def test_tunnel_with_nothing_to_do_or_a_bad_spec_says_so():
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 2 and message in err.decode(), err
+
+
+@pytest.mark.async_timeout(30)
+async def test_off_a_terminal_the_status_is_a_log_line_per_forward_when_something_changed(capsys):
+    from netchan.cli.tunnel import _log_lines
+    from netchan.tunnels.pump import Counters
+
+    class FakeForward:
+        address = ("127.0.0.1", 8080)
+        target = "127.0.0.1:80"
+        counters = Counters()
+
+    class FakePeer:
+        state = "up"
+        path = "udp://127.0.0.1:7000"
+
+    fwd = FakeForward()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(_log_lines(FakePeer(), [("-L", fwd)], stop, every=0.01))
+    try:
+        fwd.counters.opened, fwd.counters.bytes_out = 3, 2_500_000
+        while "total 3" not in capsys.readouterr().out:
+            await asyncio.sleep(0.01)
+        fwd.counters.open = 1
+        out = ""
+        while "open 1" not in out:
+            await asyncio.sleep(0.01)
+            out += capsys.readouterr().out
+        assert "-L 127.0.0.1:8080 -> 127.0.0.1:80" in out and "out 2.5 MB" in out and "via udp://" in out
+        await asyncio.sleep(0.05)
+        assert capsys.readouterr().out == ""  # nothing changed: nothing printed
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

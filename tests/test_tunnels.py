@@ -686,3 +686,28 @@ async def test_a_slow_reader_slows_only_its_own_forwarded_connection():
             assert fwd.counters.bytes_in - source_size < 24 << 20
             slow_w.close()
             fast_w.close()
+
+
+@pytest.mark.async_timeout(30)
+@pytest.mark.parametrize("garbage, counted", [
+    (b"\x00\x05hello", 1),  # not msgpack of any header
+    (b"\xff\xff", 1),  # longer than a header may be
+    (b"\x00\x01\xc1", 1),  # a byte msgpack never uses
+    (b"\x00\x0b\x81\xa3tag\xa5reply", 1),  # a Reply where a request belongs
+    (b"\x00\x08\x81\xa3", 0),  # cut short: the stream just ends
+])
+async def test_a_malformed_tunnel_header_ends_that_stream_only(garbage, counted):
+    async with tcp_server() as port, pair() as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        stream = await peer.open_stream("tunnel")
+        await stream.send(garbage)
+        await stream.send_eof()
+        with pytest.raises(netchan.NetchanError):
+            while True:
+                await asyncio.wait_for(stream.receive(), 5)
+        assert exit_t.counters.errors.get("bad-request", 0) == counted
+        # the session and the exit go on
+        good = await client_t.open(peer, "127.0.0.1", port)
+        await good.send(b"still here")
+        assert await asyncio.wait_for(good.receive(), 5) == b"still here"
+        await good.aclose()

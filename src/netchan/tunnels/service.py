@@ -234,7 +234,17 @@ class Tunnels:
     # -- the serving side ----------------------------------------------------------
 
     async def _serve(self, stream: ServiceStream, peer: Peer) -> None:
-        header = await read_header(stream)
+        try:
+            header = await read_header(stream)
+            if isinstance(header, Reply):
+                raise ProtocolError("a Reply cannot open a tunnel stream")
+        except ProtocolError as exc:
+            # bad input from a peer ends that stream only, with a clear reason
+            self.counters.failed += 1
+            self.counters.count_error("bad-request")
+            log.warning("tunnel stream from %s: %s", peer.node_id, exc)
+            stream.abort()
+            return
         match header:
             case Open():
                 await self._exit(stream, peer, header)
@@ -244,8 +254,6 @@ class Tunnels:
                 await self._accepted(stream, peer, header)
             case OpenUdp():
                 await self.udp.serve(stream, peer, header)
-            case _:
-                raise ProtocolError(f"unexpected {type(header).__name__} opening a tunnel stream")
 
     async def _exit(self, stream: ServiceStream, peer: Peer, req: Open) -> None:
         where = format_address(req.host, req.port)

@@ -285,7 +285,10 @@ async def test_remote_forward_listens_at_the_peer_and_connects_here(engine):
         with pytest.raises(TunnelError) as info:  # off by default
             await client_t.forward_remote(peer, "127.0.0.1:0", f"127.0.0.1:{port}")
         assert info.value.tunnel_code == "not-allowed"
-        exit_t.allow_remote_bind("127.0.0.1:*")
+        exit_t.allow_remote_bind("someoneelse@127.0.0.1:*")  # for another peer only
+        with pytest.raises(TunnelError):
+            await client_t.forward_remote(peer, "127.0.0.1:0", f"127.0.0.1:{port}")
+        exit_t.allow_remote_bind(f"{peer.node.node_id}@127.0.0.1:*")
         async with await client_t.forward_remote(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
             host, rport = fwd.address.rsplit(":", 1)
             for size in (1, 70_000, 2 << 20):

@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit", action="append", default=[], metavar="HOST:PORT",
                    help="let peers' tunnels reach this (an address, CIDR network or name; port, range or *; "
                         "repeatable; none: tunnels reach nothing)")
-    p.add_argument("--allow-remote-bind", action="append", default=[], metavar="[BIND:]PORT",
-                   help="let peers ask us to listen here for them (-R); port 0 or *: any (repeatable)")
+    p.add_argument("--allow-remote-bind", action="append", default=[], metavar="[ID@][BIND:]PORT",
+                   help="let peers (or only the peer ID) ask us to listen here for them (-R); port 0 or *: "
+                        "any (repeatable)")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(_serve(a), a.engine))
 

@@ -135,8 +135,8 @@ class Tunnels:
         self.node = node
         #: where this node connects out to for its peers (nothing until told)
         self.exits = ExitRules()
-        #: (host, port) a peer may ask this node to listen on (port 0: any)
-        self.remote_binds: list[tuple[str, int]] = []
+        #: (peer id or "" for any peer, host, port) a peer may ask this node to listen on (port 0: any)
+        self.remote_binds: list[tuple[str, str, int]] = []
         #: everything forwarded through this node, all forwards
         self.counters = Counters()
         self._numbers = itertools.count(1)
@@ -159,14 +159,18 @@ class Tunnels:
             self.exits.add(rule)
 
     def allow_remote_bind(self, *binds: str) -> None:
-        """Let peers ask this node to listen on ``[bind:]port`` (port 0 or ``*``: any port)."""
+        """Let peers ask this node to listen on ``[ID@][bind:]port`` (port 0 or
+        ``*``: any port; with ``ID@``, only the peer with that node id)."""
         for text in binds:
-            host, port = parse_hostport(text, default_host="127.0.0.1")
+            who, sep, rest = text.rpartition("@")
+            if sep and not who:
+                raise ConfigurationError(f"remote bind {text!r}: a node id goes before the @")
+            host, port = parse_hostport(rest, default_host="127.0.0.1")
             try:
                 number = 0 if port == "*" else int(port)
             except ValueError:
                 raise ConfigurationError(f"remote bind {text!r}: the port must be a number or *") from None
-            self.remote_binds.append((host, number))
+            self.remote_binds.append((who, host, number))
 
     # -- the client side -----------------------------------------------------------------
 
@@ -308,7 +312,8 @@ class Tunnels:
 
     async def _listen(self, stream: ServiceStream, peer: Peer, req: Listen) -> None:
         where = format_address(req.host, req.port)
-        if not any(h in (req.host, "*") and p in (req.port, 0) for h, p in self.remote_binds):
+        if not any(who in ("", peer.node_id) and h in (req.host, "*") and p in (req.port, 0)
+                   for who, h, p in self.remote_binds):
             log.warning("%s asked to listen on %s: not allowed", peer.node_id, where)
             await send_header(stream, Reply(False, NOT_ALLOWED, f"listening on {where} is not allowed here"))
             return

@@ -139,6 +139,16 @@ async def request(peer: Peer, header: Open | OpenUdp | Listen, refused: str = ""
     return stream, reply
 
 
+async def until_closed(stream: ServiceStream) -> None:
+    """Wait until ``stream`` ends, however it ends (a control stream carries
+    nothing after its header: its end is the message)."""
+    try:
+        while True:
+            await stream.receive()
+    except NetchanError:
+        pass
+
+
 def code_of(exc: BaseException) -> str:
     """The tunnel code for a failure to connect."""
     if isinstance(exc, TunnelError):

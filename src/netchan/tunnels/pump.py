@@ -8,7 +8,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import BrokenError, ClosedError, EndOfStream, NetchanError
+from ..errors import EndOfStream
 from ..node.service import ServiceStream
 from .protocol import ERROR_CODES, RESET
 
@@ -29,7 +29,9 @@ class Counters:
     dropped: int = 0  # UDP datagrams too large for the session (never truncated), or sent while it was down
     errors: dict[str, int] = field(default_factory=dict)
 
-    def count_error(self, code: str) -> None:
+    def failure(self, code: str) -> None:
+        """One connection or flow that could not be made, and why."""
+        self.failed += 1
         self.errors[code] = self.errors.get(code, 0) + 1
 
 
@@ -49,54 +51,39 @@ def reset_tcp(writer: asyncio.StreamWriter) -> None:
 
 async def pump(stream: ServiceStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                counters: list[Counters]) -> None:
-    """Carry bytes until both directions ended (or one broke: then both end at once)."""
-    broken: list[BaseException] = []
+    """Carry bytes until both directions ended (or one broke: then both end at
+    once, the stream reset and the connection closed with a RST)."""
 
     async def tcp_to_stream() -> None:
-        try:
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    await stream.send_eof()  # a half-close: the other way goes on
-                    return
-                await stream.send(data)
-                for c in counters:
-                    c.bytes_out += len(data)
-        except (ConnectionError, OSError) as exc:
-            broken.append(exc)
-            stream.abort(ERROR_CODES[RESET])
-            raise
-        except NetchanError as exc:  # the stream broke
-            broken.append(exc)
-            raise
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                await stream.send_eof()  # a half-close: the other way goes on
+                return
+            await stream.send(data)
+            for c in counters:
+                c.bytes_out += len(data)
 
     async def stream_to_tcp() -> None:
-        try:
-            while True:
-                try:
-                    data = await stream.receive(READ_SIZE)
-                except EndOfStream:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                writer.write(data)
-                for c in counters:
-                    c.bytes_in += len(data)
-                await writer.drain()
-        except (BrokenError, ClosedError) as exc:
-            broken.append(exc)
-            reset_tcp(writer)  # the far end broke: so does this connection
-            raise
-        except (ConnectionError, OSError) as exc:
-            broken.append(exc)
-            stream.abort(ERROR_CODES[RESET])
-            raise
+        while True:
+            try:
+                data = await stream.receive(READ_SIZE)
+            except EndOfStream:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                return
+            writer.write(data)
+            for c in counters:
+                c.bytes_in += len(data)
+            await writer.drain()
 
     up = asyncio.ensure_future(tcp_to_stream())
     down = asyncio.ensure_future(stream_to_tcp())
     try:
         await asyncio.wait([up, down], return_when=asyncio.FIRST_EXCEPTION)
     finally:
+        # a direction that raised (the connection or the stream broke) breaks both
+        broken = any(t.done() and not t.cancelled() and t.exception() is not None for t in (up, down))
         for task in (up, down):
             task.cancel()
         await asyncio.gather(up, down, return_exceptions=True)

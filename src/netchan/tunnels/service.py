@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError, NetchanError, ProtocolError
 from ..node.service import ServiceStream, register_extension
@@ -36,6 +36,7 @@ from .protocol import (
     read_header,
     request,
     send_header,
+    until_closed,
 )
 from .pump import Counters, pump, reset_tcp
 from .rules import ExitRules, parse_hostport
@@ -98,10 +99,7 @@ class RemoteForward:
 
     async def _watch_control(self, stream: ServiceStream) -> None:
         try:
-            while True:
-                await stream.receive()  # nothing comes: it ends when the listener does
-        except NetchanError:
-            pass
+            await until_closed(stream)  # it ends when the listener does
         finally:
             self.tunnels._remote.pop((self.peer.node_id, self.listener), None)
 
@@ -119,15 +117,6 @@ class RemoteForward:
         await self.aclose()
 
 
-class _Listener:
-    """A listener this node runs for a peer (the serving side of ``-R``)."""
-
-    def __init__(self, number: int, peer: Peer, server: asyncio.base_events.Server) -> None:
-        self.number = number
-        self.peer = peer
-        self.server = server
-
-
 class Tunnels:
     """A node's tunnel service."""
 
@@ -140,9 +129,9 @@ class Tunnels:
         #: everything forwarded through this node, all forwards
         self.counters = Counters()
         self._numbers = itertools.count(1)
-        self._listeners: dict[int, _Listener] = {}
+        #: the listeners this node runs for peers (the serving side of -R), by number
+        self._listeners: dict[int, asyncio.base_events.Server] = {}
         self._remote: dict[tuple[str, int], RemoteForward] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self.udp = UdpFlows(self)
         node.serve(SERVICE, self._serve)
         node.serve_datagrams(DATAGRAM_SERVICE, self.udp.on_datagram)
@@ -176,27 +165,24 @@ class Tunnels:
 
     async def forward_local(self, peer: Peer, listen: str, target: str) -> LocalForward:
         """``-L``: listen on ``listen`` (``[bind:]port``) here; connections go to ``target`` at the peer."""
-        bind, port = parse_hostport(listen, default_host="127.0.0.1")
-        host, tport = parse_hostport(target)
-        return await LocalForward(self, peer, host, _port(tport)).start(bind, _port(port, zero=True))
+        (bind, port), (host, tport) = _listen_and_target(listen, target)
+        return await LocalForward(self, peer, host, tport).start(bind, port)
 
     async def forward_remote(self, peer: Peer, listen: str, target: str) -> RemoteForward:
         """``-R``: the peer listens on ``listen``; connections come here and go to ``target``."""
-        bind, port = parse_hostport(listen, default_host="127.0.0.1")
-        host, tport = parse_hostport(target)
-        return await RemoteForward(self, peer, host, _port(tport)).start(bind, _port(port, zero=True))
+        (bind, port), (host, tport) = _listen_and_target(listen, target)
+        return await RemoteForward(self, peer, host, tport).start(bind, port)
 
     async def forward_udp(self, peer: Peer, listen: str, target: str) -> UdpForward:
         """``-L .../udp``: a UDP socket on ``listen`` here; datagrams go to ``target`` at the peer."""
-        bind, port = parse_hostport(listen, default_host="127.0.0.1")
-        host, tport = parse_hostport(target)
-        return await UdpForward(self, peer, host, _port(tport)).start(bind, _port(port, zero=True))
+        (bind, port), (host, tport) = _listen_and_target(listen, target)
+        return await UdpForward(self, peer, host, tport).start(bind, port)
 
     async def socks5(self, peer: Peer, listen: str, users: dict[str, str] | None = None) -> Socks5:
         """``-D``: a SOCKS5 listener on ``listen`` (``[bind:]port``); connections leave at the peer.
         ``users``: username -> password (RFC 1929); none: no authentication."""
-        bind, port = parse_hostport(listen, default_host="127.0.0.1")
-        return await Socks5(self, peer, users).start(bind, _port(port, zero=True))
+        (bind, port), _ = _listen_and_target(listen, None)
+        return await Socks5(self, peer, users).start(bind, port)
 
     async def open(self, peer: Peer, host: str, port: int) -> ServiceStream:
         """A stream connected to ``host:port`` at the peer's end (TunnelError if it could not be)."""
@@ -210,8 +196,7 @@ class Tunnels:
         except NetchanError as exc:  # TunnelError or the session's own
             code = getattr(exc, "tunnel_code", FAILED)
             for c in (*counters, self.counters):
-                c.failed += 1
-                c.count_error(code)
+                c.failure(code)
             log.info("tunnel to %s refused: %s", format_address(request.host, request.port), exc)
             return code
 
@@ -225,7 +210,8 @@ class Tunnels:
         await self.relay(stream, reader, writer, [*counters, self.counters])
 
     async def relay(self, stream: ServiceStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     counters: list[Counters]) -> None:
+                    counters: list[Counters]) -> None:
+        """Carry bytes between the stream and the connection, counted in ``counters``."""
         for c in counters:
             c.opened += 1
             c.open += 1
@@ -244,8 +230,7 @@ class Tunnels:
                 raise ProtocolError("a Reply cannot open a tunnel stream")
         except ProtocolError as exc:
             # bad input from a peer ends that stream only, with a clear reason
-            self.counters.failed += 1
-            self.counters.count_error("bad-request")
+            self.counters.failure("bad-request")
             log.warning("tunnel stream from %s: %s", peer.node_id, exc)
             stream.abort()
             return
@@ -273,8 +258,7 @@ class Tunnels:
     async def refuse(self, stream: ServiceStream, peer: Peer, where: str, exc: BaseException) -> None:
         """Answer a request this node could not carry out, counted and logged."""
         code = code_of(exc)
-        self.counters.failed += 1
-        self.counters.count_error(code)
+        self.counters.failure(code)
         log.warning("tunnel for %s to %s: %s (%s)", peer.node_id, where, code, exc)
         await send_header(stream, Reply(False, code, f"{where}: {exc}"))
 
@@ -320,9 +304,7 @@ class Tunnels:
         number = next(self._numbers)
 
         def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.ensure_future(self._to_listener_owner(peer, number, reader, writer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.node.spawn(self._to_listener_owner(peer, number, reader, writer), f"netchan -R {number}")
 
         try:
             server = await asyncio.start_server(on_client, req.host, req.port, reuse_address=True)
@@ -330,15 +312,12 @@ class Tunnels:
             await send_header(stream, Reply(False, code_of(exc), f"cannot listen on {where}: {exc.strerror}"))
             return
         bound = server.sockets[0].getsockname()
-        self._listeners[number] = _Listener(number, peer, server)
+        self._listeners[number] = server
         address = format_address(bound[0], bound[1])
         log.info("listening on %s for %s", address, peer.node_id)
         try:
             await send_header(stream, Reply(True, address=address, listener=number))
-            while True:
-                await stream.receive()  # until the peer closes the listener (or its session ends)
-        except NetchanError:
-            pass
+            await until_closed(stream)  # until the peer closes the listener (or its session ends)
         finally:
             del self._listeners[number]
             server.close()
@@ -372,8 +351,7 @@ class Tunnels:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(fwd.host, fwd.port), CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             code = code_of(exc)
-            fwd.counters.failed += 1
-            fwd.counters.count_error(code)
+            fwd.counters.failure(code)
             await send_header(stream, Reply(False, code, f"{fwd.target}: {exc}"))
             return
         await send_header(stream, Reply(True, address=fwd.target))
@@ -381,12 +359,18 @@ class Tunnels:
 
     async def aclose(self) -> list[NetchanError]:
         self.udp.close()
-        for listener in self._listeners.values():
-            listener.server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._listeners.values():
+            server.close()  # the node cancels the connections' tasks
         return []
+
+
+def _listen_and_target(listen: str, target: str | None) -> tuple[tuple[str, int], tuple[str, int]]:
+    """``[bind:]port`` (loopback by default; port 0: any) and ``host:port``, checked."""
+    bind, port = parse_hostport(listen, default_host="127.0.0.1")
+    if target is None:
+        return (bind, _port(port, zero=True)), ("", 0)
+    host, tport = parse_hostport(target)
+    return (bind, _port(port, zero=True)), (host, _port(tport))
 
 
 def _port(text: str, zero: bool = False) -> int:

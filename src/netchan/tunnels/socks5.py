@@ -17,8 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from .front import Front
-from ..errors import NetchanError
-from .protocol import SOCKS_REPLY, Open, format_address
+from .protocol import SOCKS_REPLY, Open
 from .udp import Flow
 
 if TYPE_CHECKING:
@@ -182,23 +181,12 @@ class _UdpRelay(asyncio.DatagramProtocol):
 
             flow = Flow(self.socks.peer, [self.socks.counters, self.socks.tunnels.counters], back)
             self.flows[(host, port)] = flow
-            self.socks.spawn(self._open(flow, host, port))
+            self.socks.spawn(self.socks.tunnels.udp.open(flow, host, port))
         flow.send(payload)
 
     def _back(self, data: bytes) -> None:
         if self.transport is not None and self.client is not None:
             self.transport.sendto(b"\x00\x00\x00" + data, self.client)
-
-    async def _open(self, flow: Flow, host: str, port: int) -> None:
-        try:
-            await self.socks.tunnels.udp.open(flow, host, port)
-        except NetchanError as exc:
-            for c in flow.counters:
-                c.failed += 1
-                c.count_error(getattr(exc, "tunnel_code", "failed"))
-            log.info("SOCKS5 UDP to %s: %s", format_address(host, port), exc)
-        finally:
-            flow.closed = True
 
     def close(self) -> None:
         for flow in self.flows.values():

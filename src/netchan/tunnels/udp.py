@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import DatagramTooLarge, NetchanError
 from ..node.service import ServiceStream
 from .front import Front
-from .protocol import DATAGRAM_SERVICE, OpenUdp, Reply, format_address, request, send_header
+from .protocol import DATAGRAM_SERVICE, FAILED, OpenUdp, Reply, format_address, request, send_header, until_closed
 from .pump import Counters
 
 if TYPE_CHECKING:
@@ -121,21 +121,27 @@ class UdpFlows:
     # -- the client side -----------------------------------------------------------
 
     async def open(self, flow: Flow, host: str, port: int) -> None:
-        """Open ``flow`` to ``host:port`` at the peer's exit (TunnelError if refused)."""
-        stream, reply = await request(flow.peer, OpenUdp(host, port))
-        flow.stream, flow.number = stream, reply.listener
-        key = (flow.peer.node_id, flow.number)
-        self.flows[key] = flow
-        pending, flow.pending = flow.pending, []
-        for data in pending:
-            flow.send(data)
+        """Open ``flow`` to ``host:port`` at the peer's exit and keep it until
+        it ends; a refusal is counted in the flow's counters and logged."""
+        key = None
         try:
-            while not flow.closed:
-                await stream.receive()  # nothing comes: it ends with the flow
-        except NetchanError:
-            pass
+            try:
+                stream, reply = await request(flow.peer, OpenUdp(host, port))
+            except NetchanError as exc:  # TunnelError or the session's own
+                for c in flow.counters:
+                    c.failure(getattr(exc, "tunnel_code", FAILED))
+                log.info("UDP flow to %s refused: %s", format_address(host, port), exc)
+                return
+            flow.stream, flow.number = stream, reply.listener
+            key = (flow.peer.node_id, flow.number)
+            self.flows[key] = flow
+            pending, flow.pending = flow.pending, []
+            for data in pending:
+                flow.send(data)
+            await until_closed(stream)  # nothing comes: it ends with the flow
         finally:
-            self.flows.pop(key, None)
+            if key is not None:
+                self.flows.pop(key, None)
             flow.closed = True
 
     # -- the exit side ---------------------------------------------------------------
@@ -163,7 +169,7 @@ class UdpFlows:
         log.info("UDP flow %d for %s to %s", number, peer.node_id, where)
         try:
             await send_header(stream, Reply(True, address=where, listener=number))
-            reader = asyncio.ensure_future(_drain(stream))
+            reader = asyncio.ensure_future(until_closed(stream))
             while not reader.done():
                 await asyncio.wait([reader], timeout=min(UDP_IDLE, 10.0))
                 if time.monotonic() - last[0] > UDP_IDLE:
@@ -177,14 +183,6 @@ class UdpFlows:
             transport.close()
         for flow in self.flows.values():
             flow.close()
-
-
-async def _drain(stream: ServiceStream) -> None:
-    try:
-        while True:
-            await stream.receive()
-    except NetchanError:
-        pass
 
 
 class _Back(asyncio.DatagramProtocol):
@@ -230,6 +228,7 @@ class UdpForward(Front):
         if flow is None or flow.closed:
             transport = self.transport
             assert transport is not None
+
             def back(data: bytes, to: Any = addr) -> None:
                 transport.sendto(data, to)
 
@@ -241,13 +240,7 @@ class UdpForward(Front):
     async def _open(self, flow: Flow, addr: Any) -> None:
         try:
             await self.tunnels.udp.open(flow, self.host, self.port)
-        except NetchanError as exc:
-            for c in flow.counters:
-                c.failed += 1
-                c.count_error(getattr(exc, "tunnel_code", "failed"))
-            log.info("UDP flow from %s to %s refused: %s", addr, self.target, exc)
         finally:
-            flow.closed = True
             if self._flows.get(addr) is flow:
                 del self._flows[addr]
 

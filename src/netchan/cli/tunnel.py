@@ -10,10 +10,11 @@ import sys
 import time
 from typing import Any
 
-from ..errors import ConfigurationError, NetchanError
+from ..errors import ConfigurationError
 from ..identity import Identity
 from ..node.node import Node, Peer
 from ..tunnels import Tunnels
+from ..tunnels.protocol import format_address
 from ..tunnels.rules import parse_hostport
 
 __all__ = ["parse_forward", "parse_socks", "run_tunnel"]
@@ -36,10 +37,6 @@ def _split(spec: str) -> list[str]:
     return parts
 
 
-def _join(host: str, port: str) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def parse_forward(spec: str) -> tuple[str, str, str]:
     """``[bind:]port:host:hostport[/udp]`` -> (listen, target, protocol)."""
     proto = "tcp"
@@ -53,7 +50,7 @@ def parse_forward(spec: str) -> tuple[str, str, str]:
     bind, port, host, hostport = parts
     if bind in ("", "*"):
         bind = "0.0.0.0"
-    return _join(bind, port), _join(host, hostport), proto
+    return format_address(bind, port), format_address(host, hostport), proto
 
 
 def parse_socks(spec: str) -> tuple[str, dict[str, str]]:
@@ -66,7 +63,7 @@ def parse_socks(spec: str) -> tuple[str, dict[str, str]]:
             raise ConfigurationError("-D credentials: write USER:PASSWORD@[BIND:]PORT")
         users[user] = password
     host, port = parse_hostport(spec, default_host="127.0.0.1")
-    return _join(host or "127.0.0.1", port), users
+    return format_address(host or "127.0.0.1", port), users
 
 
 def _size(n: float) -> str:
@@ -108,11 +105,11 @@ async def run_tunnel(args: argparse.Namespace) -> int:
                 if kind == "-L" and proto == "udp":
                     fwd = await tunnels.forward_udp(peer, listen, target)
                     host, port = fwd.address
-                    print(f"-L listening on {_join(host, str(port))}/udp -> {target}/udp at the peer", flush=True)
+                    print(f"-L listening on {format_address(host, port)}/udp -> {target}/udp at the peer", flush=True)
                 elif kind == "-L":
                     fwd = await tunnels.forward_local(peer, listen, target)
                     host, port = fwd.address
-                    print(f"-L listening on {_join(host, str(port))} -> {target} at the peer", flush=True)
+                    print(f"-L listening on {format_address(host, port)} -> {target} at the peer", flush=True)
                 else:
                     fwd = await tunnels.forward_remote(peer, listen, target)
                     print(f"-R the peer listens on {fwd.address} -> {target} here", flush=True)
@@ -121,16 +118,16 @@ async def run_tunnel(args: argparse.Namespace) -> int:
                 fwd = await tunnels.socks5(peer, listen, users)
                 host, port = fwd.address
                 auth = " (username/password)" if users else ""
-                print(f"-D SOCKS5 on {_join(host, str(port))}{auth}, leaving at the peer", flush=True)
+                print(f"-D SOCKS5 on {format_address(host, port)}{auth}, leaving at the peer", flush=True)
                 running.append(("-D", fwd))
-            await _until_stopped(peer, running, tunnels)
+            await _until_stopped(peer, running)
         finally:
             for _kind, fwd in running:
                 await fwd.aclose()
     return 0
 
 
-async def _until_stopped(peer: Peer, running: list[Any], tunnels: Tunnels) -> None:
+async def _until_stopped(peer: Peer, running: list[Any]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,7 +147,7 @@ def _rows(peer: Peer, running: list[Any]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for kind, fwd in running:
         c = fwd.counters
-        where = fwd.address if isinstance(fwd.address, str) else _join(fwd.address[0], str(fwd.address[1]))
+        where = fwd.address if isinstance(fwd.address, str) else format_address(fwd.address[0], fwd.address[1])
         rows.append((kind, where, fwd.target, str(c.open), str(c.opened), str(c.failed),
                      _size(c.bytes_out), _size(c.bytes_in), peer.state, peer.path))
     return rows
@@ -212,12 +209,4 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
                    help="with several URLs: use the first healthy path, or all of them")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the session")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: run(_guard(a), a.engine))
-
-
-async def _guard(args: argparse.Namespace) -> int:
-    try:
-        return await run_tunnel(args)
-    except NetchanError as exc:
-        print(f"netchan tunnel: {exc}", file=sys.stderr)
-        return 1
+    p.set_defaults(func=lambda a: run(run_tunnel(a), a.engine))

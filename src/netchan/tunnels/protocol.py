@@ -101,7 +101,8 @@ class TunnelError(NetchanError):
         self.tunnel_code = code
 
 
-def format_address(host: str, port: int) -> str:
+def format_address(host: str, port: int | str) -> str:
+    """``host:port``, or ``[host]:port`` for an IPv6 address."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

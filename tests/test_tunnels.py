@@ -714,3 +714,15 @@ async def test_a_malformed_tunnel_header_ends_that_stream_only(garbage, counted)
         await good.send(b"still here")
         assert await asyncio.wait_for(good.receive(), 5) == b"still here"
         await good.aclose()
+
+
+@pytest.mark.async_timeout(30)
+async def test_socks5_closes_at_once_on_a_destination_name_that_is_no_host_name():
+    async with pair() as (exit_t, client_t, peer):
+        async with await client_t.socks5(peer, "127.0.0.1:0") as socks:
+            reader, writer = await asyncio.open_connection(*socks.address)
+            name = b"\xff\xfe" * 10  # not text in any encoding a name may use
+            writer.write(b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name + b"\x00\x50")
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x05\x00"
+            assert await asyncio.wait_for(reader.read(10), 5) == b""  # closed, nothing left hanging
+            writer.close()

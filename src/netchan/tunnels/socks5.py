@@ -93,7 +93,10 @@ class Socks5(Front):
             host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
         elif atyp == DOMAIN:
             (length,) = await reader.readexactly(1)
-            host = (await reader.readexactly(length)).decode("idna")
+            try:
+                host = (await reader.readexactly(length)).decode("idna")
+            except UnicodeError:
+                raise _Refused("a destination name that is not a host name") from None
         else:
             writer.write(_reply(ADDRESS_NOT_SUPPORTED))
             await writer.drain()
@@ -119,7 +122,6 @@ class Socks5(Front):
         await writer.drain()
         if not ok:
             raise _Refused(f"wrong username or password (user {user.decode('utf-8', 'replace')!r})")
-
 
     async def _associate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """UDP ASSOCIATE: a UDP relay for this client, for as long as its TCP connection lasts."""

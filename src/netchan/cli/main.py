@@ -17,6 +17,7 @@ from ..node.node import ANY, PING_SERVICE, Node, echo_service
 from ..session.engine import DEFAULT_ENGINE, ENGINES
 from ..tunnels import Tunnels
 from . import tunnel as tunnel_cli
+from . import vpn as vpn_cli
 from .runner import run
 
 
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=lambda a: run(_serve(a), a.engine))
 
     tunnel_cli.add_parser(sub, engine_help, run)
+    vpn_cli.add_parser(sub, engine_help, run)
 
     p = sub.add_parser("ping", help="authenticated round trips to a node (over one path or several)")
     p.add_argument("url", nargs="+", help="one URL, or several: the paths of one session")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -106,19 +106,21 @@ def format_address(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def send_header(stream: ServiceStream, header: Header) -> None:
+async def send_header(stream: ServiceStream, header: msgspec.Struct) -> None:
+    """Send one header: a 2-byte length and its msgpack."""
     data = _encoder.encode(header)
     await stream.send(struct.pack("!H", len(data)) + data)
 
 
-async def read_header(stream: ServiceStream) -> Header:
+async def read_header(stream: ServiceStream, decoder: msgspec.msgpack.Decoder[Any] = _decoder) -> Any:
+    """Read one header (a tunnel :data:`Header` unless ``decoder`` says otherwise)."""
     (n,) = struct.unpack("!H", await stream.receive_exactly(2))
     if n > MAX_HEADER:
-        raise ProtocolError(f"tunnel header of {n} bytes (at most {MAX_HEADER})")
+        raise ProtocolError(f"{stream.service} header of {n} bytes (at most {MAX_HEADER})")
     try:
-        return _decoder.decode(await stream.receive_exactly(n))
+        return decoder.decode(await stream.receive_exactly(n))
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed tunnel header: {exc}") from None
+        raise ProtocolError(f"malformed {stream.service} header: {exc}") from None
 
 
 async def request(peer: Peer, header: Open | OpenUdp | Listen, refused: str = "") -> tuple[ServiceStream, Reply]:

@@ -26,13 +26,18 @@ class Counters:
     bytes_out: int = 0  # from the local application to the far end
     bytes_in: int = 0
     datagrams: int = 0  # UDP datagrams carried
-    dropped: int = 0  # UDP datagrams too large for the session (never truncated), or sent while it was down
+    dropped: int = 0  # datagrams (UDP, VPN packets) not carried: too large (never truncated), session away, refused
     errors: dict[str, int] = field(default_factory=dict)
 
     def failure(self, code: str) -> None:
         """One connection or flow that could not be made, and why."""
         self.failed += 1
         self.errors[code] = self.errors.get(code, 0) + 1
+
+    def drop(self, reason: str) -> None:
+        """One datagram or packet not carried, and why."""
+        self.dropped += 1
+        self.errors[reason] = self.errors.get(reason, 0) + 1
 
 
 def reset_tcp(writer: asyncio.StreamWriter) -> None:

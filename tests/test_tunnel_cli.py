@@ -13,7 +13,7 @@ import pytest
 import netchan
 from netchan.cli.tunnel import parse_forward, parse_socks
 
-from .test_tunnels import curl, http_file, needs_curl, sha256_of_download
+from .test_tunnels import curl, echo_all, hostport_of, http_file, needs_curl, sha256_of_download, udp_echo
 
 
 @pytest.mark.parametrize("spec, listen, target", [
@@ -68,10 +68,16 @@ async def test_serve_and_tunnel_commands_forward_both_ways_and_proxy(tmp_path):
     server, client = netchan.Identity.generate(), netchan.Identity.generate()
     server.save(tmp_path / "server.key")
     client.save(tmp_path / "client.key")
+    async with udp_echo() as udp_port:
+        await _serve_and_tunnel(tmp_path, server, client, udp_port)
+
+
+async def _serve_and_tunnel(tmp_path, server, client, udp_port):
     with http_file(tmp_path, 8 << 20) as (http_port, digest):
         serve = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "netchan", "serve", "--identity", str(tmp_path / "server.key"),
             "--listen", "udp://127.0.0.1:0", "--allow", client.node_id, "--exit", f"127.0.0.1:{http_port}",
+            "--exit", f"127.0.0.1:{udp_port}",
             "--allow-remote-bind", "127.0.0.1:0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         tunnel = None
         try:
@@ -80,12 +86,18 @@ async def test_serve_and_tunnel_commands_forward_both_ways_and_proxy(tmp_path):
             tunnel = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "netchan", "tunnel", url, "--peer", server.node_id,
                 "--identity", str(tmp_path / "client.key"),
-                "-L", f"0:127.0.0.1:{http_port}", "-R", f"0:127.0.0.1:{http_port}", "-D", "u:p@0",
+                "-L", f"0:127.0.0.1:{http_port}", "-R", f"0:127.0.0.1:{http_port}",
+                "-L", f"0:127.0.0.1:{udp_port}/udp", "-R", f"0:127.0.0.1:{udp_port}/udp", "-D", "u:p@0",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             lines = await _lines_until(tunnel, r"^-D SOCKS5")
-            local = re.search(r"-L listening on (\S+)", "\n".join(lines)).group(1)
-            remote = re.search(r"-R the peer listens on (\S+)", "\n".join(lines)).group(1)
-            socks = re.search(r"-D SOCKS5 on (\S+)", "\n".join(lines)).group(1)
+            text = "\n".join(lines)
+            local = re.search(r"-L listening on (\S+) ->", text).group(1)
+            remote = re.search(r"-R the peer listens on (\S+) ->", text).group(1)
+            socks = re.search(r"-D SOCKS5 on (\S+)", text).group(1)
+            for where in (re.search(r"-L listening on (\S+)/udp", text).group(1),
+                          re.search(r"-R the peer listens on (\S+)/udp", text).group(1)):
+                back, _ = await echo_all(hostport_of(where), [b"datagram %d" % i for i in range(100)])
+                assert back == {i: b"datagram %d" % i for i in range(100)}
             for target in (local, remote):
                 code, got, size, err = await sha256_of_download([f"http://{target}/blob"])
                 assert code == 0 and got == digest, err
@@ -106,7 +118,7 @@ async def test_serve_and_tunnel_commands_forward_both_ways_and_proxy(tmp_path):
 @pytest.mark.async_timeout(30)
 async def test_tunnel_with_nothing_to_do_or_a_bad_spec_says_so():
     for extra, message in (([], "nothing to do"), (["-L", "8080"], "write [BIND:]PORT"),
-                           (["-R", "0:127.0.0.1:1/udp"], "-R .../udp")):
+                           (["-R", "0:127.0.0.1/udp"], "write [BIND:]PORT")):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "netchan", "tunnel", "udp://127.0.0.1:9", "--peer", "x" * 32, *extra,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

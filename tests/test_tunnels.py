@@ -491,6 +491,56 @@ async def test_ten_thousand_datagrams_through_a_udp_forward_each_checked(engine,
             assert fwd.counters.dropped == dropped + 1
 
 
+def hostport_of(address: str) -> tuple[str, int]:
+    host, port = address.removesuffix("/udp").rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+@pytest.mark.async_timeout(90)
+@pytest.mark.parametrize("carrier", ["udp", "tcp"])
+async def test_ten_thousand_datagrams_through_a_remote_udp_forward_each_checked(engine, carrier):
+    """``-R .../udp``: the peer listens; each datagram comes back here to the echo server."""
+    async with udp_echo() as port, pair(carrier, engine) as (exit_t, client_t, peer):
+        exit_t.allow_remote_bind("127.0.0.1:0")
+        async with await client_t.forward_remote_udp(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            assert fwd.address.endswith("/udp") and fwd.target == f"127.0.0.1:{port}/udp"
+            where = hostport_of(fwd.address)
+            limit = peer.max_datagram_size("tunnel-udp") - 5
+            sizes = [1, 100, 512, 1000, limit - 4]
+            payloads = [os.urandom(sizes[i % len(sizes)]) for i in range(10_000)]
+            back, resends = await echo_all(where, payloads)
+            assert all(back[i] == payloads[i] for i in range(len(payloads)))
+            assert resends < len(payloads) // 10, resends
+            assert fwd.counters.datagrams >= len(payloads)  # counted at the owner's end too
+            dropped = exit_t.counters.dropped
+            loop = asyncio.get_running_loop()
+            transport, client = await loop.create_datagram_endpoint(_UdpClient, remote_addr=where)
+            transport.sendto(os.urandom(limit + 1))  # over the limit: dropped where it came in, counted
+            transport.sendto(b"after")
+            assert await asyncio.wait_for(client.got.get(), 5) == b"after"
+            transport.close()
+            assert exit_t.counters.dropped == dropped + 1
+        # closed: the peer no longer listens
+        await wait_until(lambda: not exit_t._listeners)
+
+
+@pytest.mark.async_timeout(30)
+async def test_remote_udp_listening_needs_permission_and_a_tcp_connection_cannot_claim_a_udp_listener():
+    async with udp_echo() as port, pair() as (exit_t, client_t, peer):
+        with pytest.raises(TunnelError, match="not allowed") as info:
+            await client_t.forward_remote_udp(peer, "127.0.0.1:0", f"127.0.0.1:{port}")
+        assert info.value.tunnel_code == "not-allowed"
+        exit_t.allow_remote_bind("127.0.0.1:0")
+        async with await client_t.forward_remote_udp(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            from netchan.tunnels.protocol import Accepted, read_header, send_header
+
+            [back] = exit_t.node.peers  # the listening side's peer: us
+            stream = await back.open_stream("tunnel")
+            await send_header(stream, Accepted(fwd.listener, "127.0.0.1:1"))  # a TCP claim
+            reply = await read_header(stream)
+            assert not reply.ok and reply.code == "not-allowed" and "for TCP" in reply.reason
+
+
 @pytest.mark.async_timeout(30)
 async def test_udp_flows_are_refused_outside_the_rules_and_each_source_is_its_own_flow():
     async with udp_echo() as port, pair() as (exit_t, client_t, peer):

@@ -13,11 +13,12 @@ import time
 from ..carriers.faults import parse_fraction, parse_rate, parse_seconds
 from ..errors import NetchanError
 from ..identity import Identity
-from ..node.node import ANY, PING_SERVICE, Node, echo_service
+from ..node.node import PING_SERVICE, Node, echo_service
 from ..session.engine import DEFAULT_ENGINE, ENGINES
 from ..tunnels import Tunnels
 from . import tunnel as tunnel_cli
 from . import vpn as vpn_cli
+from .options import add_listening_options, identity, listening_node
 from .runner import run
 
 
@@ -41,13 +42,8 @@ def cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
-def _identity(path: str | None) -> Identity:
-    return Identity.load(path) if path else Identity.generate()
-
-
 async def _serve(args: argparse.Namespace) -> int:
-    allow = ANY if any(a.lower() == "any" for a in args.allow) else args.allow
-    node = Node(_identity(args.identity), listen=args.listen, allow=allow, engine=args.engine)
+    node = listening_node(args)
     node.serve("echo", echo_service)
     tunnels = Tunnels.of(node)
     try:
@@ -73,7 +69,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _ping(args: argparse.Namespace) -> int:
-    ident = _identity(args.identity)
+    ident = identity(args.identity)
     if not args.identity:
         print(f"(no --identity: using a throwaway key, node {ident.node_id})", file=sys.stderr)
     async with Node(ident, engine=args.engine) as node:
@@ -147,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_help = f"QUIC engine: {', '.join(ENGINES)} (default {DEFAULT_ENGINE})"
 
     p = sub.add_parser("serve", help="run a node: an echo service, and tunnels' exits where --exit allows")
-    p.add_argument("--listen", action="append", required=True, metavar="URL",
-                   help="udp://HOST:PORT, tcp://HOST:PORT (repeatable)")
-    p.add_argument("--allow", action="append", default=[], metavar="ID",
-                   help="node id allowed to connect (repeatable; 'any' admits every key)")
-    p.add_argument("--identity", metavar="PATH", help="key file (default: a throwaway key)")
+    add_listening_options(p)
     p.add_argument("--exit", action="append", default=[], metavar="HOST:PORT",
                    help="let peers' tunnels reach this (an address, CIDR network or name; port, range or *; "
                         "repeatable; none: tunnels reach nothing)")

@@ -11,11 +11,11 @@ import time
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..identity import Identity
 from ..node.node import Node, Peer
 from ..tunnels import Tunnels
 from ..tunnels.protocol import format_address
 from ..tunnels.rules import parse_hostport
+from .options import identity
 
 __all__ = ["parse_forward", "parse_socks", "run_tunnel"]
 
@@ -85,16 +85,10 @@ async def run_tunnel(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"netchan tunnel: {exc}", file=sys.stderr)
         return 2
-    if any(kind == "-R" and proto == "udp" for kind, *_, proto in forwards):
-        print("netchan tunnel: -R .../udp is not available yet (-L .../udp is)", file=sys.stderr)
-        return 2
     if not forwards and not socks:
         print("netchan tunnel: nothing to do: give -L, -R or -D", file=sys.stderr)
         return 2
-    ident = Identity.load(args.identity) if args.identity else Identity.generate()
-    if not args.identity:
-        print(f"(no --identity: using a throwaway key, node {ident.node_id})", file=sys.stderr)
-    async with Node(ident, engine=args.engine) as node:
+    async with Node(identity(args.identity, "netchan tunnel"), engine=args.engine) as node:
         urls = args.url if len(args.url) > 1 else args.url[0]
         peer = await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
         tunnels = Tunnels.of(node)
@@ -110,6 +104,9 @@ async def run_tunnel(args: argparse.Namespace) -> int:
                     fwd = await tunnels.forward_local(peer, listen, target)
                     host, port = fwd.address
                     print(f"-L listening on {format_address(host, port)} -> {target} at the peer", flush=True)
+                elif proto == "udp":
+                    fwd = await tunnels.forward_remote_udp(peer, listen, target)
+                    print(f"-R the peer listens on {fwd.address} -> {target}/udp here", flush=True)
                 else:
                     fwd = await tunnels.forward_remote(peer, listen, target)
                     print(f"-R the peer listens on {fwd.address} -> {target} here", flush=True)

@@ -9,10 +9,10 @@ import signal
 import time
 from typing import Any
 
-from ..identity import Identity
-from ..node.node import ANY, Node
+from ..node.node import Node
 from ..tunnels.pump import Counters
 from ..tunnels.vpn import DEVICE, VpnClient, VpnServer
+from .options import add_listening_options, identity, listening_node
 
 __all__ = ["add_parser"]
 
@@ -44,9 +44,7 @@ async def _until_stopped(counters: Counters, done: asyncio.Future[Any] | None = 
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    allow = ANY if any(a.lower() == "any" for a in args.allow) else args.allow
-    ident = Identity.load(args.identity) if args.identity else Identity.generate()
-    async with Node(ident, listen=args.listen, allow=allow, engine=args.engine) as node:
+    async with listening_node(args) as node:
         async with VpnServer(node, args.subnet, routes=args.route, nat=args.nat, device=args.device) as vpn:
             assert vpn.device is not None
             print(f"node {node.node_id}", flush=True)
@@ -61,8 +59,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _connect(args: argparse.Namespace) -> int:
-    ident = Identity.load(args.identity) if args.identity else Identity.generate()
-    async with Node(ident, engine=args.engine) as node:
+    async with Node(identity(args.identity, "netchan vpn"), engine=args.engine) as node:
         urls = args.url if len(args.url) > 1 else args.url[0]
         peer = await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
         async with VpnClient(node, peer, routes=args.route, device=args.device) as vpn:
@@ -84,11 +81,7 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
     cmds = vpn.add_subparsers(dest="vpn_command", required=True)
 
     p = cmds.add_parser("serve", help="be the VPN's hub: hand out addresses, route members' packets")
-    p.add_argument("--listen", action="append", required=True, metavar="URL",
-                   help="udp://HOST:PORT, tcp://HOST:PORT (repeatable)")
-    p.add_argument("--allow", action="append", default=[], metavar="ID",
-                   help="node id allowed to join (repeatable; 'any' admits every key)")
-    p.add_argument("--identity", metavar="PATH", help="key file (default: a throwaway key)")
+    add_listening_options(p, "join")
     p.add_argument("--subnet", action="append", required=True, metavar="CIDR",
                    help="the VPN's addresses, e.g. 10.77.0.0/24; again for IPv6, e.g. fd77::/64; "
                         "this node takes the first")

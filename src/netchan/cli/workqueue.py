@@ -31,6 +31,7 @@ from ..identity import Identity
 from ..node.node import Node
 from ..tools.chaos import TcpCutter
 
+
 def work(payload: bytes, rounds: int) -> str:
     """The job: a chain of hashes (the producer checks every answer)."""
     digest = payload

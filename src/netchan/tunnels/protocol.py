@@ -9,10 +9,11 @@ that failed.
 
 A remote listener (``-R``) is a "tunnel" stream too, opened by the client
 with a :class:`Listen` header; it stays open as long as the listener does.
-The listening side then opens one stream per accepted connection with an
-:class:`Accepted` header naming the listener; the client connects it to the
-target it chose for that listener (the listening side never chooses where
-the client connects).
+The listening side then opens one stream per accepted connection (or, for
+a UDP listener, per new source address: a flow) with an :class:`Accepted`
+header naming the listener; the client connects it to the target it chose
+for that listener (the listening side never chooses where the client
+connects).
 """
 
 from __future__ import annotations
@@ -64,17 +65,20 @@ class OpenUdp(msgspec.Struct, tag="udp"):
 
 
 class Listen(msgspec.Struct, tag="listen"):
-    """Listen on ``host:port`` for me (``-R``); port 0: any free port."""
+    """Listen on ``host:port`` for me (``-R``); port 0: any free port; ``udp``: a UDP socket."""
 
     host: str
     port: int
+    udp: bool = False
 
 
 class Accepted(msgspec.Struct, tag="accepted"):
-    """A connection came to listener ``listener`` (from ``client``)."""
+    """A connection came to listener ``listener`` (from ``client``); with
+    ``udp``, a new UDP flow (the Reply's ``listener`` is its number)."""
 
     listener: int
     client: str = ""
+    udp: bool = False
 
 
 class Reply(msgspec.Struct, tag="reply"):
@@ -123,7 +127,8 @@ async def read_header(stream: ServiceStream, decoder: msgspec.msgpack.Decoder[An
         raise ProtocolError(f"malformed {stream.service} header: {exc}") from None
 
 
-async def request(peer: Peer, header: Open | OpenUdp | Listen, refused: str = "") -> tuple[ServiceStream, Reply]:
+async def request(peer: Peer, header: Open | OpenUdp | Listen | Accepted,
+                  refused: str = "") -> tuple[ServiceStream, Reply]:
     """Open a tunnel stream with ``header``; the stream and the peer's
     Reply if it agreed, else TunnelError (its reason after ``refused``)."""
     stream = await peer.open_stream(SERVICE)

@@ -20,11 +20,11 @@ from ..errors import ConfigurationError, NetchanError, ProtocolError
 from ..node.service import ServiceStream, register_extension
 from .front import Front
 from .protocol import (
+    DATAGRAM_SERVICE,
     FAILED,
     HOST_UNREACHABLE,
     NOT_ALLOWED,
     SERVICE,
-    DATAGRAM_SERVICE,
     Accepted,
     Listen,
     Open,
@@ -73,11 +73,12 @@ class LocalForward(Front):
 class RemoteForward:
     """``-R``: the peer listens on ``bind``; its connections come here and go to ``host:port``."""
 
-    def __init__(self, tunnels: Tunnels, peer: Peer, host: str, port: int) -> None:
+    def __init__(self, tunnels: Tunnels, peer: Peer, host: str, port: int, udp: bool = False) -> None:
         self.tunnels = tunnels
         self.peer = peer
         self.host = host
         self.port = port
+        self.udp = udp
         self.counters = Counters()
         self.listener = 0
         #: where the peer listens, "host:port"
@@ -87,10 +88,10 @@ class RemoteForward:
 
     @property
     def target(self) -> str:
-        return format_address(self.host, self.port)
+        return format_address(self.host, self.port) + ("/udp" if self.udp else "")
 
     async def start(self, bind: str, port: int) -> RemoteForward:
-        stream, reply = await request(self.peer, Listen(bind, port),
+        stream, reply = await request(self.peer, Listen(bind, port, self.udp),
                                       f"the peer will not listen on {format_address(bind, port)}: ")
         self._control, self.listener, self.address = stream, reply.listener, reply.address
         self.tunnels._remote[(self.peer.node_id, reply.listener)] = self
@@ -130,7 +131,7 @@ class Tunnels:
         self.counters = Counters()
         self._numbers = itertools.count(1)
         #: the listeners this node runs for peers (the serving side of -R), by number
-        self._listeners: dict[int, asyncio.base_events.Server] = {}
+        self._listeners: dict[int, asyncio.base_events.Server | UdpForward] = {}
         self._remote: dict[tuple[str, int], RemoteForward] = {}
         self.udp = UdpFlows(self)
         node.serve(SERVICE, self._serve)
@@ -172,6 +173,12 @@ class Tunnels:
         """``-R``: the peer listens on ``listen``; connections come here and go to ``target``."""
         (bind, port), (host, tport) = _listen_and_target(listen, target)
         return await RemoteForward(self, peer, host, tport).start(bind, port)
+
+    async def forward_remote_udp(self, peer: Peer, listen: str, target: str) -> RemoteForward:
+        """``-R .../udp``: the peer listens for UDP on ``listen``; each source's
+        datagrams come here as a flow and go to ``target``."""
+        (bind, port), (host, tport) = _listen_and_target(listen, target)
+        return await RemoteForward(self, peer, host, tport, udp=True).start(bind, port)
 
     async def forward_udp(self, peer: Peer, listen: str, target: str) -> UdpForward:
         """``-L .../udp``: a UDP socket on ``listen`` here; datagrams go to ``target`` at the peer."""
@@ -242,7 +249,7 @@ class Tunnels:
             case Accepted():
                 await self._accepted(stream, peer, header)
             case OpenUdp():
-                await self.udp.serve(stream, peer, header)
+                await self.udp.serve(stream, peer, header.host, header.port)
 
     async def _exit(self, stream: ServiceStream, peer: Peer, req: Open) -> None:
         where = format_address(req.host, req.port)
@@ -306,21 +313,29 @@ class Tunnels:
         def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.node.spawn(self._to_listener_owner(peer, number, reader, writer), f"netchan -R {number}")
 
+        server: asyncio.base_events.Server | UdpForward
         try:
-            server = await asyncio.start_server(on_client, req.host, req.port, reuse_address=True)
+            if req.udp:
+                server = await UdpForward(self, peer, "", 0, listener=number).start(req.host, req.port)
+                bound = server.address
+            else:
+                server = await asyncio.start_server(on_client, req.host, req.port, reuse_address=True)
+                bound = server.sockets[0].getsockname()
         except OSError as exc:
             await send_header(stream, Reply(False, code_of(exc), f"cannot listen on {where}: {exc.strerror}"))
             return
-        bound = server.sockets[0].getsockname()
         self._listeners[number] = server
-        address = format_address(bound[0], bound[1])
+        address = format_address(bound[0], bound[1]) + ("/udp" if req.udp else "")
         log.info("listening on %s for %s", address, peer.node_id)
         try:
             await send_header(stream, Reply(True, address=address, listener=number))
             await until_closed(stream)  # until the peer closes the listener (or its session ends)
         finally:
             del self._listeners[number]
-            server.close()
+            if isinstance(server, UdpForward):
+                await server.aclose()
+            else:
+                server.close()
             log.info("stopped listening on %s for %s", address, peer.node_id)
 
     async def _to_listener_owner(self, peer: Peer, number: int, reader: asyncio.StreamReader,
@@ -344,8 +359,12 @@ class Tunnels:
 
     async def _accepted(self, stream: ServiceStream, peer: Peer, req: Accepted) -> None:
         fwd = self._remote.get((peer.node_id, req.listener))
-        if fwd is None:
-            await send_header(stream, Reply(False, NOT_ALLOWED, f"no listener {req.listener} of ours"))
+        if fwd is None or fwd.udp != req.udp:
+            await send_header(stream, Reply(False, NOT_ALLOWED, f"no listener {req.listener} of ours"
+                                            + (" for UDP" if req.udp else " for TCP")))
+            return
+        if req.udp:
+            await self.udp.serve(stream, peer, fwd.host, fwd.port, [fwd.counters, self.counters], ruled=False)
             return
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(fwd.host, fwd.port), CONNECT_TIMEOUT)
@@ -359,8 +378,11 @@ class Tunnels:
 
     async def aclose(self) -> list[NetchanError]:
         self.udp.close()
-        for server in self._listeners.values():
-            server.close()  # the node cancels the connections' tasks
+        for server in list(self._listeners.values()):
+            if isinstance(server, UdpForward):
+                await server.aclose()
+            else:
+                server.close()  # the node cancels the connections' tasks
         return []
 
 

@@ -17,7 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from .front import Front
-from .protocol import SOCKS_REPLY, Open
+from .protocol import SOCKS_REPLY, Open, OpenUdp
 from .udp import Flow
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
 
             flow = Flow(self.socks.peer, [self.socks.counters, self.socks.tunnels.counters], back)
             self.flows[(host, port)] = flow
-            self.socks.spawn(self.socks.tunnels.udp.open(flow, host, port))
+            self.socks.spawn(self.socks.tunnels.udp.open(flow, OpenUdp(host, port)))
         flow.send(payload)
 
     def _back(self, data: bytes) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -19,7 +20,17 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import DatagramTooLarge, NetchanError
 from ..node.service import ServiceStream
 from .front import Front
-from .protocol import DATAGRAM_SERVICE, FAILED, OpenUdp, Reply, format_address, request, send_header, until_closed
+from .protocol import (
+    DATAGRAM_SERVICE,
+    FAILED,
+    Accepted,
+    OpenUdp,
+    Reply,
+    format_address,
+    request,
+    send_header,
+    until_closed,
+)
 from .pump import Counters
 
 if TYPE_CHECKING:
@@ -120,17 +131,18 @@ class UdpFlows:
 
     # -- the client side -----------------------------------------------------------
 
-    async def open(self, flow: Flow, host: str, port: int) -> None:
-        """Open ``flow`` to ``host:port`` at the peer's exit and keep it until
-        it ends; a refusal is counted in the flow's counters and logged."""
+    async def open(self, flow: Flow, header: OpenUdp | Accepted) -> None:
+        """Open ``flow`` at the peer (to ``host:port`` at its exit, or for a
+        listener of ours it owns) and keep it until it ends; a refusal is
+        counted in the flow's counters and logged."""
         key = None
         try:
             try:
-                stream, reply = await request(flow.peer, OpenUdp(host, port))
+                stream, reply = await request(flow.peer, header)
             except NetchanError as exc:  # TunnelError or the session's own
                 for c in flow.counters:
                     c.failure(getattr(exc, "tunnel_code", FAILED))
-                log.info("UDP flow to %s refused: %s", format_address(host, port), exc)
+                log.info("UDP flow refused: %s", exc)
                 return
             flow.stream, flow.number = stream, reply.listener
             key = (flow.peer.node_id, flow.number)
@@ -146,14 +158,22 @@ class UdpFlows:
 
     # -- the exit side ---------------------------------------------------------------
 
-    async def serve(self, stream: ServiceStream, peer: Peer, req: OpenUdp) -> None:
-        where = format_address(req.host, req.port)
+    async def serve(self, stream: ServiceStream, peer: Peer, host: str, port: int,
+                    counters: list[Counters] | None = None, *, ruled: bool = True) -> None:
+        """Be the far end of a flow to ``host:port``: under the exit rules
+        (``ruled``), or where this node itself chose (a ``-R`` target)."""
+        where = format_address(host, port)
         tunnels = self.tunnels
         try:
-            addr = (await tunnels.resolve_exit(req.host, req.port, udp=True))[0]
+            addr: Any
+            if ruled:
+                addr = (await tunnels.resolve_exit(host, port, udp=True))[0]
+            else:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                addr = infos[0][4][:2]
             number = next(self._numbers)
             key = (peer.node_id, number)
-            counters = [tunnels.counters]
+            counters = counters or [tunnels.counters]
             last = [time.monotonic()]
 
             def back(data: bytes) -> None:
@@ -198,12 +218,15 @@ class _Back(asyncio.DatagramProtocol):
 
 class UdpForward(Front):
     """``-L .../udp``: a local UDP socket whose datagrams go to ``host:port`` at
-    the peer; each local source address is a flow of its own."""
+    the peer; each local source address is a flow of its own.  With
+    ``listener``, the serving side of a peer's ``-R .../udp``: its flows go
+    to that listener's owner, which chose where they go."""
 
-    def __init__(self, tunnels: Tunnels, peer: Peer, host: str, port: int) -> None:
+    def __init__(self, tunnels: Tunnels, peer: Peer, host: str, port: int, listener: int = 0) -> None:
         super().__init__(tunnels, peer)
         self.host = host
         self.port = port
+        self.listener = listener
         self.transport: asyncio.DatagramTransport | None = None
         self._flows: dict[Any, Flow] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -238,8 +261,11 @@ class UdpForward(Front):
         flow.send(data)
 
     async def _open(self, flow: Flow, addr: Any) -> None:
+        header: OpenUdp | Accepted = OpenUdp(self.host, self.port)
+        if self.listener:
+            header = Accepted(self.listener, format_address(*addr[:2]), udp=True)
         try:
-            await self.tunnels.udp.open(flow, self.host, self.port)
+            await self.tunnels.udp.open(flow, header)
         finally:
             if self._flows.get(addr) is flow:
                 del self._flows[addr]

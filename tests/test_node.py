@@ -76,6 +76,28 @@ async def test_unknown_service_raises_on_the_opener(memory_url, ids):
             assert await s.receive() == b"ok"
 
 
+@pytest.mark.parametrize("first", [b"ping", b"x" * 4096, b"y" * 100_000])
+async def test_a_stream_opened_without_waiting_sends_at_once_and_hears_a_refusal_on_use(memory_url, ids, first):
+    async with echo_session(memory_url, ids) as (_, _, peer):
+        s = await peer.open_stream("echo", wait=False)  # past the early credit, send waits for the answer
+        await s.send(first)
+        await s.send_eof()
+        got = b""
+        with pytest.raises(netchan.EndOfStream):
+            while True:
+                got += await s.receive()
+        assert got == first
+        missing = await peer.open_stream("nothing", wait=False)
+        await missing.send(b"header")  # fits the early credit: queued at once
+        with pytest.raises(netchan.ServiceNotFound, match="no service 'nothing'"):
+            await asyncio.wait_for(missing.receive(), 5)
+        with pytest.raises(netchan.ServiceNotFound):
+            await asyncio.wait_for(missing.send(b"z" * 100_000), 5)  # never a hang
+        late = await peer.open_stream("nothing", wait=False)
+        with pytest.raises(netchan.ServiceNotFound):
+            await asyncio.wait_for(late.send(b"z" * 100_000), 5)  # waiting for credit when refused
+
+
 async def test_both_ends_can_open_streams(memory_url, ids):
     server_id, client_id = ids
     got = asyncio.get_running_loop().create_future()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from netchan import errors
 from netchan.identity import Identity
 from netchan.session.core import (
+    EARLY_CREDIT,
     Authenticated,
     DatagramReceived,
     SessionConfig,
@@ -99,6 +102,45 @@ def test_refused_stream_carries_the_reason(engine):
     assert refused and refused[0].stream_id == sid
     assert isinstance(refused[0].error, errors.ServiceNotFound)
     assert "missing" in str(refused[0].error)
+
+
+@pytest.mark.parametrize("early", [1, 100, EARLY_CREDIT])
+def test_an_opener_may_send_its_early_credit_before_the_answer_and_the_rest_after(engine, early):
+    pair = established(engine, config=SessionConfig(max_stream_data=1 << 16))
+    sid = pair.client.open_stream("svc")
+    assert pair.client.send_allowance(sid) == EARLY_CREDIT
+    first = os.urandom(early)
+    pair.client.send_stream(sid, first)  # no round trip yet
+    with pytest.raises(errors.LocalProtocolError):
+        pair.client.send_stream(sid, b"x" * (EARLY_CREDIT - early + 1))
+    pair.run()
+    assert pair.server.accept_stream(sid)
+    pair.run()
+    assert events_of(pair.client_events, StreamAccepted)
+    # after the answer: the peer's whole window, less what went early
+    assert pair.client.send_allowance(sid) == (1 << 16) - early
+    rest = os.urandom((1 << 16) - early)
+    pair.client.send_stream(sid, rest, end=True)
+    pair.run()
+    data = b"".join(e.data for e in events_of(pair.server_events, StreamData) if e.stream_id == sid)
+    assert data == first + rest
+
+
+def test_early_bytes_to_a_refused_stream_are_dropped_with_it(engine):
+    pair = established(engine)
+    sid = pair.client.open_stream("missing")
+    pair.client.send_stream(sid, b"header")
+    pair.run()
+    pair.server.refuse_stream(sid, errors.ServiceNotFound("no service 'missing'"))
+    pair.run()
+    assert events_of(pair.client_events, StreamRefused)
+    assert not [e for e in events_of(pair.server_events, StreamData) if e.stream_id == sid]
+    assert pair.client.send_allowance(sid) == 0
+
+
+def test_a_window_smaller_than_the_early_credit_is_refused():
+    with pytest.raises(errors.ConfigurationError, match="max_stream_data"):
+        SessionConfig(max_stream_data=EARLY_CREDIT - 1)
 
 
 def test_server_can_open_streams_to_the_client(engine):

@@ -240,11 +240,14 @@ class Peer:
         bound.)"""
         return self._session.core.max_datagram_payload(service)
 
-    async def open_stream(self, service: str, *, timeout: float | None = None) -> Stream:
+    async def open_stream(self, service: str, *, timeout: float | None = None, wait: bool = True) -> Stream:
         """Open a stream to ``service`` on this peer.
 
         Raises ServiceNotFound if the peer has no such service, NotAllowed if it
-        refuses us, BrokenError if the session is gone.
+        refuses us, BrokenError if the session is gone.  With ``wait=False`` it
+        returns at once, before the peer answered: the first few kB sent go
+        with the request (a header and its reply then take one round trip),
+        and a refusal is raised by the stream's next receive or send.
         """
         if self.reconnecting:
             await self.wait_up(timeout)
@@ -253,10 +256,12 @@ class Peer:
             await session.wait_stream_slot()
         sid = session.core.open_stream(service)
         stream = Stream(session, sid, service)
-        fut: asyncio.Future[None] = session.loop.create_future()
         session.streams[sid] = stream
-        session.opening[sid] = fut
         session.schedule_transmit()
+        if not wait:
+            return stream
+        fut: asyncio.Future[None] = session.loop.create_future()
+        session.opening[sid] = fut
         try:
             if timeout is None:
                 await fut
@@ -562,10 +567,18 @@ class _Session:
                     fut = self.opening.pop(ev.stream_id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(None)
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None:
+                        self.wake_credit(stream)  # what it may send grew from the early credit
                 case StreamRefused():
                     fut = self.opening.pop(ev.stream_id, None)
                     if fut is not None and not fut.done():
                         fut.set_exception(ev.error)
+                    elif fut is None and (stream := streams.get(ev.stream_id)) is not None:
+                        stream.session_error(ev.error)  # opened without waiting: its user hears it here
+                        self.wake_credit(stream)
+                        _resolve(self._blocked.pop(stream, ()))
+                        self.forget_stream(stream)
                 case StreamReset():
                     stream = streams.get(ev.stream_id)
                     if stream is not None:

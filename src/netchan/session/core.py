@@ -19,8 +19,11 @@ What it adds on top of QUIC:
 * **Named services.**  Each stream begins with a header naming its service
   and the opener's receive window; the accepting side answers with a status
   byte and its own window (or an error), so an opener learns at once that a
-  service does not exist.  Datagrams carry a short
-  service tag.
+  service does not exist.  The opener may send its first ``EARLY_CREDIT``
+  bytes (a request header, say) right behind the service header, before the
+  answer: the acceptor holds them until its service takes the stream, so a
+  request and its reply cost one round trip, not two.  Datagrams carry a
+  short service tag.
 * **Per-stream credit.**  QUIC engines grant flow-control credit as packets
   arrive, not as the application reads, so a slow reader would hold ever more
   data.  Each stream therefore also has an application-level window
@@ -240,6 +243,8 @@ class SessionConfig:
     max_stream_data: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if self.max_stream_data < EARLY_CREDIT:
+            raise errors.ConfigurationError(f"max_stream_data must be at least {EARLY_CREDIT}")
         if self.packet_size < 1200:
             raise errors.ConfigurationError("packet_size must be at least 1200 (QUIC minimum)")
         if self.linger <= 0 or self.keepalive_interval <= 0 or self.handshake_timeout <= 0:
@@ -255,6 +260,9 @@ class SessionConfig:
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+#: what an opener may send on a stream before the peer accepted it (every
+#: window is at least this large: see SessionConfig)
+EARLY_CREDIT = 4096
 
 
 class SessionCore:
@@ -500,6 +508,8 @@ class SessionCore:
         except Exception as exc:
             raise BrokenError(f"cannot open a stream: {exc}") from None
         self._opening[sid] = bytearray()
+        self._send_limit[sid] = EARLY_CREDIT
+        self._sent[sid] = 0
         return sid
 
     def can_open_stream(self) -> bool:
@@ -903,7 +913,9 @@ class SessionCore:
                 return
             del self._opening[sid]
             self._open.add(sid)
+            early = self._sent.get(sid, 0)  # sent before the answer: counted against the peer's window
             self._start_credit(sid, _U32.unpack_from(buf, 1)[0])
+            self._sent[sid] = early
             self._events.append(StreamAccepted(sid))
             self._count_received(sid, len(buf) - 5)
             self._deliver(sid, bytes(buf[5:]), end)

@@ -131,7 +131,7 @@ async def request(peer: Peer, header: Open | OpenUdp | Listen | Accepted,
                   refused: str = "") -> tuple[ServiceStream, Reply]:
     """Open a tunnel stream with ``header``; the stream and the peer's
     Reply if it agreed, else TunnelError (its reason after ``refused``)."""
-    stream = await peer.open_stream(SERVICE)
+    stream = await peer.open_stream(SERVICE, wait=False)  # the header goes with the request
     try:
         await send_header(stream, header)
         reply = await read_header(stream)

@@ -8,20 +8,20 @@ import pytest
 
 from netchan import errors
 from netchan.identity import Identity
+from netchan.session.control import ControlFrames
 from netchan.session.core import (
     EARLY_CREDIT,
     Authenticated,
     DatagramReceived,
+    Responsive,
     SessionConfig,
     StreamAccepted,
     StreamData,
     StreamRefused,
     StreamRequested,
-    Responsive,
     Terminated,
     Unresponsive,
 )
-from netchan.session.control import ControlFrames
 from netchan.tools.testing import SessionPair
 
 

@@ -18,9 +18,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	@command -v socat >/dev/null && test -x /usr/sbin/sshd || \
-		{ [ "$$(id -u)" = 0 ] && apt-get install -y -qq openssh-server socat >/dev/null || \
-		  echo "(install openssh-server and socat to compare tunnels with ssh)"; }
+	@command -v socat >/dev/null && command -v iperf3 >/dev/null && test -x /usr/sbin/sshd || \
+		{ [ "$$(id -u)" = 0 ] && apt-get install -y -qq openssh-server socat iperf3 iproute2 >/dev/null || \
+		  echo "(install openssh-server, socat and iperf3 to compare tunnels with ssh and the VPN with its link)"; }
 	$(PY) bench/run.py $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:

@@ -9,6 +9,8 @@
    peer is killed, beside the same with only the linger to end it.
 5. Tunnels: netchan tunnel -L (tcp and udp carriers) beside ssh -L with two
    ciphers and a plain socat relay: MB/s both ways, CPU per GB, set-up time.
+6. The VPN: iperf3 through netchan vpn (udp and tcp carriers) beside the bare
+   veth link under it, between two network namespaces (needs root).
 
 ``--baseline REF`` measures the netchan message rates of git revision REF
 too, alternating with this tree's, and prints them side by side.
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import deadpeer  # noqa: E402
 import tunnel  # noqa: E402
+import vpn  # noqa: E402
 import messages  # noqa: E402
 import resilience  # noqa: E402
 from throughput import measure  # noqa: E402
@@ -51,7 +54,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller transfers")
-    p.add_argument("--only", choices=["bulk", "messages", "resilience", "deadpeer", "tunnel"], help="run one part")
+    p.add_argument("--only", choices=["bulk", "messages", "resilience", "deadpeer", "tunnel", "vpn"], help="run one part")
     p.add_argument("--baseline", metavar="REF", help="a git revision whose message rates to show beside")
     a = p.parse_args()
     if a.only in (None, "bulk"):
@@ -74,6 +77,10 @@ def main() -> int:
         if a.only is None:
             print()
         tunnel.run_all(a.runs, a.quick)
+    if a.only in (None, "vpn"):
+        if a.only is None:
+            print()
+        vpn.run_all(a.runs, a.quick)
     return 0
 
 

@@ -313,6 +313,36 @@ async def test_a_member_keeps_its_address_when_it_comes_back(engine):
                 assert again.addresses[0] == address
 
 
+async def test_a_session_whose_datagrams_cannot_hold_ip_is_refused_with_the_reason(engine):
+    async with netchan.Node(listen=["udp://127.0.0.1:0?packet_size=1200"], engine=engine) as server_node, \
+            netchan.Node(engine=engine) as node:
+        server_node.allow(node.node_id)
+        async with VpnServer(server_node, ["10.77.0.0/24"], make_device=FakeDevice.create) as server:
+            peer = await node.connect(server_node.addresses[0], server_node.node_id)
+            with pytest.raises(VpnRefused, match=r"too small for IP .* < 1280 bytes"):
+                await VpnClient(node, peer, make_device=FakeDevice.create).start()
+            assert server.counters.errors == {"not-allowed": 1} and server.counters.open == 0
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\x05hello", b"\xff\xff", "assigned"])
+async def test_a_malformed_join_ends_that_stream_only(engine, garbage):
+    from netchan.tunnels.protocol import send_header
+    from netchan.tunnels.vpn import Assigned
+
+    async with hub(engine) as (server, [client]):
+        stream = await client.peer.open_stream("vpn")
+        if garbage == "assigned":
+            await send_header(stream, Assigned(True))  # a server's answer, sent to the server
+        else:
+            await stream.send(garbage)
+        with pytest.raises(netchan.NetchanError):
+            await asyncio.wait_for(stream.receive(), 5)
+        assert server.counters.errors.get("bad-request") == 1
+        up = ipv4(17, b"still here")
+        client.device.inject(up)  # the member's own session and place are untouched
+        assert await next_packet(server.device) == up
+
+
 # -- the real thing, in network namespaces -------------------------------------------------------
 
 def _can_netns() -> str:

@@ -287,8 +287,9 @@ class VpnServer:
                 log.info("VPN: %s left", peer.node_id)
 
     def _check_join(self, join: Join, peer: Peer) -> str:
-        if join.mtu < MIN_MTU or peer.max_datagram_size(DATAGRAM_SERVICE) < MIN_MTU:
-            return f"the session's datagrams are too small for IP ({min(join.mtu, MIN_MTU - 1)} < {MIN_MTU} bytes)"
+        limit = min(join.mtu, peer.max_datagram_size(DATAGRAM_SERVICE))
+        if limit < MIN_MTU:
+            return f"the session's datagrams are too small for IP ({limit} < {MIN_MTU} bytes)"
         try:
             wanted = _networks(join.routes, "route")
         except ConfigurationError as exc:

@@ -324,6 +324,15 @@ async def test_a_session_whose_datagrams_cannot_hold_ip_is_refused_with_the_reas
             assert server.counters.errors == {"not-allowed": 1} and server.counters.open == 0
 
 
+async def test_members_are_let_go_when_the_hub_closes(engine):
+    async with hub(engine, members=2) as (server, clients):
+        await server.aclose()
+        for client in clients:
+            await asyncio.wait_for(client.wait_closed(), 5)
+            assert client.ended
+        assert server.device is None
+
+
 @pytest.mark.parametrize("garbage", [b"\x00\x05hello", b"\xff\xff", "assigned"])
 async def test_a_malformed_join_ends_that_stream_only(engine, garbage):
     from netchan.tunnels.protocol import send_header

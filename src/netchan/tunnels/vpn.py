@@ -163,9 +163,10 @@ def _link_local(version: int, source: bytes, destination: bytes) -> bool:
 
 
 class _Member:
-    def __init__(self, link: _Link, addresses: dict[int, bytes]) -> None:
+    def __init__(self, link: _Link, addresses: dict[int, bytes], stream: ServiceStream) -> None:
         self.link = link
         self.addresses = addresses
+        self.stream = stream  # its join: ending it lets the member go
 
 
 class VpnServer:
@@ -266,7 +267,7 @@ class VpnServer:
         old = self._members.pop(peer.node_id, None)
         if old is not None:
             self._forget(old)
-        member = _Member(_Link(peer, mtu, self.counters), {v: i.ip.packed for v, i in given.items()})
+        member = _Member(_Link(peer, mtu, self.counters), {v: i.ip.packed for v, i in given.items()}, stream)
         self._members[peer.node_id] = member
         for packed in member.addresses.values():
             self._by_address[packed] = member
@@ -360,6 +361,11 @@ class VpnServer:
             self.device.write(packet)
 
     async def aclose(self) -> None:
+        """Let every member go, then undo NAT and forwarding and remove the device."""
+        for member in list(self._members.values()):
+            member.stream.abort()
+        self._members.clear()
+        self._by_address.clear()
         for undo in reversed(self._undo):
             undo.close()
         self._undo.clear()

@@ -307,6 +307,36 @@ async def test_remote_forward_listens_at_the_peer_and_connects_here(engine):
                 await asyncio.sleep(0.02)
 
 
+@pytest.mark.async_timeout(60)
+@pytest.mark.parametrize("size", [1, 4096, 70_000, 1 << 20])
+async def test_what_a_client_sends_before_the_exit_answered_arrives_once_and_whole(engine, size):
+    async with tcp_server() as port, pair("udp", engine) as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            data = os.urandom(size)
+            reader, writer = await asyncio.open_connection(*fwd.address)
+            writer.write(data)  # at once, then the end: all of it may go before the answer
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(-1), 30)
+            writer.close()
+            assert got == data
+            await wait_until(lambda: fwd.counters.open == 0)
+            assert fwd.counters.bytes_out == size and fwd.counters.bytes_in == size
+
+
+@pytest.mark.async_timeout(30)
+async def test_early_bytes_to_a_refused_destination_end_in_a_reset_counted_once(engine):
+    async with tcp_server() as port, pair("udp", engine) as (exit_t, client_t, peer):
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fwd:
+            reader, writer = await asyncio.open_connection(*fwd.address)
+            writer.write(os.urandom(10_000))
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(-1), 10)
+            writer.close()
+            assert fwd.counters.failed == 1 and fwd.counters.errors == {"not-allowed": 1}
+            assert fwd.counters.bytes_out == 0 and fwd.counters.opened == 0
+
+
 # -- through a proxy that cuts the tcp carrier every second -------------------------------
 
 @needs_curl

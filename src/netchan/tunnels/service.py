@@ -228,6 +228,7 @@ class Tunnels:
             stream = await peer.open_stream(SERVICE, wait=False)
             await send_header(stream, request)
             answer = asyncio.ensure_future(read_header(stream))
+            data: asyncio.Future[bytes] | None = None
             try:
                 while early < EARLY_DATA and not answer.done():
                     data = asyncio.ensure_future(reader.read(EARLY_DATA - early))
@@ -245,7 +246,9 @@ class Tunnels:
                     early += len(chunk)
                 reply = await answer
             finally:
-                answer.cancel()
+                for task in (answer, data):
+                    if task is not None:
+                        task.cancel()  # only what has not finished
             if not isinstance(reply, Reply):
                 raise ProtocolError(f"unexpected {type(reply).__name__} in answer to Open")
             if not reply.ok:

@@ -324,6 +324,31 @@ async def test_a_session_whose_datagrams_cannot_hold_ip_is_refused_with_the_reas
             assert server.counters.errors == {"not-allowed": 1} and server.counters.open == 0
 
 
+@pytest.mark.parametrize("answer", [{"addresses": ["not an address"], "mtu": 1400},
+                                    {"addresses": [], "mtu": 1400},
+                                    {"addresses": ["10.77.0.2/24"], "gateways": ["x"], "mtu": 1400},
+                                    {"addresses": ["10.77.0.2/24"], "mtu": 100}])
+async def test_a_malformed_assignment_is_a_protocol_error_and_leaves_no_device(engine, answer):
+    from netchan.tunnels.protocol import send_header
+    from netchan.tunnels.vpn import Assigned
+
+    async def bad_hub(stream, peer):
+        (n,) = struct.unpack("!H", await stream.receive_exactly(2))
+        await stream.receive_exactly(n)  # the join, whatever it says
+        await send_header(stream, Assigned(True, **answer))
+        await stream.receive()
+
+    async with netchan.Node(listen=["udp://127.0.0.1:0"], engine=engine) as server_node, \
+            netchan.Node(engine=engine) as node:
+        server_node.allow(node.node_id)
+        server_node.serve("vpn", bad_hub)
+        peer = await node.connect(server_node.addresses[0], server_node.node_id)
+        made = len(FakeDevice.made)
+        with pytest.raises(netchan.ProtocolError, match="VPN assignment"):
+            await VpnClient(node, peer, make_device=FakeDevice.create).start()
+        assert len(FakeDevice.made) == made
+
+
 async def test_members_are_let_go_when_the_hub_closes(engine):
     async with hub(engine, members=2) as (server, clients):
         await server.aclose()

@@ -411,8 +411,14 @@ class VpnClient:
                 raise ProtocolError(f"unexpected {type(reply).__name__} in answer to a join")
             if not reply.ok:
                 raise VpnRefused(f"the server refused: {reply.reason}")
-            self.addresses = [ipaddress.ip_interface(a) for a in reply.addresses]
-            self.gateways = {ipaddress.ip_address(g).version: ipaddress.ip_address(g).packed for g in reply.gateways}
+            try:
+                self.addresses = [ipaddress.ip_interface(a) for a in reply.addresses]
+                gateways = [ipaddress.ip_address(g) for g in reply.gateways]
+            except ValueError as exc:
+                raise ProtocolError(f"malformed VPN assignment: {exc}") from None
+            self.gateways = {g.version: g.packed for g in gateways}
+            if not self.addresses or reply.mtu < MIN_MTU:
+                raise ProtocolError(f"VPN assignment without addresses or with MTU {reply.mtu}")
             self.mtu = min(limit, reply.mtu)
             self.offered = reply.routes
             self.device = await self._make_device(self._device_name, self.mtu, self.addresses)

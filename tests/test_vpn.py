@@ -478,7 +478,7 @@ async def start_vpn(net: Net, engine: str, carrier: str = "udp", nat: bool = Tru
                     routes=("10.99.0.0/24", "fd99::/64"), client_routes=None
                     ) -> tuple[asyncio.subprocess.Process, int]:
     """The server and one client; returns the client's process and its MTU.
-    ``tcp-cut``: the client dials through a proxy that cuts every 0.25 s."""
+    ``tcp-cut``: the client dials through a proxy that cuts every 1 s."""
     keys = {}
     for who in ("server", "client"):
         keys[who] = f"/tmp/{net.c}-{who}.key"
@@ -492,7 +492,7 @@ async def start_vpn(net: Net, engine: str, carrier: str = "udp", nat: bool = Tru
     url = {"udp": "udp://172.30.1.1:7000", "tcp": "tcp://172.30.1.1:7000", "tcp-cut": "tcp://172.30.1.1:7100"}
     if carrier == "tcp-cut":
         cutter = await net.start(net.s, "chaos", "tcp", "--listen", "172.30.1.1:7100", "--to", "172.30.1.1:7000",
-                                 "--cut-every", "0.25s", "--report", "0.5s")
+                                 "--cut-every", "1s", "--report", "0.2s")
         await read_until(cutter, "chaos tcp")
     wanted = routes if client_routes is None else client_routes
     client = await net.start(net.c, "vpn", "connect", url[carrier], "--peer", server_id, "--engine", engine,
@@ -504,8 +504,12 @@ async def start_vpn(net: Net, engine: str, carrier: str = "udp", nat: bool = Tru
 # A receiver that takes SIZE bytes, answers with their sha256, the address it
 # saw them from, and then SIZE bytes of its own, also hashed at the other end.
 _PEER = r"""
-import hashlib, os, socket, sys
-size = int(sys.argv[2])
+import hashlib, os, socket, sys, time
+size, rate = int(sys.argv[2]), int(sys.argv[4])
+t0 = time.monotonic()
+def pace(sent):  # at most ``rate`` bytes/s (0: as fast as it goes)
+    if rate:
+        time.sleep(max(0.0, sent / rate - (time.monotonic() - t0)))
 def serve():
     srv = socket.create_server((sys.argv[1], 5300), family=socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
     print("ready", flush=True)
@@ -519,13 +523,13 @@ def serve():
     block = bytes(range(256)) * 4096
     sent = 0
     while sent < size:
-        conn.sendall(block[: size - sent]); sent += min(len(block), size - sent)
+        conn.sendall(block[: size - sent]); sent += min(len(block), size - sent); pace(sent)
     conn.shutdown(socket.SHUT_WR); conn.recv(1)
 def send():
     conn = socket.create_connection((sys.argv[1], 5300), timeout=60)
     block, sent, h = os.urandom(1 << 20), 0, hashlib.sha256()
     while sent < size:
-        piece = block[: size - sent]; conn.sendall(piece); h.update(piece); sent += len(piece)
+        piece = block[: size - sent]; conn.sendall(piece); h.update(piece); sent += len(piece); pace(sent)
     answer = b""
     while len(answer) < 128:
         answer += conn.recv(128 - len(answer))
@@ -543,16 +547,20 @@ serve() if sys.argv[3] == "serve" else send()
 """
 
 
-async def transfer(net: Net, from_ns: str, to_ns: str, to_address: str, size: int, timeout: float = 120.0):
-    """SIZE bytes from ``from_ns`` to ``to_address`` (in ``to_ns``) and back:
-    (upload intact, download intact, the source address the receiver saw)."""
+async def transfer(net: Net, from_ns: str, to_ns: str, to_address: str, size: int, timeout: float = 120.0,
+                   rate: int = 0):
+    """SIZE bytes from ``from_ns`` to ``to_address`` (in ``to_ns``) and back,
+    each way at most ``rate`` bytes/s if given: (upload intact, download
+    intact, the source address the receiver saw)."""
     receiver = await asyncio.create_subprocess_exec(*net.run(to_ns, sys.executable, "-c", _PEER, to_address,
-                                                             str(size), "serve"), stdout=asyncio.subprocess.PIPE)
+                                                             str(size), "serve", str(rate)),
+                                                    stdout=asyncio.subprocess.PIPE)
     sender = None
     try:
         await read_until(receiver, "ready")
         sender = await asyncio.create_subprocess_exec(*net.run(from_ns, sys.executable, "-c", _PEER, to_address,
-                                                               str(size), "send"), stdout=asyncio.subprocess.PIPE)
+                                                               str(size), "send", str(rate)),
+                                                      stdout=asyncio.subprocess.PIPE)
         out, _ = await asyncio.wait_for(sender.communicate(), timeout)
         up, down, seen = out.decode().split()
         return up == "True", down == "True", seen
@@ -581,15 +589,30 @@ async def test_vpn_carries_ping_and_64_mib_of_tcp_each_way(carrier, engine):
         for target in ("10.77.0.1", "fd77::1", "10.99.0.2", "fd99::2"):
             done = await ping(net, net.c, "-c", "2", target)
             assert done.returncode == 0, (target, done.stdout, done.stderr)
-        up, down, seen = await transfer(net, net.c, net.lan, "10.99.0.2", 64 << 20)
+        cut = carrier == "tcp-cut"
+        before = await cuts_so_far(net.procs[1]) if cut else 0
+        # through cuts, paced so that the 64 MiB take about 2 s each way, cut every second
+        up, down, seen = await transfer(net, net.c, net.lan, "10.99.0.2", 64 << 20, rate=32_000_000 if cut else 0)
         assert up and down
         assert seen == "10.99.0.1"  # masqueraded at the server
+        if cut:  # and the carrier was cut under it
+            assert await cuts_so_far(net.procs[1]) - before >= 2
         up, down, seen = await transfer(net, net.c, net.lan, "fd99::2", 8 << 20)
         assert up and down and seen == "fd99::1"
-        if carrier == "tcp-cut":  # and the carrier was cut under it
-            cutter = net.procs[1]
-            while int((await read_until(cutter, "cuts"))[-1].split("cuts ")[1].split()[0]) < 8:
-                pass
+
+
+async def cuts_so_far(cutter: asyncio.subprocess.Process) -> int:
+    """The cut count in the chaos proxy's latest report (it reports every 0.2 s)."""
+    last = ""
+    while True:
+        try:
+            line = await asyncio.wait_for(cutter.stdout.readline(), 0.1 if last else 5)
+        except asyncio.TimeoutError:
+            break
+        if b"cuts " in line:
+            last = line.decode()
+    assert last, "no report from the chaos proxy"
+    return int(last.split("cuts ")[1].split()[0])
 
 
 @needs_netns

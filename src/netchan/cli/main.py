@@ -19,7 +19,7 @@ from ..tunnels import Tunnels
 from . import tunnel as tunnel_cli
 from . import vpn as vpn_cli
 from .options import add_listening_options, identity, listening_node
-from .runner import run
+from .runner import run, stop_on_signals
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -60,11 +60,8 @@ async def _serve(args: argparse.Namespace) -> int:
             print(f"exit to {rule}", flush=True)
         for bind in args.allow_remote_bind:
             print(f"peers may listen on {bind}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        with stop_on_signals() as stop:
+            await stop.wait()
     return 0
 
 

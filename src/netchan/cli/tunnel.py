@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import time
 from typing import Any
@@ -16,6 +15,7 @@ from ..tunnels import Tunnels
 from ..tunnels.protocol import format_address
 from ..tunnels.rules import parse_hostport
 from .options import identity
+from .runner import stop_on_signals
 
 __all__ = ["parse_forward", "parse_socks", "run_tunnel"]
 
@@ -125,18 +125,11 @@ async def run_tunnel(args: argparse.Namespace) -> int:
 
 
 async def _until_stopped(peer: Peer, running: list[Any]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals() as stop:
         if sys.stdout.isatty():
             await _live(peer, running, stop)
         else:
             await _log_lines(peer, running, stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
     print("netchan tunnel: stopped", flush=True)
 
 

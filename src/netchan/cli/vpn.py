@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ from ..node.node import Node
 from ..tunnels.pump import Counters
 from ..tunnels.vpn import DEVICE, VpnClient, VpnServer
 from .options import add_listening_options, identity, listening_node
+from .runner import stop_on_signals
 
 __all__ = ["add_parser"]
 
@@ -20,27 +20,22 @@ __all__ = ["add_parser"]
 async def _until_stopped(counters: Counters, done: asyncio.Future[Any] | None = None,
                          every: float = 10.0) -> None:
     """Until Ctrl-C, SIGTERM or ``done``; a log line whenever the counters moved."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.ensure_future(stop.wait())
     last = None
-    try:
-        while not waiter.done() and not (done is not None and done.done()):
-            await asyncio.wait([waiter, *([done] if done is not None else [])], timeout=every,
-                               return_when=asyncio.FIRST_COMPLETED)
-            now = (counters.open, counters.datagrams, counters.bytes_out, counters.bytes_in, counters.dropped)
-            if now != last and last is not None:
-                drops = ", ".join(f"{k} {v}" for k, v in sorted(counters.errors.items()))
-                print(f"{time.strftime('%H:%M:%S')} members {counters.open}, packets out {counters.datagrams}, "
-                      f"bytes out {counters.bytes_out}, in {counters.bytes_in}, dropped {counters.dropped}"
-                      + (f" ({drops})" if drops else ""), flush=True)
-            last = now
-    finally:
-        waiter.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    with stop_on_signals() as stop:
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            while not waiter.done() and not (done is not None and done.done()):
+                await asyncio.wait([waiter, *([done] if done is not None else [])], timeout=every,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                now = (counters.open, counters.datagrams, counters.bytes_out, counters.bytes_in, counters.dropped)
+                if now != last and last is not None:
+                    drops = ", ".join(f"{k} {v}" for k, v in sorted(counters.errors.items()))
+                    print(f"{time.strftime('%H:%M:%S')} members {counters.open}, packets out {counters.datagrams}, "
+                          f"bytes out {counters.bytes_out}, in {counters.bytes_in}, dropped {counters.dropped}"
+                          + (f" ({drops})" if drops else ""), flush=True)
+                last = now
+        finally:
+            waiter.cancel()
 
 
 async def _serve(args: argparse.Namespace) -> int:

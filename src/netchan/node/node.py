@@ -507,6 +507,11 @@ class _Session:
     def wake_credit(self, stream: Stream) -> None:
         _resolve(self._credit_waiters.pop(stream, ()))
 
+    def wake_stream(self, stream: Stream) -> None:
+        """Everything waiting to send on ``stream`` (it broke: they raise its error)."""
+        self.wake_credit(stream)
+        _resolve(self._blocked.pop(stream, ()))
+
     async def wait_credit(self, stream: Stream) -> None:
         """Until the peer grants the stream more credit (or it breaks)."""
         await self._wait_writer(self._credit_waiters, stream)
@@ -576,8 +581,6 @@ class _Session:
                         fut.set_exception(ev.error)
                     elif fut is None and (stream := streams.get(ev.stream_id)) is not None:
                         stream.session_error(ev.error)  # opened without waiting: its user hears it here
-                        self.wake_credit(stream)
-                        _resolve(self._blocked.pop(stream, ()))
                         self.forget_stream(stream)
                 case StreamReset():
                     stream = streams.get(ev.stream_id)

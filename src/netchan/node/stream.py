@@ -259,13 +259,14 @@ class Stream(ServiceStream):
         self._wake()
 
     def session_error(self, error: NetchanError) -> None:
-        """The whole stream is broken (its session ended)."""
+        """The whole stream is broken (its session ended, or the peer refused it)."""
         if self._error is None:
             self._error = error
         if self._send_error is None:
             self._send_error = error
         self._end(error)
         self._wake()
+        self._session.wake_stream(self)
 
     def session_reset(self, error: NetchanError) -> None:
         if self._error is None and not self._eof:

@@ -534,7 +534,8 @@ class SessionCore:
 
     def _start_credit(self, sid: int, peer_window: int) -> None:
         self._send_limit[sid] = peer_window
-        self._sent[sid] = 0
+        # an opener's early bytes (sent before the answer) count against the window
+        self._sent.setdefault(sid, 0)
         self._consumed[sid] = 0
         self._granted[sid] = self._window
         self._received[sid] = 0
@@ -913,9 +914,7 @@ class SessionCore:
                 return
             del self._opening[sid]
             self._open.add(sid)
-            early = self._sent.get(sid, 0)  # sent before the answer: counted against the peer's window
             self._start_credit(sid, _U32.unpack_from(buf, 1)[0])
-            self._sent[sid] = early
             self._events.append(StreamAccepted(sid))
             self._count_received(sid, len(buf) - 5)
             self._deliver(sid, bytes(buf[5:]), end)

@@ -138,13 +138,19 @@ async def request(peer: Peer, header: Open | OpenUdp | Listen | Accepted,
     except BaseException:
         stream.abort()
         raise
+    return stream, await agreed(stream, reply, header, refused)
+
+
+async def agreed(stream: ServiceStream, reply: Any, header: msgspec.Struct, refused: str = "") -> Reply:
+    """``reply``, the peer's answer to ``header``, if it agreed; else the
+    stream ends and TunnelError says why (its reason after ``refused``)."""
     if not isinstance(reply, Reply):
         stream.abort()
         raise ProtocolError(f"unexpected {type(reply).__name__} in answer to {type(header).__name__}")
     if not reply.ok:
         await stream.aclose()
         raise TunnelError(reply.code, refused + reply.reason)
-    return stream, reply
+    return reply
 
 
 async def until_closed(stream: ServiceStream) -> None:

@@ -31,6 +31,7 @@ from .protocol import (
     OpenUdp,
     Reply,
     TunnelError,
+    agreed,
     code_of,
     format_address,
     read_header,
@@ -249,11 +250,7 @@ class Tunnels:
                 for task in (answer, data):
                     if task is not None:
                         task.cancel()  # only what has not finished
-            if not isinstance(reply, Reply):
-                raise ProtocolError(f"unexpected {type(reply).__name__} in answer to Open")
-            if not reply.ok:
-                await stream.aclose()
-                raise TunnelError(reply.code, reply.reason)
+            await agreed(stream, reply, request)
         except (NetchanError, ConnectionError) as exc:
             self._not_opened(request, exc, everyone)
             if stream is not None:

@@ -270,6 +270,50 @@ def measure(tunnel: Tunnel, size: int, runs: int) -> dict[str, list[float]]:
     return out
 
 
+def core_floor(size: int) -> tuple[float, float]:
+    """CPU seconds per GB of the QUIC session alone (qh3 and netchan's sans-I/O
+    core, both ends in this process, no socket, no event loop): what no
+    plumbing can go below.  (sender, receiver)."""
+    from netchan.session.core import SessionConfig, StreamData, StreamRequested
+    from netchan.tools.testing import SessionPair
+
+    pair = SessionPair.create("qh3", config=SessionConfig(packet_size=60000))
+    pair.run()
+    client, server = pair.client, pair.server
+    sid = client.open_stream("sink")
+    pair.run()
+    for ev in pair.server_events:
+        if isinstance(ev, StreamRequested):
+            server.accept_stream(ev.stream_id)
+    pair.run()
+    block = bytes(256 * 1024)
+    sent = got = 0
+    cpu = [0.0, 0.0]
+    now = pair.clock.now
+    clock = time.process_time
+    while got < size:
+        t0 = clock()
+        while sent < size and client.send_allowance(sid) >= len(block) and client.send_backlog(sid) < 4 * MiB:
+            client.send_stream(sid, block)
+            sent += len(block)
+        now += 0.0001
+        packets = client.packets_to_send(now)
+        t1 = clock()
+        server.receive_packets(packets, now)
+        while (ev := server.next_event()) is not None:
+            if isinstance(ev, StreamData):
+                got += len(ev.data)
+                server.stream_consumed(ev.stream_id, len(ev.data))
+        answer = server.packets_to_send(now)
+        t2 = clock()
+        client.receive_packets(answer, now)
+        while client.next_event() is not None:
+            pass
+        cpu[0] += t1 - t0 + clock() - t2
+        cpu[1] += t2 - t1
+    return cpu[0] / (size / 1e9), cpu[1] / (size / 1e9)
+
+
 def run_all(runs: int, quick: bool) -> None:
     size = (128 if quick else 512) * MiB
     have_ssh = shutil.which("ssh") and os.path.exists("/usr/sbin/sshd")
@@ -290,6 +334,9 @@ def run_all(runs: int, quick: bool) -> None:
                 else (f"{'-':>9}", f"{'-':>9}")
             print(f"{tunnel.label:40} {med['up']:8.0f} {cpu_up} {med['down']:10.0f} "
                   f"{cpu_down} {med['setup'] * 1000:10.2f}", flush=True)
+        floors = [core_floor(size // 2) for _ in range(runs)]
+        floor = statistics.median(a + b for a, b in floors)
+        print(f"{'QUIC session alone (no I/O), both ends':40} {'-':>8} {floor:9.2f} {'-':>10} {floor:9.2f} {'-':>10}")
         if not have_ssh:
             print("\n(no ssh/sshd here: install openssh-server to compare; make bench does)")
             return

@@ -120,3 +120,19 @@ def test_work_queue_demo_loses_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "jobs lost          0" in result.stdout
     assert "OK: nothing lost" in result.stdout
+
+
+@pytest.mark.parametrize("environment, kept", [({}, True), ({"MALLOC_ARENA_MAX": "2"}, False)])
+def test_commands_keep_freed_heap_unless_the_environment_tunes_malloc(environment, kept):
+    """Bulk tunnels free and allocate 60-256 KB buffers all the time: the CLI has
+    glibc keep freed heap (no page faults for every new buffer), and leaves
+    malloc alone when the user set MALLOC_* themselves."""
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("keeping the heap is a glibc setting")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(environment)
+    out = subprocess.run([sys.executable, "-c", "from netchan.cli.runner import keep_heap; print(keep_heap())"],
+                         capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert out.stdout.strip() == str(kept)

@@ -633,3 +633,55 @@ async def _kind(events, kind):
     async for ev in events:
         if ev.kind == kind:
             return ev
+
+
+@pytest.mark.parametrize("style", ["resume-once", "pause-in-every-chunk"])
+async def test_a_paused_consumer_holds_chunks_and_their_credit_until_resumed(memory_url, ids, style):
+    """pause_consuming keeps chunks (and the credit they would give back) in
+    the stream; resume_consuming hands them over in order, then the end."""
+    server_id, client_id = ids
+    window = 256 << 10
+    total = 4 * window
+    loop = asyncio.get_running_loop()
+    served: asyncio.Future = loop.create_future()
+    got: list[bytes] = []
+    ended: asyncio.Future = loop.create_future()
+
+    async def held(stream, peer):
+        def on_data(data):
+            got.append(data)
+            if style == "pause-in-every-chunk":
+                stream.pause_consuming()  # from inside the consumer, as a full socket would
+                loop.call_soon(stream.resume_consuming)
+
+        stream.pause_consuming()
+        stream.consume(on_data, lambda error: ended.set_result(error))
+        served.set_result(stream)
+        await ended
+
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id], max_stream_data=window) as server:
+        server.serve("held", held)
+        async with netchan.Node(client_id) as client:
+            peer = await client.connect(memory_url, node_id=server.node_id)
+            stream = await peer.open_stream("held")
+            data = os.urandom(total)
+
+            async def send_all():
+                await stream.send(data)
+                await stream.send_eof()
+
+            sender = asyncio.ensure_future(send_all())
+            try:
+                held_stream = await asyncio.wait_for(served, 10)
+                # the window fills and no credit comes back while held
+                await wait_for_condition(lambda: sum(map(len, held_stream._chunks)) >= window)
+                assert not got and not sender.done()
+                assert stream._session.core.send_allowance(stream.stream_id) == 0
+                held_stream.resume_consuming()
+                error = await asyncio.wait_for(ended, 10)
+                await asyncio.wait_for(sender, 10)
+            finally:
+                sender.cancel()
+            assert isinstance(error, netchan.EndOfStream)
+            assert b"".join(got) == data
+            await stream.aclose()

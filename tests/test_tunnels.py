@@ -773,6 +773,56 @@ async def test_a_slow_reader_slows_only_its_own_forwarded_connection():
             fast_w.close()
 
 
+@pytest.mark.async_timeout(90)
+@pytest.mark.parametrize("write", [16 << 10, 256 << 10, 1 << 20])
+async def test_a_destination_that_stops_reading_holds_its_upload_back_and_then_gets_all_of_it(write):
+    """The exit's connection fills, its stream withholds the peer's credit, the
+    client stops reading from the application: that upload waits at a bounded
+    size while another goes through whole; released, every byte arrives."""
+    size = 48 << 20
+    block = os.urandom(1 << 20)
+    data = b"".join(block[i:] + block[:i] for i in range(size >> 20))
+    release = asyncio.Event()
+
+    async def sink(reader, writer):
+        first = await reader.readexactly(1)
+        if first == b"s":
+            await release.wait()
+        digest = hashlib.sha256(first)
+        while chunk := await reader.read(1 << 20):
+            digest.update(chunk)
+        writer.write(digest.digest())
+        await writer.drain()
+        writer.close()
+
+    async def upload(fwd, tag):
+        reader, writer = await asyncio.open_connection(*fwd.address)
+        writer.write(tag)
+        for off in range(0, size, write):
+            writer.write(data[off:off + write])
+            await writer.drain()
+        writer.write_eof()
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    expected = {tag: hashlib.sha256(tag + data).digest() for tag in (b"s", b"f")}
+    async with tcp_server(sink) as port, pair() as (exit_t, client_t, peer):
+        exit_t.allow_exit(f"127.0.0.1:{port}")
+        async with await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as slow_fwd, \
+                await client_t.forward_local(peer, "127.0.0.1:0", f"127.0.0.1:{port}") as fast_fwd:
+            slow = asyncio.ensure_future(upload(slow_fwd, b"s"))
+            try:
+                await wait_until(lambda: slow_fwd.counters.bytes_out > 4 << 20)
+                assert await asyncio.wait_for(upload(fast_fwd, b"f"), 60) == expected[b"f"]
+                # held back by its stream window and the socket buffers, not read whole
+                assert not slow.done() and slow_fwd.counters.bytes_out < 24 << 20
+                release.set()
+                assert await asyncio.wait_for(slow, 60) == expected[b"s"]
+            finally:
+                slow.cancel()
+
+
 @pytest.mark.async_timeout(30)
 @pytest.mark.parametrize("garbage, counted", [
     (b"\x00\x05hello", 1),  # not msgpack of any header

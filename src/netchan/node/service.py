@@ -65,6 +65,16 @@ class ServiceStream(abc.ABC):
         error raised by ``on_data`` ends the stream with it."""
 
     @abc.abstractmethod
+    def pause_consuming(self) -> None:
+        """Hold chunks (and the credit they would give back) until
+        :meth:`resume_consuming`: a consumer whose own output is full pushes
+        back on the peer this way."""
+
+    @abc.abstractmethod
+    def resume_consuming(self) -> None:
+        """Hand over what was held, then go on as :meth:`consume` does."""
+
+    @abc.abstractmethod
     async def send_eof(self) -> None:
         """Send nothing more (the peer gets EndOfStream)."""
 

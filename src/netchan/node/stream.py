@@ -46,6 +46,7 @@ class Stream(ServiceStream):
         self._closed = False
         #: (on_data, on_end) when data is handed over as it arrives (see consume)
         self._consumer: tuple[Callable[[bytes], None], Callable[[NetchanError], None]] | None = None
+        self._held = False  # the consumer paused: chunks wait in _chunks, their credit unreturned
 
     @property
     def peer(self) -> Peer:
@@ -122,9 +123,23 @@ class Stream(ServiceStream):
         processing, with no task switch); ``on_end`` gets EndOfStream or the error
         that ended the stream.  Protocol layers on streams use this."""
         self._consumer = (on_data, on_end)
-        chunks, self._chunks = list(self._chunks), deque()
-        for chunk in chunks:
-            self._feed(chunk)
+        self._hand_over()
+
+    def pause_consuming(self) -> None:
+        self._held = True
+
+    def resume_consuming(self) -> None:
+        self._held = False
+        if self._consumer is not None:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Feed what is queued to the consumer, until it pauses; then its end."""
+        chunks = self._chunks
+        while chunks and not self._held and self._consumer is not None:
+            self._feed(chunks.popleft())
+        if chunks or self._held:
+            return
         if self._eof:
             self._end(EndOfStream("the peer finished sending"))
         elif self._error is not None:
@@ -245,7 +260,7 @@ class Stream(ServiceStream):
             w.set_result(None)
 
     def session_data(self, data: bytes, end: bool) -> None:
-        if self._consumer is not None:
+        if self._consumer is not None and not self._held:
             if data:
                 self._feed(data)
             if end:

@@ -53,11 +53,13 @@ from .node.node import ANY, Node, Peer, Stream
 from .session.engine import DEFAULT_ENGINE, ENGINES
 
 # importing the hub registers channels and topics on every node made from now on,
-# importing the tunnel service the "tunnel" service
+# importing the tunnel service the "tunnel" service, the coordinator member part
+# every node's membership
 from .channels import hub  # isort: skip
 from .tunnels import service as _tunnels  # isort: skip
+from .coordinator import member as _members  # isort: skip
 
-del hub, _tunnels
+del hub, _tunnels, _members
 
 __version__ = "0.1.0"
 

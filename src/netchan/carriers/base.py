@@ -46,11 +46,14 @@ class CarrierURL:
     host: str
     port: int | None
     params: dict[str, str] = field(default_factory=dict, compare=False)
+    #: what follows the address, for carriers that name more than a place
+    #: (``relay://coordinator/peer``)
+    path: str = ""
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = f":{self.port}" if self.port is not None else ""
-        return f"{self.scheme}://{host}{port}"
+        return f"{self.scheme}://{host}{port}{self.path}"
 
     def number(self, name: str, default: float) -> float:
         raw = self.params.get(name)
@@ -78,7 +81,7 @@ def parse_url(url: str | CarrierURL) -> CarrierURL:
     host = parts.hostname or ""
     params = dict(parse_qsl(parts.query))
     get_carrier(scheme)  # raises for unknown schemes
-    return CarrierURL(scheme, host, port, params)
+    return CarrierURL(scheme, host, port, params, parts.path.rstrip("/"))
 
 
 class PacketSink(Protocol):

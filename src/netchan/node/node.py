@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from .. import carriers
-from ..carriers.base import Listener, PacketPath
+from ..carriers.base import Listener, PacketPath, PacketSink
 from ..errors import (
     AuthenticationError,
     BrokenError,
@@ -50,7 +50,7 @@ from ..session.core import (
     Unresponsive,
 )
 from ..session.engine import Engine, get_engine
-from ..session.multipath import MultiPath, PathInfo
+from ..session.multipath import Dial, MultiPath, PathInfo, dial_carrier
 from ..session.router import ProbeBudget, Router, destination_cid, opens_session
 from ..session.scheduler import MODES, PathDown, PathUp
 from .service import Extension, extensions, register_extension
@@ -744,6 +744,10 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: dialed paths of finished sessions, closed shortly after (see close_path_later)
         self._closing_paths: dict[PacketPath, asyncio.TimerHandle] = {}
+        #: this node's own ways to dial a scheme (a relay through its coordinator), before the registry's
+        self._dialers: dict[str, Dial] = {}
+        #: admission opinions beside the allow list (see add_gate)
+        self._gates: list[Callable[[str], bool | None]] = []
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
         for name, factory in extensions().items():
@@ -774,8 +778,32 @@ class Node:
         """Admit ``node_id`` from now on."""
         self._allowed.add(check_node_id(node_id))
 
+    def add_gate(self, gate: Callable[[str], bool | None]) -> Callable[[], None]:
+        """Ask ``gate(node_id)`` of every peer that authenticates: False refuses
+        it (NotAllowed) whatever the allow list says, True admits it, None
+        leaves it to the others and the allow list.  Returns a remover."""
+        self._gates.append(gate)
+        return lambda: self._gates.remove(gate) if gate in self._gates else None
+
     def _is_allowed(self, node_id: str) -> bool:
-        return self._allow_any or node_id in self._allowed
+        admitted = self._allow_any or node_id in self._allowed
+        for gate in self._gates:
+            opinion = gate(node_id)
+            if opinion is False:
+                return False
+            admitted = admitted or bool(opinion)
+        return admitted
+
+    def add_dialer(self, scheme: str, dial: Dial) -> None:
+        """Dial ``scheme://`` URLs with ``dial(url, sink)`` on this node (a
+        layer above, such as the coordinator's relay, makes such paths)."""
+        self._dialers[scheme] = dial
+
+    async def _dial(self, url: carriers.CarrierURL, sink: PacketSink) -> PacketPath:
+        dial = self._dialers.get(url.scheme)
+        if dial is None:
+            return await dial_carrier(url, sink)
+        return await dial(url, sink)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -1003,14 +1031,13 @@ class Node:
         session.reuse_peer = _peer
         path: PacketPath
         if len(urls) == 1:
-            carrier = carriers.get_carrier(parsed[0].scheme)
             try:
-                path = await carrier.dial(parsed[0], session)
+                path = await self._dial(parsed[0], session)
             except OSError as exc:
                 raise BrokenError(f"cannot dial {urls[0]}: {exc.strerror or exc}") from None
         else:
             multi = MultiPath(urls, paths, session, expected=expected,
-                              on_event=lambda ev, mp: self._on_path_event(session, ev, mp))
+                              on_event=lambda ev, mp: self._on_path_event(session, ev, mp), dial=self._dial)
             try:
                 await multi.dial()
             except OSError:

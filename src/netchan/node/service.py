@@ -1,17 +1,23 @@
 """What a service built on the node layer sees: the stream interface it reads
 and writes, and the extension hook that gives every node its part of the
-service.  Channels and topics use these; tunnels and the coordinator will."""
+service, and the framing of a service's own messages.  Channels, topics,
+tunnels and the coordinator use these."""
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Callable, Protocol
+import struct
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import msgspec
+
+from ..errors import ProtocolError
 
 if TYPE_CHECKING:
     from ..errors import NetchanError
     from .node import Node, Peer
 
-__all__ = ["ServiceStream", "Extension", "register_extension", "extensions"]
+__all__ = ["ServiceStream", "Extension", "register_extension", "extensions", "send_message", "read_message"]
 
 
 class ServiceStream(abc.ABC):
@@ -85,6 +91,30 @@ class ServiceStream(abc.ABC):
     @abc.abstractmethod
     def abort(self, error_code: int = 0) -> None:
         """Abandon the stream both ways at once: the peer sees it reset with ``error_code``."""
+
+
+_MESSAGE_LENGTH = struct.Struct("!H")
+_message_encoder = msgspec.msgpack.Encoder()
+
+
+async def send_message(stream: ServiceStream, message: msgspec.Struct) -> None:
+    """Send one message of a service's own protocol: a 2-byte length and its msgpack."""
+    data = _message_encoder.encode(message)
+    if len(data) > 0xFFFF:
+        raise ValueError(f"{type(message).__name__} of {len(data)} bytes is too large to send")
+    await stream.send(_MESSAGE_LENGTH.pack(len(data)) + data)
+
+
+async def read_message(stream: ServiceStream, decoder: msgspec.msgpack.Decoder[Any], limit: int) -> Any:
+    """Read one message (see send_message) of at most ``limit`` bytes;
+    ProtocolError for one too large or that ``decoder`` does not take."""
+    (n,) = _MESSAGE_LENGTH.unpack(await stream.receive_exactly(2))
+    if n > limit:
+        raise ProtocolError(f"{stream.service} message of {n} bytes (at most {limit})")
+    try:
+        return decoder.decode(await stream.receive_exactly(n))
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed {stream.service} message: {exc}") from None
 
 
 class Extension(Protocol):

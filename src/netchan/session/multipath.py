@@ -12,13 +12,21 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .. import carriers
-from ..carriers.base import PacketPath, PacketSink
+from ..carriers.base import CarrierURL, PacketPath, PacketSink
 from .scheduler import ActiveChanged, PathDown, PathScheduler, PathUp, is_probe
 
-__all__ = ["MultiPath", "PathInfo"]
+__all__ = ["MultiPath", "PathInfo", "Dial", "dial_carrier"]
+
+#: how a URL becomes a path: ``dial(url, sink)``
+Dial = Callable[[CarrierURL, PacketSink], Awaitable[PacketPath]]
+
+
+async def dial_carrier(url: CarrierURL, sink: PacketSink) -> PacketPath:
+    """Dial ``url`` with the carrier registered for its scheme."""
+    return await carriers.get_carrier(url.scheme).dial(url, sink)
 
 log = logging.getLogger("netchan.paths")
 
@@ -41,8 +49,10 @@ class MultiPath(PacketPath):
 
     def __init__(self, urls: list[str], mode: str, sink: PacketSink, *, expected: str = "",
                  probe_interval: float = 0.1, down_after: float = 0.7,
-                 on_event: Callable[[object, MultiPath], None] | None = None) -> None:
+                 on_event: Callable[[object, MultiPath], None] | None = None,
+                 dial: Dial = dial_carrier) -> None:
         self.urls = urls
+        self._dial = dial
         self.mode = mode
         self._sink = sink
         self._on_event = on_event
@@ -84,7 +94,7 @@ class MultiPath(PacketPath):
             # datagram one carries datagram-sized packets
             parsed.params["packet_size"] = "1452"
         try:
-            path = await carrier.dial(parsed, self)
+            path = await self._dial(parsed, self)
         except OSError as exc:
             self.errors[i] = f"cannot dial {url}: {exc.strerror or exc}"
             raise

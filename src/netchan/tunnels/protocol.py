@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ..errors import NetchanError, ProtocolError
-from ..node.service import ServiceStream
+from ..node.service import ServiceStream, read_message, send_message
 
 if TYPE_CHECKING:
     from ..node.node import Peer
@@ -92,7 +91,6 @@ class Reply(msgspec.Struct, tag="reply"):
 
 
 Header = Open | OpenUdp | Listen | Accepted | Reply
-_encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Header)
 
 
@@ -112,19 +110,12 @@ def format_address(host: str, port: int | str) -> str:
 
 async def send_header(stream: ServiceStream, header: msgspec.Struct) -> None:
     """Send one header: a 2-byte length and its msgpack."""
-    data = _encoder.encode(header)
-    await stream.send(struct.pack("!H", len(data)) + data)
+    await send_message(stream, header)
 
 
 async def read_header(stream: ServiceStream, decoder: msgspec.msgpack.Decoder[Any] = _decoder) -> Any:
     """Read one header (a tunnel :data:`Header` unless ``decoder`` says otherwise)."""
-    (n,) = struct.unpack("!H", await stream.receive_exactly(2))
-    if n > MAX_HEADER:
-        raise ProtocolError(f"{stream.service} header of {n} bytes (at most {MAX_HEADER})")
-    try:
-        return decoder.decode(await stream.receive_exactly(n))
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed {stream.service} header: {exc}") from None
+    return await read_message(stream, decoder, MAX_HEADER)
 
 
 async def request(peer: Peer, header: Open | OpenUdp | Listen | Accepted,

@@ -1,0 +1,264 @@
+"""A node's part as a member of a coordinator: join it, keep a control
+stream open to it, and reach other members by node id (or name) through it.
+
+``Membership.of(node)`` is that part (every node has one).  After
+``await membership.join(invitation)``, ``await membership.connect_peer(id)``
+returns a Peer like ``node.connect`` does: a session end to end between the
+two members, whose packets go through the coordinator's relay
+(``relay://COORDINATOR/PEER`` is the path's URL).  The member asked of admits
+the asker because the coordinator introduced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..carriers.base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
+from ..errors import BrokenError, ClosedError, ConfigurationError, NetchanError, ProtocolError
+from ..identity import check_node_id
+from ..node.service import ServiceStream, read_message, register_extension, send_message
+from .protocol import (
+    CIRCUIT,
+    MAX_MESSAGE,
+    RELAY_SERVICE,
+    SERVICE,
+    CoordinatorError,
+    Hello,
+    Introduce,
+    Introduced,
+    Invitation,
+    Join,
+    Refused,
+    Welcome,
+    decoder,
+)
+
+if TYPE_CHECKING:
+    from ..node.node import Node, Peer
+
+__all__ = ["Membership", "RelayPath"]
+
+log = logging.getLogger("netchan.coordinator")
+
+
+class RelayPath(PacketPath):
+    """Packets of one session through the coordinator, on one circuit."""
+
+    def __init__(self, membership: Membership, intro: Introduced, sink: PacketSink) -> None:
+        self.membership = membership
+        self.circuit = intro.circuit
+        self.peer_id = intro.peer
+        self.sink = sink
+        self.packet_size = intro.packet_size
+        self._prefix = CIRCUIT.pack(intro.circuit)
+        self.label = f"relay://{membership.coordinator_id}/{intro.peer}"
+        self.closed = False
+
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        peer = self.membership.coordinator
+        return not self.closed and peer is not None and not peer.closed
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        peer = self.membership.coordinator
+        if peer is None or self.closed:
+            self.packets_dropped += len(packets)
+            return
+        for packet in packets:
+            try:
+                peer.send_datagram(RELAY_SERVICE, self._prefix + packet)
+            except NetchanError as exc:
+                self.packets_dropped += 1
+                self.last_error = str(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        self.membership._paths.pop(self.circuit, None)
+
+
+class Membership:
+    """This node as a member of one coordinator."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.coordinator: Peer | None = None
+        self.coordinator_id = ""
+        self.name = ""
+        #: the address the coordinator sees us at
+        self.seen_at = ""
+        self._stream: ServiceStream | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._answers: deque[asyncio.Future[Introduced]] = deque()
+        #: members the coordinator introduced to us, and how to reach them
+        self._introduced: dict[str, Introduced] = {}
+        #: an introduction made by connect_peer, for the dial that follows it
+        self._fresh: dict[str, Introduced] = {}
+        self._paths: dict[int, RelayPath] = {}
+        #: circuits of members introduced to us, until their first packet comes
+        self._expected: dict[int, Introduced] = {}
+        self.relay_dropped = 0
+        node.add_dialer("relay", self._dial)
+        node.serve_datagrams(RELAY_SERVICE, self._on_relay)
+        node.add_gate(lambda node_id: True if node_id in self._introduced else None)
+
+    @classmethod
+    def of(cls, node: Node) -> Membership:
+        """The node's membership part."""
+        part: Membership = node.extension("coordinator")
+        return part
+
+    @property
+    def joined(self) -> bool:
+        return self._stream is not None and self.coordinator is not None and not self.coordinator.closed
+
+    async def join(self, invitation: str | Invitation | None = None, *, coordinator: str | list[str] | None = None,
+                   coordinator_id: str | None = None, name: str = "", timeout: float | None = None) -> Welcome:
+        """Join the coordinator: with an invitation the first time, or, once a
+        member, with its URL(s) and ``coordinator_id``.  CoordinatorError
+        (a NotAllowed) says why it refused."""
+        if self._stream is not None:
+            raise ConfigurationError("this node has joined a coordinator already")
+        if invitation is not None:
+            inv = invitation if isinstance(invitation, Invitation) else Invitation.decode(invitation)
+            urls, node_id = inv.addresses, inv.coordinator
+            first: Join | Hello = Join(inv.id, inv.secret, name, self.node.addresses)
+        else:
+            if coordinator is None or coordinator_id is None:
+                raise ConfigurationError("join needs an invitation, or the coordinator's URL and node id")
+            urls = [coordinator] if isinstance(coordinator, str) else list(coordinator)
+            node_id = check_node_id(coordinator_id)
+            first = Hello(self.node.addresses)
+        peer = await self.node.connect(urls, node_id, timeout=timeout)
+        try:
+            stream = await peer.open_stream(SERVICE)
+            await send_message(stream, first)
+            answer = await asyncio.wait_for(read_message(stream, decoder, MAX_MESSAGE), timeout or 10.0)
+        except BaseException:
+            await peer.aclose()
+            raise
+        if isinstance(answer, Refused):
+            await peer.aclose()
+            raise CoordinatorError(answer.code, f"the coordinator refused: {answer.reason}")
+        if not isinstance(answer, Welcome):
+            await peer.aclose()
+            raise ProtocolError(f"the coordinator answered {type(answer).__name__} to {type(first).__name__}")
+        self.coordinator, self.coordinator_id, self._stream = peer, node_id, stream
+        self.name, self.seen_at = answer.name, answer.seen_at
+        self._reader = self.node.spawn(self._read(stream), "coordinator control stream")
+        return answer
+
+    async def leave(self) -> None:
+        """Close the control stream and the session to the coordinator."""
+        stream, self._stream = self._stream, None
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        if stream is not None:
+            stream.abort()
+        if self.coordinator is not None:
+            await self.coordinator.aclose()
+            self.coordinator = None
+
+    async def aclose(self) -> list[NetchanError]:
+        await self.leave()
+        return []
+
+    async def introduce(self, who: str) -> Introduced:
+        """Ask the coordinator to introduce us to ``who`` (node id or name)."""
+        stream = self._stream
+        if stream is None:
+            raise ClosedError("this node has not joined a coordinator")
+        future: asyncio.Future[Introduced] = asyncio.get_running_loop().create_future()
+        async with self._lock:
+            self._answers.append(future)
+            await send_message(stream, Introduce(who))
+        return await future
+
+    async def connect_peer(self, who: str, *, timeout: float | None = None) -> Peer:
+        """A session with the member ``who`` (node id or name), through the
+        coordinator's relay."""
+        intro = await self.introduce(who)
+        self._fresh[intro.peer] = intro
+        return await self.node.connect(f"relay://{self.coordinator_id}/{intro.peer}", intro.peer, timeout=timeout)
+
+    # -- the control stream ----------------------------------------------------------------
+
+    async def _read(self, stream: ServiceStream) -> None:
+        error: NetchanError = BrokenError("the coordinator's control stream ended")
+        try:
+            while True:
+                message = await read_message(stream, decoder, MAX_MESSAGE)
+                if isinstance(message, Introduced) and not message.dialer:
+                    self._introduced[message.peer] = message  # it may dial us now
+                    self._expected[message.circuit] = message
+                    continue
+                if not self._answers:
+                    raise ProtocolError(f"an unasked {type(message).__name__} from the coordinator")
+                future = self._answers.popleft()
+                if isinstance(message, Introduced):
+                    self._introduced[message.peer] = message
+                    future.set_result(message)
+                elif isinstance(message, Refused):
+                    future.set_exception(CoordinatorError(message.code, message.reason))
+                else:
+                    raise ProtocolError(f"the coordinator sent {type(message).__name__} on its control stream")
+        except NetchanError as exc:
+            error = exc
+            if isinstance(exc, ProtocolError):
+                log.warning("coordinator control stream: %s", exc)
+        finally:
+            if self._stream is stream:
+                self._stream = None
+            while self._answers:
+                future = self._answers.popleft()
+                if not future.done():
+                    future.set_exception(error)
+
+    # -- relay paths ---------------------------------------------------------------------
+
+    async def _dial(self, url: CarrierURL, sink: PacketSink) -> PacketPath:
+        if url.host != self.coordinator_id:
+            raise ConfigurationError(f"{url}: this node is not a member of coordinator {url.host}")
+        peer_id = check_node_id(url.path.lstrip("/"))
+        intro = self._fresh.pop(peer_id, None) or await self.introduce(peer_id)
+        path = RelayPath(self, intro, sink)
+        self._paths[intro.circuit] = path
+        return path
+
+    def _on_relay(self, data: bytes, peer: Peer) -> None:
+        if peer.node_id != self.coordinator_id or len(data) <= CIRCUIT.size:
+            self.relay_dropped += 1
+            return
+        (number,) = CIRCUIT.unpack_from(data)
+        path = self._paths.get(number)
+        if path is None:
+            intro = self._expected.pop(number, None)
+            if intro is None:
+                self.relay_dropped += 1
+                return
+            # the first packet of a member we were introduced to: our side of
+            # its session answers on this circuit
+            path = self._paths[number] = RelayPath(self, intro, self.node)
+        path.sink.packets_received([data[CIRCUIT.size:]], path)
+
+
+class _RelayScheme(Carrier):
+    """``relay://COORDINATOR/PEER``: known to every node, dialed only by a
+    member of that coordinator (its Membership makes the path)."""
+
+    scheme = "relay"
+
+    async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener:
+        raise ConfigurationError(f"{url}: a relay cannot be listened on; a node reaches it by joining a coordinator")
+
+    async def dial(self, url: CarrierURL, sink: PacketSink) -> PacketPath:
+        raise ConfigurationError(f"{url}: dial a relay path from a node that joined that coordinator")
+
+
+register_carrier(_RelayScheme())
+register_extension("coordinator", Membership)

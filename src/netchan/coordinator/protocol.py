@@ -1,0 +1,137 @@
+"""What members and a coordinator say to each other, and the invitation format.
+
+A member keeps one "coordinator" stream open to its coordinator: it sends a
+:class:`Join` (with an invitation, the first time) or a :class:`Hello`, gets
+a :class:`Welcome`, and from then on sends :class:`Introduce` requests and
+receives :class:`Introduced` notices on it, each request answered in order
+by an :class:`Introduced` or a :class:`Refused`.
+
+Relayed packets travel as datagrams of the "relay" service: an 8-byte
+circuit number and one QUIC packet of the two members' own session, which
+the coordinator cannot read.  A circuit is made by an introduction and
+belongs to one ordered pair of members.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import msgspec
+
+from ..errors import ConfigurationError, NotAllowed
+from ..identity import check_node_id
+
+SERVICE = "coordinator"
+RELAY_SERVICE = "relay"
+MAX_MESSAGE = 16 * 1024
+CIRCUIT = struct.Struct("!Q")
+#: what a relayed datagram adds to the QUIC packet it carries
+RELAY_OVERHEAD = CIRCUIT.size
+
+
+class Join(msgspec.Struct, tag="join"):
+    """Make me a member with invitation ``invitation`` (its id and secret)."""
+
+    invitation: str
+    secret: str
+    name: str = ""
+    #: where I can be reached directly (my listening URLs)
+    candidates: list[str] = []
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    """I am a member already (known by my key)."""
+
+    candidates: list[str] = []
+
+
+class Welcome(msgspec.Struct, tag="welcome"):
+    name: str
+    #: the address this coordinator sees us at ("udp://1.2.3.4:5678"), if any
+    seen_at: str = ""
+
+
+class Introduce(msgspec.Struct, tag="introduce"):
+    """Introduce me to ``peer`` (a node id or a member's name)."""
+
+    peer: str
+
+
+class Introduced(msgspec.Struct, tag="introduced"):
+    """``peer`` and I may talk: send to it on ``circuit``; it may be reached
+    at ``candidates`` (its own, then the one the coordinator sees).  Sent to
+    both: to the asker in answer, to the other unasked."""
+
+    peer: str
+    circuit: int
+    candidates: list[str] = []
+    name: str = ""
+    #: True for the member that asked (it dials), False for the other
+    dialer: bool = True
+    #: the largest QUIC packet the relay carries both ways
+    packet_size: int = 1200
+
+
+class Refused(msgspec.Struct, tag="refused"):
+    """A request that was not granted: ``code`` is one of the REFUSAL codes."""
+
+    code: str
+    reason: str
+
+
+Message = Join | Hello | Welcome | Introduce | Introduced | Refused
+decoder = msgspec.msgpack.Decoder(Message)
+
+#: why a join or an introduction was refused
+NOT_MEMBER = "not-member"
+REVOKED = "revoked"
+BAD_INVITATION = "bad-invitation"
+NOT_ALLOWED = "not-allowed"
+UNKNOWN_PEER = "unknown-peer"
+OFFLINE = "offline"
+
+
+class CoordinatorError(NotAllowed):
+    """The coordinator refused: ``refusal`` says why (not-member, revoked,
+    bad-invitation, not-allowed, unknown-peer, offline)."""
+
+    def __init__(self, refusal: str, reason: str) -> None:
+        super().__init__(reason)
+        self.refusal = refusal
+
+
+# -- invitations -----------------------------------------------------------------------
+
+_PREFIX = "netchan-invite:"
+
+
+class Invitation(msgspec.Struct, array_like=True):
+    """What a new node needs to join: the coordinator's key and addresses, and
+    a secret it redeems once (``id`` names the invitation, ``secret`` proves it)."""
+
+    coordinator: str
+    addresses: list[str]
+    id: str
+    secret: str
+
+    def encode(self) -> str:
+        """One line: ``netchan-invite:`` and the invitation in base64."""
+        raw = msgspec.msgpack.encode(self)
+        return _PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Invitation:
+        text = text.strip()
+        if not text.startswith(_PREFIX):
+            raise ConfigurationError(f"not a netchan invitation (it starts with {_PREFIX!r})")
+        body = text[len(_PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            inv = msgspec.msgpack.decode(raw, type=cls)
+            check_node_id(inv.coordinator)
+        except (ValueError, msgspec.DecodeError, ConfigurationError) as exc:
+            raise ConfigurationError(f"this invitation is damaged ({exc}); ask for it again") from None
+        if not inv.addresses:
+            raise ConfigurationError("this invitation names no address of its coordinator")
+        return inv

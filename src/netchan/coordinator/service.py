@@ -1,0 +1,307 @@
+"""The coordinator service: members join with an invitation, are known by
+their key from then on, and are introduced to each other on request; the
+coordinator then relays their session's packets (which it cannot read) on
+a circuit that only that pair may use, within a rate per member.
+
+A revoked member is refused at once (NotAllowed at the session's
+authentication) and its sessions end.  A key the directory does not know is
+admitted only to join: anything else it asks is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import NetchanError, ProtocolError
+from ..identity import check_node_id
+from ..node.service import ServiceStream, read_message, send_message
+from .protocol import (
+    CIRCUIT,
+    MAX_MESSAGE,
+    NOT_ALLOWED,
+    NOT_MEMBER,
+    OFFLINE,
+    RELAY_OVERHEAD,
+    RELAY_SERVICE,
+    REVOKED,
+    SERVICE,
+    UNKNOWN_PEER,
+    CoordinatorError,
+    Hello,
+    Introduce,
+    Introduced,
+    Join,
+    Refused,
+    Welcome,
+    decoder,
+)
+from .store import Member, Store
+
+if TYPE_CHECKING:
+    from ..node.node import Node, Peer
+
+__all__ = ["Coordinator", "RelayCounters"]
+
+log = logging.getLogger("netchan.coordinator")
+
+#: the largest QUIC packet a relay circuit carries (a datagram-sized one)
+RELAY_PACKET_SIZE = 1350
+
+
+@dataclass
+class RelayCounters:
+    """What the relay moved and refused."""
+
+    packets: int = 0
+    bytes: int = 0
+    no_circuit: int = 0  # datagrams on a circuit that is not the sender's
+    over_rate: int = 0  # dropped: the sender went over its rate
+    undeliverable: int = 0  # the other member is away, or the datagram did not fit
+
+
+class _Bucket:
+    """A token bucket of bytes: ``rate`` per second, up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.at = time.monotonic()
+
+    def take(self, n: int) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+
+@dataclass
+class _Online:
+    """A member with its control stream open."""
+
+    member: Member
+    peer: Peer
+    stream: ServiceStream
+    candidates: list[str]
+    bucket: _Bucket
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    circuits: set[int] = field(default_factory=set)
+
+    async def send(self, message: Introduced | Refused | Welcome) -> None:
+        async with self.lock:
+            await send_message(self.stream, message)
+
+
+@dataclass
+class _Circuit:
+    src: str
+    dst: str
+    out: int  # the number the other member knows this circuit by
+    packets: int = 0
+    bytes: int = 0
+
+
+class Coordinator:
+    """Make ``node`` a coordinator with the directory in ``store``.
+
+    ``relay_rate`` (bytes per second, with bursts of ``relay_burst``) bounds
+    what each member may send through the relay.  Use as
+    ``async with Coordinator(node, store):`` (or ``await start()`` and
+    ``await aclose()``).
+    """
+
+    def __init__(self, node: Node, store: Store, *, relay_rate: float = 64 << 20,
+                 relay_burst: float = 16 << 20) -> None:
+        self.node, self.store = node, store
+        self.relay_rate, self.relay_burst = relay_rate, relay_burst
+        self.counters = RelayCounters()
+        self._revoked: set[str] = set()
+        self._online: dict[str, _Online] = {}
+        self._circuits: dict[int, _Circuit] = {}
+        self._remove_gate = lambda: None
+
+    async def start(self) -> Coordinator:
+        await self.store.open()
+        self._revoked = {m.node_id for m in await self.store.members() if m.revoked}
+        self._remove_gate = self.node.add_gate(self._gate)
+        self.node.serve(SERVICE, self._serve)
+        self.node.serve_datagrams(RELAY_SERVICE, self._relay)
+        return self
+
+    async def aclose(self) -> None:
+        self._remove_gate()
+        for online in list(self._online.values()):
+            online.stream.abort()
+        self._online.clear()
+        self._circuits.clear()
+        await self.store.aclose()
+
+    async def __aenter__(self) -> Coordinator:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def online(self) -> list[Member]:
+        """Members with their control stream open now."""
+        return [o.member for o in self._online.values()]
+
+    def circuit_counters(self, a: str, b: str) -> tuple[int, int]:
+        """(packets, bytes) relayed from member ``a`` to member ``b``."""
+        found = [c for c in self._circuits.values() if c.src == a and c.dst == b]
+        return sum(c.packets for c in found), sum(c.bytes for c in found)
+
+    async def revoke(self, who: str) -> Member | None:
+        """Revoke a member (by node id or name) at once: refused from now on,
+        its sessions and circuits ended."""
+        member = await self.store.revoke(who)
+        if member is None:
+            return None
+        self._revoked.add(member.node_id)
+        online = self._online.pop(member.node_id, None)
+        if online is not None:
+            self._drop_circuits(online)
+        for peer in self.node.peers:
+            if peer.node_id == member.node_id:
+                await peer.aclose()  # and the gate refuses it when it dials again
+        log.info("revoked %s (%s)", member.name, member.node_id)
+        return member
+
+    # -- admission and the control stream ---------------------------------------------
+
+    def _gate(self, node_id: str) -> bool:
+        # every key may come to join; a revoked one is refused at once
+        return node_id not in self._revoked
+
+    async def _serve(self, stream: ServiceStream, peer: Peer) -> None:
+        online: _Online | None = None
+        try:
+            first = await read_message(stream, decoder, MAX_MESSAGE)
+            member = await self._admit(first, peer)
+            online = _Online(member, peer, stream, list(getattr(first, "candidates", [])),
+                             _Bucket(self.relay_rate, self.relay_burst))
+            old = self._online.get(member.node_id)
+            if old is not None:  # the member came back on a new stream: the old one is over
+                self._drop_circuits(old)
+                old.stream.abort()
+            self._online[member.node_id] = online
+            await self.store.seen(member.node_id, peer.path)
+            await online.send(Welcome(member.name, peer.path))
+            log.info("member %s (%s) online at %s", member.name, member.node_id, peer.path)
+            while True:
+                request = await read_message(stream, decoder, MAX_MESSAGE)
+                if not isinstance(request, Introduce):
+                    raise ProtocolError(f"a member sends Introduce here, not {type(request).__name__}")
+                await self._introduce(online, request)
+        except CoordinatorError as exc:
+            log.info("refused %s: %s", peer.node_id, exc)
+            try:
+                await send_message(stream, Refused(exc.refusal, str(exc)))
+                await stream.aclose()
+            except NetchanError:
+                pass
+        except ProtocolError as exc:
+            log.warning("coordinator stream from %s: %s", peer.node_id, exc)
+            stream.abort()
+        except NetchanError:
+            pass  # the member went away
+        finally:
+            if online is not None and self._online.get(online.member.node_id) is online:
+                del self._online[online.member.node_id]
+                self._drop_circuits(online)
+                log.info("member %s (%s) offline", online.member.name, online.member.node_id)
+
+    async def _admit(self, first: object, peer: Peer) -> Member:
+        if isinstance(first, Join):
+            member = await self.store.redeem(first.invitation, first.secret, peer.node_id, first.name)
+            log.info("%s joined as %s", peer.node_id, member.name)
+            return member
+        if isinstance(first, Hello):
+            known = await self.store.member(peer.node_id)
+            if known is None:
+                raise CoordinatorError(NOT_MEMBER, "this node is not a member here: join with an invitation")
+            if known.revoked:
+                raise CoordinatorError(REVOKED, "this node was revoked")
+            return known
+        raise ProtocolError(f"a coordinator stream begins with Join or Hello, not {type(first).__name__}")
+
+    async def _introduce(self, src: _Online, request: Introduce) -> None:
+        try:
+            target = await self._find(request.peer)
+            if target is None:
+                raise CoordinatorError(UNKNOWN_PEER, f"no member {request.peer!r} here")
+            if target.revoked:
+                raise CoordinatorError(NOT_ALLOWED, f"{target.name} was revoked")
+            if target.node_id == src.member.node_id:
+                raise CoordinatorError(NOT_ALLOWED, "a member cannot be introduced to itself")
+            if not set(target.groups) & set(src.member.groups):
+                raise CoordinatorError(NOT_ALLOWED, f"{src.member.name} and {target.name} share no group")
+            dst = self._online.get(target.node_id)
+            if dst is None:
+                raise CoordinatorError(OFFLINE, f"{target.name} is not connected to the coordinator")
+            size = min(RELAY_PACKET_SIZE, src.peer.max_datagram_size(RELAY_SERVICE) - RELAY_OVERHEAD,
+                       dst.peer.max_datagram_size(RELAY_SERVICE) - RELAY_OVERHEAD)
+            if size < 1200:
+                raise CoordinatorError(OFFLINE, "the relay cannot carry QUIC packets between these two paths")
+        except CoordinatorError as exc:
+            await src.send(Refused(exc.refusal, str(exc)))
+            return
+        forth, back = secrets.randbits(64), secrets.randbits(64)
+        a, b = src.member.node_id, target.node_id
+        self._circuits[forth] = _Circuit(a, b, back)
+        self._circuits[back] = _Circuit(b, a, forth)
+        src.circuits.add(forth)
+        dst.circuits.add(back)
+        # the member asked of goes first: it knows the circuit before packets come on it
+        await dst.send(Introduced(a, back, src.candidates + [src.peer.path], src.member.name, False, size))
+        await src.send(Introduced(b, forth, dst.candidates + [dst.peer.path], target.name, True, size))
+        log.info("introduced %s to %s", src.member.name, target.name)
+
+    async def _find(self, who: str) -> Member | None:
+        try:
+            node_id = check_node_id(who)
+        except NetchanError:
+            return await self.store.member_named(who)
+        return await self.store.member(node_id)
+
+    def _drop_circuits(self, online: _Online) -> None:
+        for number in online.circuits:
+            circuit = self._circuits.pop(number, None)
+            if circuit is not None:
+                self._circuits.pop(circuit.out, None)
+        online.circuits.clear()
+
+    # -- the relay ------------------------------------------------------------------------
+
+    def _relay(self, data: bytes, peer: Peer) -> None:
+        counters = self.counters
+        circuit = self._circuits.get(CIRCUIT.unpack_from(data)[0]) if len(data) > RELAY_OVERHEAD else None
+        if circuit is None or circuit.src != peer.node_id:
+            counters.no_circuit += 1
+            return
+        src = self._online.get(circuit.src)
+        if src is None or not src.bucket.take(len(data)):
+            counters.over_rate += 1
+            return
+        dst = self._online.get(circuit.dst)
+        if dst is None:
+            counters.undeliverable += 1
+            return
+        try:
+            dst.peer.send_datagram(RELAY_SERVICE, CIRCUIT.pack(circuit.out) + data[RELAY_OVERHEAD:])
+        except NetchanError:
+            counters.undeliverable += 1
+            return
+        n = len(data) - RELAY_OVERHEAD
+        circuit.packets += 1
+        circuit.bytes += n
+        counters.packets += 1
+        counters.bytes += n

@@ -1,0 +1,174 @@
+"""The coordinator: invitations, the directory (SQLite, across a restart),
+introductions by node id or name, and sessions relayed end to end between
+members that know only the coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+
+import pytest
+
+import netchan
+from netchan.coordinator import Coordinator, CoordinatorError, Invitation, Membership, SqliteStore
+
+from .helpers import echo
+
+pytestmark = pytest.mark.async_timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def coordinator(tmp_path, carrier="udp", identity=None, engine=None):
+    node = netchan.Node(identity or netchan.Identity.generate(), [f"{carrier}://127.0.0.1:0"], engine=engine)
+    async with node, Coordinator(node, SqliteStore(tmp_path / "directory.db")) as coord:
+        yield coord
+
+
+async def invite(coord, **kw):
+    ident, secret = await coord.store.create_invitation(expires=kw.pop("expires", time.time() + 3600), **kw)
+    return Invitation(coord.node.node_id, coord.node.addresses, ident, secret).encode()
+
+
+@contextlib.asynccontextmanager
+async def member(coord, name="", engine=None, invitation=None):
+    async with netchan.Node(engine=engine) as node:
+        await Membership.of(node).join(invitation or await invite(coord), name=name)
+        yield node
+
+
+@pytest.mark.parametrize("carrier", ["udp", "tcp"])
+async def test_two_members_that_know_only_the_coordinator_talk_through_its_relay(tmp_path, engine, carrier):
+    async with coordinator(tmp_path, carrier, engine=engine) as coord, \
+            member(coord, "alice", engine) as alice, member(coord, "bob", engine) as bob:
+        bob.serve("echo", echo)
+        box = bob.channel("box", capacity=4)
+        peer = await Membership.of(alice).connect_peer(bob.node_id, timeout=10)
+        assert peer.node_id == bob.node_id and peer.path.startswith("relay://")
+        payload = os.urandom(200_000)
+        async with await peer.open_stream("echo") as s:
+            await s.send(payload)
+            await s.send_eof()
+            got = bytearray()
+            with contextlib.suppress(netchan.EndOfStream):
+                while True:
+                    got += await asyncio.wait_for(s.receive(), 10)
+        assert bytes(got) == payload
+        remote = await peer.channel("box")
+        await remote.send({"hello": "bob"})
+        assert await asyncio.wait_for(box.recv(), 10) == {"hello": "bob"}
+        # all of it went through the relay, both ways
+        up = coord.circuit_counters(alice.node_id, bob.node_id)
+        down = coord.circuit_counters(bob.node_id, alice.node_id)
+        assert up[1] > len(payload) and down[1] > len(payload)
+
+
+async def test_members_are_found_by_name_and_unknown_ones_are_refused(tmp_path):
+    async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, member(coord, "bob") as bob:
+        bob.serve("echo", echo)
+        peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+        assert peer.node_id == bob.node_id
+        with pytest.raises(CoordinatorError) as info:
+            await Membership.of(alice).connect_peer("carol")
+        assert info.value.refusal == "unknown-peer"
+
+
+async def test_an_invitation_is_used_once_and_expires(tmp_path):
+    async with coordinator(tmp_path) as coord:
+        once = await invite(coord)
+        async with member(coord, invitation=once):
+            pass
+        async with netchan.Node() as late:
+            with pytest.raises(CoordinatorError) as info:
+                await Membership.of(late).join(once)
+            assert info.value.refusal == "bad-invitation"
+            expired = await invite(coord, expires=time.time() - 1)
+            with pytest.raises(CoordinatorError, match="unknown, used up or expired"):
+                await Membership.of(late).join(expired)
+            wrong = Invitation.decode(await invite(coord))
+            wrong.secret = "x" + wrong.secret[1:]
+            with pytest.raises(CoordinatorError):
+                await Membership.of(late).join(wrong)
+            # a stranger's key that never joined is no member
+            with pytest.raises(CoordinatorError) as info:
+                await Membership.of(late).join(coordinator=coord.node.addresses, coordinator_id=coord.node.node_id)
+            assert info.value.refusal == "not-member"
+
+
+async def test_a_revoked_member_is_refused_at_once_and_loses_its_session(tmp_path):
+    async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, member(coord, "bob") as bob:
+        await coord.revoke("bob")
+        with pytest.raises(CoordinatorError) as info:
+            await Membership.of(alice).connect_peer("bob")
+        assert info.value.refusal == "not-allowed"
+        bob_membership = Membership.of(bob)
+        await bob_membership.leave()
+        with pytest.raises(netchan.NotAllowed):
+            await bob_membership.join(coordinator=coord.node.addresses, coordinator_id=coord.node.node_id,
+                                      timeout=5)
+
+
+async def test_members_in_different_groups_are_not_introduced(tmp_path):
+    async with coordinator(tmp_path) as coord, \
+            member(coord, "alice", invitation=await invite(coord, groups=("red",))) as alice, \
+            member(coord, "bob", invitation=await invite(coord, groups=("blue",))):
+        with pytest.raises(CoordinatorError, match="share no group"):
+            await Membership.of(alice).connect_peer("bob")
+
+
+async def test_a_restarted_coordinator_knows_its_members_without_new_invitations(tmp_path):
+    identity = netchan.Identity.generate()
+    async with netchan.Node() as alice_node, netchan.Node() as bob_node:
+        async with coordinator(tmp_path, identity=identity) as coord:
+            for node, name in ((alice_node, "alice"), (bob_node, "bob")):
+                await Membership.of(node).join(await invite(coord), name=name)
+            for node in (alice_node, bob_node):
+                await Membership.of(node).leave()
+        async with coordinator(tmp_path, identity=identity) as coord:
+            for node in (alice_node, bob_node):
+                welcome = await Membership.of(node).join(coordinator=coord.node.addresses,
+                                                         coordinator_id=coord.node.node_id)
+                assert welcome.name in ("alice", "bob")
+            bob_node.serve("echo", echo)
+            peer = await Membership.of(alice_node).connect_peer("bob", timeout=10)
+            async with await peer.open_stream("echo") as s:
+                await s.send(b"again")
+                assert await asyncio.wait_for(s.receive(), 10) == b"again"
+
+
+async def test_the_relay_carries_only_ciphertext(tmp_path):
+    secret = b"a known plaintext " + os.urandom(16).hex().encode()
+    async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, member(coord, "bob") as bob:
+        seen = []
+        relay = coord._relay
+
+        def capture(data, peer):
+            seen.append(bytes(data))
+            relay(data, peer)
+
+        coord.node.serve_datagrams("relay", capture)
+        bob.serve("echo", echo)
+        peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+        async with await peer.open_stream("echo") as s:
+            await s.send(secret)
+            assert await asyncio.wait_for(s.receive(), 10) == secret
+        captured = b"".join(seen)
+        assert len(captured) > len(secret) and secret not in captured and secret[:18] not in captured
+
+
+async def test_a_circuit_carries_only_its_own_members_packets(tmp_path):
+    async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, member(coord, "bob"), \
+            member(coord, "mallory") as mallory:
+        await Membership.of(alice).connect_peer("bob", timeout=10)
+        circuits = list(coord._circuits)
+        before = coord.counters.no_circuit
+        coord_peer = Membership.of(mallory).coordinator
+        for number in circuits:  # mallory knows the numbers (say): they are not hers
+            coord_peer.send_datagram("relay", number.to_bytes(8, "big") + b"\x40" + os.urandom(100))
+        await asyncio.wait_for(_until(lambda: coord.counters.no_circuit >= before + len(circuits)), 10)
+
+
+async def _until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.01)

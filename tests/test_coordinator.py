@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
 
@@ -13,8 +14,10 @@ import pytest
 
 import netchan
 from netchan.coordinator import Coordinator, CoordinatorError, Invitation, Membership, SqliteStore
+from netchan.tools.chaos import UdpChaos
+from netchan.tools.testing import sha256_sink, upload
 
-from .helpers import echo
+from .helpers import echo, wait_for_condition
 
 pytestmark = pytest.mark.async_timeout(60)
 
@@ -172,3 +175,93 @@ async def test_a_circuit_carries_only_its_own_members_packets(tmp_path):
 async def _until(predicate):
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+def _active(peer):
+    return [p for p in peer.paths if p.active]
+
+
+def _direct_active(peer):
+    return any(p.url.startswith("udp://") and p.state == "up" for p in _active(peer))
+
+
+@pytest.mark.parametrize("write", [16 << 10, 1 << 20])
+async def test_a_direct_path_comes_up_beside_the_relay_and_carries_the_traffic(tmp_path, engine, write):
+    async with coordinator(tmp_path, engine=engine) as coord, member(coord, "alice", engine) as alice, \
+            netchan.Node(listen=["udp://127.0.0.1:0"], engine=engine) as bob:
+        await Membership.of(bob).join(await invite(coord), name="bob")  # announces its udp listener
+        bob.serve("sink", sha256_sink)
+        peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+        urls = [p.url for p in peer.paths]
+        assert urls == [bob.addresses[0], f"relay://{coord.node.node_id}/{bob.node_id}"]
+        await wait_for_condition(lambda: _direct_active(peer))
+        assert coord.counters.packets > 0  # the first packets went by relay too
+        relayed = coord.counters.bytes
+        data = os.urandom(8 << 20)
+        digest = await asyncio.wait_for(upload(peer, _pieces(data, write)), 30)
+        assert digest == hashlib.sha256(data).hexdigest()
+        assert coord.counters.bytes - relayed < len(data) // 8  # the direct path carried it
+
+
+@pytest.mark.async_timeout(90)
+@pytest.mark.parametrize("write", [16 << 10, 256 << 10])
+async def test_a_dark_direct_path_falls_back_to_the_relay_and_is_used_again_when_it_answers(tmp_path, write):
+    async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, \
+            netchan.Node(listen=["udp://127.0.0.1:0"]) as bob:
+        host, port = bob.addresses[0].removeprefix("udp://").rsplit(":", 1)
+        async with UdpChaos((host, int(port))) as chaos:
+            await Membership.of(bob).join(await invite(coord), name="bob", announce=[chaos.url])
+            bob.serve("sink", sha256_sink)
+            peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+            await wait_for_condition(lambda: _direct_active(peer))
+            data = os.urandom(24 << 20)
+            sent = 0
+
+            def paced():
+                nonlocal sent
+                for piece in _pieces(data, write):
+                    sent += len(piece)
+                    yield piece
+
+            transfer = asyncio.ensure_future(_upload_slowly(peer, paced()))
+            try:
+                await wait_for_condition(lambda: sent > 4 << 20, timeout=30)
+                relayed = coord.counters.bytes
+                chaos.blackhole = True
+                # the relay takes over within the failover gap and carries on
+                await wait_for_condition(lambda: coord.counters.bytes - relayed > 2 << 20, timeout=20)
+                assert not _direct_active(peer)
+                chaos.blackhole = False
+                await wait_for_condition(lambda: _direct_active(peer), timeout=20)
+                back = coord.counters.bytes
+                at = sent
+                await wait_for_condition(lambda: sent - at > 4 << 20 or transfer.done(), timeout=30)
+                assert coord.counters.bytes - back < (sent - at) // 4  # direct again
+                digest = await asyncio.wait_for(transfer, 60)
+            finally:
+                transfer.cancel()
+            assert digest == hashlib.sha256(data).hexdigest()
+
+
+def _pieces(data, size):
+    return (data[i:i + size] for i in range(0, len(data), size))
+
+
+async def _upload_slowly(peer, pieces, rate=8 << 20):
+    """Send ``pieces`` to a sha256 sink no faster than ``rate`` bytes a second
+    (so that the transfer lasts through what the test does); its digest."""
+    loop = asyncio.get_running_loop()
+    start, n = loop.time(), 0
+    stream = await peer.open_stream("sink")
+    for piece in pieces:
+        n += len(piece)
+        ahead = start + n / rate - loop.time()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        await stream.send(piece)
+    await stream.send_eof()
+    answer = b""
+    with contextlib.suppress(netchan.EndOfStream):
+        while True:
+            answer += await stream.receive()
+    return answer.decode()

@@ -12,9 +12,11 @@ the asker because the coordinator introduced it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from ..carriers.base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
 from ..errors import BrokenError, ClosedError, ConfigurationError, NetchanError, ProtocolError
@@ -42,6 +44,13 @@ if TYPE_CHECKING:
 __all__ = ["Membership", "RelayPath"]
 
 log = logging.getLogger("netchan.coordinator")
+
+
+def ipaddress_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 class RelayPath(PacketPath):
@@ -116,22 +125,28 @@ class Membership:
         return self._stream is not None and self.coordinator is not None and not self.coordinator.closed
 
     async def join(self, invitation: str | Invitation | None = None, *, coordinator: str | list[str] | None = None,
-                   coordinator_id: str | None = None, name: str = "", timeout: float | None = None) -> Welcome:
+                   coordinator_id: str | None = None, name: str = "", announce: list[str] | None = None,
+                   timeout: float | None = None) -> Welcome:
         """Join the coordinator: with an invitation the first time, or, once a
         member, with its URL(s) and ``coordinator_id``.  CoordinatorError
-        (a NotAllowed) says why it refused."""
+        (a NotAllowed) says why it refused.
+
+        Other members try to reach this node directly at ``announce`` (by
+        default the node's udp listening URLs; an unspecified address such
+        as 0.0.0.0 stands for the address the coordinator sees)."""
         if self._stream is not None:
             raise ConfigurationError("this node has joined a coordinator already")
+        candidates = list(announce) if announce is not None else self.node.addresses
         if invitation is not None:
             inv = invitation if isinstance(invitation, Invitation) else Invitation.decode(invitation)
             urls, node_id = inv.addresses, inv.coordinator
-            first: Join | Hello = Join(inv.id, inv.secret, name, self.node.addresses)
+            first: Join | Hello = Join(inv.id, inv.secret, name, candidates)
         else:
             if coordinator is None or coordinator_id is None:
                 raise ConfigurationError("join needs an invitation, or the coordinator's URL and node id")
             urls = [coordinator] if isinstance(coordinator, str) else list(coordinator)
             node_id = check_node_id(coordinator_id)
-            first = Hello(self.node.addresses)
+            first = Hello(candidates)
         peer = await self.node.connect(urls, node_id, timeout=timeout)
         try:
             stream = await peer.open_stream(SERVICE)
@@ -179,12 +194,39 @@ class Membership:
             await send_message(stream, Introduce(who))
         return await future
 
-    async def connect_peer(self, who: str, *, timeout: float | None = None) -> Peer:
-        """A session with the member ``who`` (node id or name), through the
-        coordinator's relay."""
+    async def connect_peer(self, who: str, *, direct: bool = True, timeout: float | None = None) -> Peer:
+        """A session with the member ``who`` (node id or name).
+
+        Its first packets go through the coordinator's relay and straight to
+        the member's announced udp addresses at once; a direct path that
+        answers is preferred from then on, and the relay takes over again
+        within the failover gap whenever it goes silent (``peer.paths``
+        shows both).  ``direct=False`` keeps to the relay."""
         intro = await self.introduce(who)
         self._fresh[intro.peer] = intro
-        return await self.node.connect(f"relay://{self.coordinator_id}/{intro.peer}", intro.peer, timeout=timeout)
+        relay = f"relay://{self.coordinator_id}/{intro.peer}"
+        urls = [*self.direct_candidates(intro), relay] if direct else [relay]
+        return await self.node.connect(urls if len(urls) > 1 else relay, intro.peer, timeout=timeout)
+
+    @staticmethod
+    def direct_candidates(intro: Introduced) -> list[str]:
+        """The udp URLs of an introduced member worth trying directly, best first."""
+        seen = intro.candidates[-1] if intro.candidates else ""
+        seen_host = urlsplit(seen).hostname or ""
+        found: list[str] = []
+        for url in intro.candidates[:-1]:
+            parts = urlsplit(url)
+            if parts.scheme not in ("udp", "quic") or parts.port is None or parts.hostname is None:
+                continue
+            host = parts.hostname
+            if ipaddress_unspecified(host):
+                if not seen_host:
+                    continue
+                host = seen_host  # listening everywhere: try where the coordinator sees it
+            candidate = f"udp://{f'[{host}]' if ':' in host else host}:{parts.port}"
+            if candidate not in found:
+                found.append(candidate)
+        return found
 
     # -- the control stream ----------------------------------------------------------------
 

@@ -173,14 +173,15 @@ class _Qh3Engine(Engine):
         class Bridge(QuicTlsBridge):
             # qh3's client always announces max_udp_payload_size=1472, which
             # keeps the server's packets small even on stream carriers where
-            # we want large ones.  Re-announce the size we chose.
+            # we want large ones, and lets them be too large for a path that
+            # takes less (a relay).  Announce the size we chose.
             # It also announces a fixed 100 concurrent streams (see Connection).
             def serialize_transport_parameters(self) -> bytes:
                 data = super().serialize_transport_parameters()
                 size = getattr(self.configuration, "netchan_packet_size", 0)
                 params = pull_quic_transport_parameters(Buffer(data=data))
                 params.initial_max_streams_bidi = MAX_CONCURRENT_STREAMS
-                if self.configuration.is_client and size > 1472:
+                if self.configuration.is_client and size:
                     params.max_udp_payload_size = size
                 buf = Buffer(capacity=len(data) + 64)
                 push_quic_transport_parameters(buf, params)
@@ -237,6 +238,10 @@ class _Qh3Engine(Engine):
             # qh3 leaves EdDSA out of what a client accepts unless asked
             config.signature_algorithms = [self._tls.SignatureAlgorithm.ED25519]
         config.netchan_packet_size = packet_size  # read by Bridge
+        # qh3's client probes for a larger path MTU on its own and then sends
+        # packets larger than the size chosen for its paths (a relay, a
+        # failover path, takes no more than that size)
+        config.probe_datagram_size = False
 
     def peer_payload_limit(self, conn):
         params = conn._applied_transport_parameters

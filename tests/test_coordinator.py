@@ -206,7 +206,9 @@ async def test_a_direct_path_comes_up_beside_the_relay_and_carries_the_traffic(t
 @pytest.mark.async_timeout(90)
 @pytest.mark.parametrize("write", [16 << 10, 256 << 10])
 async def test_a_dark_direct_path_falls_back_to_the_relay_and_is_used_again_when_it_answers(tmp_path, write):
-    async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, \
+    # members on the coordinator's tcp listener: bob's one udp address is the
+    # proxy it announces, which the test darkens
+    async with coordinator(tmp_path, "tcp") as coord, member(coord, "alice") as alice, \
             netchan.Node(listen=["udp://127.0.0.1:0"]) as bob:
         host, port = bob.addresses[0].removeprefix("udp://").rsplit(":", 1)
         async with UdpChaos((host, int(port))) as chaos:
@@ -265,3 +267,16 @@ async def _upload_slowly(peer, pieces, rate=8 << 20):
         while True:
             answer += await stream.receive()
     return answer.decode()
+
+
+async def test_a_member_with_a_udp_listener_reaches_the_coordinator_from_it(tmp_path):
+    """The coordinator then sees the listener's own address (behind a NAT: its
+    mapping), which it hands to members that want to reach this one."""
+    async with coordinator(tmp_path) as coord, netchan.Node(listen=["udp://127.0.0.1:0"]) as alice, \
+            netchan.Node() as bob:
+        welcome = await Membership.of(alice).join(await invite(coord), name="alice")
+        assert welcome.seen_at == alice.addresses[0]
+        # a node without one is seen at a socket of its own, which reaches nothing: not offered
+        assert (await Membership.of(bob).join(await invite(coord), name="bob")).seen_at == ""
+        intro = await Membership.of(bob).introduce("alice")
+        assert Membership.direct_candidates(intro) == [alice.addresses[0]]

@@ -3,6 +3,12 @@
 Sockets are read with our own reader callback rather than a datagram
 transport so that one wake-up drains every datagram waiting (up to a bound)
 and hands them to the session as one batch.
+
+``udp://host:port?from=PORT`` dials from the socket of this process's udp
+listener on local port PORT rather than from a socket of its own: what
+comes back from ``host:port`` goes to the dialing session, and the
+listener's NAT mapping is the one used, as hole punching needs (see
+:func:`punch`).
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import struct
 import sys
 from collections import deque
 
-from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
+from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, parse_url, register_carrier
 
-__all__ = ["UdpCarrier", "DEFAULT_PACKET_SIZE"]
+__all__ = ["UdpCarrier", "DEFAULT_PACKET_SIZE", "punch"]
 
 #: fits a 1500-byte Ethernet MTU under IPv6 (1500 - 40 - 8)
 DEFAULT_PACKET_SIZE = 1452
@@ -34,14 +40,15 @@ _SEND_QUEUE = 1024
 _RECV_BUFFER = 4 * 1024 * 1024
 
 
-def _resolve(url: CarrierURL, *, passive: bool) -> tuple[int, tuple]:
+def _resolve(url: CarrierURL, *, passive: bool, family: int = 0) -> tuple[int, tuple]:
     host = url.host or ("::" if passive else "localhost")
     infos = socket.getaddrinfo(
         host, url.port or 0, type=socket.SOCK_DGRAM,
-        flags=socket.AI_PASSIVE if passive else 0,
+        flags=(socket.AI_PASSIVE if passive else 0) | (socket.AI_V4MAPPED if family == socket.AF_INET6 else 0),
+        family=family,
     )
-    family, _, _, _, addr = infos[0]
-    return family, addr
+    found, _, _, _, addr = infos[0]
+    return found, addr
 
 
 def _open_socket(family: int) -> socket.socket:
@@ -219,14 +226,48 @@ class _UdpReplyPath(PacketPath):
         self._listener.sock.send_many(packets, self.addr)
 
 
+class _UdpSharedPath(PacketPath):
+    """A path dialed from a listener's socket (``?from=PORT``): it sends from
+    the listener's address and gets what comes back from its peer."""
+
+    def __init__(self, listener: _UdpListener, addr: tuple, sink: PacketSink, packet_size: int) -> None:
+        self._listener = listener
+        self.addr = addr
+        self.sink = sink
+        self.packet_size = packet_size
+        self.label = f"udp {addr[0]}:{addr[1]} from :{listener.port}"
+
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        return not self._listener.sock.congested
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        self._listener.sock.send_many(packets, self.addr)
+
+    def close(self) -> None:
+        if self._listener._dialed.get(self.addr) is self:
+            del self._listener._dialed[self.addr]
+
+
 class _UdpListener(Listener):
-    def __init__(self, sock: socket.socket, sink: PacketSink, packet_size: int) -> None:
+    def __init__(self, sock: socket.socket, sink: PacketSink, packet_size: int, carrier: UdpCarrier) -> None:
         self._sink = sink
         self._packet_size = packet_size
         self._paths: dict[tuple, _UdpReplyPath] = {}
+        #: paths dialed from this socket, by the address they dialed
+        self._dialed: dict[tuple, _UdpSharedPath] = {}
+        self.family = sock.family
         self.sock = _Socket(sock, self._on_batch, self._on_writable)
         host, port = sock.getsockname()[:2]
+        self.port = port
         self.url = f"udp://{'[' + host + ']' if ':' in host else host}:{port}"
+        self._carrier = carrier
+        carrier._listeners[port] = self
+
+    def target(self, url: CarrierURL) -> tuple:
+        """``url``'s address as this socket's family writes it."""
+        family, addr = _resolve(url, passive=False, family=self.family)
+        return addr
 
     def _path(self, addr: tuple) -> _UdpReplyPath:
         path = self._paths.get(addr)
@@ -238,23 +279,33 @@ class _UdpListener(Listener):
 
     def _on_batch(self, batch: list[tuple[bytes, tuple]]) -> None:
         # group consecutive datagrams from one source into one delivery
-        sink = self._sink
         current: tuple | None = None
         packets: list[bytes] = []
         for data, addr in batch:
             if addr != current:
                 if packets:
-                    sink.packets_received(packets, self._path(current))  # type: ignore[arg-type]
+                    self._deliver(packets, current)  # type: ignore[arg-type]
                 current, packets = addr, []
             packets.append(data)
         if packets:
-            sink.packets_received(packets, self._path(current))  # type: ignore[arg-type]
+            self._deliver(packets, current)  # type: ignore[arg-type]
+
+    def _deliver(self, packets: list[bytes], addr: tuple) -> None:
+        dialed = self._dialed.get(addr)
+        if dialed is not None:
+            dialed.sink.packets_received(packets, dialed)
+        else:
+            self._sink.packets_received(packets, self._path(addr))
 
     def _on_writable(self) -> None:
         for path in list(self._paths.values()):
             self._sink.path_writable(path)
+        for dialed in list(self._dialed.values()):
+            dialed.sink.path_writable(dialed)
 
     async def aclose(self) -> None:
+        if self._carrier._listeners.get(self.port) is self:
+            del self._carrier._listeners[self.port]
         self.sock.close()
 
 
@@ -293,6 +344,16 @@ class _UdpDialPath(PacketPath):
 class UdpCarrier(Carrier):
     scheme = "udp"
 
+    def __init__(self) -> None:
+        #: this process's udp listeners, by local port (for ``?from=``)
+        self._listeners: dict[int, _UdpListener] = {}
+
+    def listener(self, port: int) -> _UdpListener:
+        found = self._listeners.get(port)
+        if found is None:
+            raise OSError(errno.EADDRNOTAVAIL, f"no udp listener on local port {port} in this process")
+        return found
+
     async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener:
         family, addr = _resolve(url, passive=True)
         sock = _open_socket(family)
@@ -306,12 +367,32 @@ class UdpCarrier(Carrier):
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno, f"cannot listen on {url}: {exc.strerror}") from None
-        return _UdpListener(sock, sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)))
+        return _UdpListener(sock, sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)), self)
 
     async def dial(self, url: CarrierURL, sink: PacketSink) -> PacketPath:
         if not url.port:
             raise OSError(errno.EINVAL, f"{url}: a port is needed to dial")
-        return _UdpDialPath(url, sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)))
+        size = int(url.number("packet_size", DEFAULT_PACKET_SIZE))
+        if "from" not in url.params:
+            return _UdpDialPath(url, sink, size)
+        listener = self.listener(int(url.number("from", 0)))
+        addr = listener.target(url)
+        path = _UdpSharedPath(listener, addr, sink, size)
+        old = listener._dialed.get(addr)
+        if old is not None and old.sink is not sink:
+            raise OSError(errno.EADDRINUSE, f"{url}: another session dials this address from port {listener.port}")
+        listener._dialed[addr] = path
+        return path
 
 
-register_carrier(UdpCarrier())
+_CARRIER = UdpCarrier()
+register_carrier(_CARRIER)
+
+
+def punch(from_port: int, url: str | CarrierURL, packets: list[bytes]) -> None:
+    """Send ``packets`` to ``url`` from this process's udp listener on
+    ``from_port``, expecting nothing back: it opens that listener's NAT
+    mapping (and a stateful firewall) toward ``url``, so that what that
+    address sends next comes in."""
+    listener = _CARRIER.listener(from_port)
+    listener.sock.send_many(packets, listener.target(parse_url(url)))

@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from collections import deque
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..carriers.base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
+from ..carriers.udp import punch
 from ..errors import BrokenError, ClosedError, ConfigurationError, NetchanError, ProtocolError
 from ..identity import check_node_id
 from ..node.service import ServiceStream, read_message, register_extension, send_message
+from ..session.scheduler import PROBE
 from .protocol import (
     CIRCUIT,
     MAX_MESSAGE,
@@ -44,6 +47,10 @@ if TYPE_CHECKING:
 __all__ = ["Membership", "RelayPath"]
 
 log = logging.getLogger("netchan.coordinator")
+
+#: probes sent toward a member that is about to dial us, and how far apart
+PUNCH_ROUNDS = 30
+PUNCH_INTERVAL = 0.1
 
 
 def ipaddress_unspecified(host: str) -> bool:
@@ -140,14 +147,18 @@ class Membership:
         if invitation is not None:
             inv = invitation if isinstance(invitation, Invitation) else Invitation.decode(invitation)
             urls, node_id = inv.addresses, inv.coordinator
-            first: Join | Hello = Join(inv.id, inv.secret, name, candidates)
         else:
             if coordinator is None or coordinator_id is None:
                 raise ConfigurationError("join needs an invitation, or the coordinator's URL and node id")
             urls = [coordinator] if isinstance(coordinator, str) else list(coordinator)
             node_id = check_node_id(coordinator_id)
-            first = Hello(candidates)
-        peer = await self.node.connect(urls, node_id, timeout=timeout)
+        # from our udp listener's socket: the address the coordinator sees is
+        # then where other members can reach that listener (its NAT mapping)
+        urls = [self._from_listener(u) for u in urls]
+        listening = any("from=" in u for u in urls)
+        first: Join | Hello = (Join(inv.id, inv.secret, name, candidates, listening) if invitation is not None
+                               else Hello(candidates, listening))
+        peer = await self.node.connect(urls if len(urls) > 1 else urls[0], node_id, timeout=timeout)
         try:
             stream = await peer.open_stream(SERVICE)
             await send_message(stream, first)
@@ -205,16 +216,50 @@ class Membership:
         intro = await self.introduce(who)
         self._fresh[intro.peer] = intro
         relay = f"relay://{self.coordinator_id}/{intro.peer}"
-        urls = [*self.direct_candidates(intro), relay] if direct else [relay]
+        urls = [*map(self._from_listener, self.direct_candidates(intro)), relay] if direct else [relay]
         return await self.node.connect(urls if len(urls) > 1 else relay, intro.peer, timeout=timeout)
+
+    def _udp_port(self) -> int | None:
+        """The local port of this node's (first) udp listener."""
+        for url in self.node.addresses:
+            parts = urlsplit(url)
+            if parts.scheme == "udp" and parts.port:
+                return parts.port
+        return None
+
+    def _from_listener(self, url: str) -> str:
+        port = self._udp_port()
+        if port is None or not url.startswith(("udp://", "quic://")) or "?" in url:
+            return url
+        return f"{url}?from={port}"
+
+    def _punch(self, intro: Introduced) -> None:
+        """Open our NAT toward the member that will dial us: send a few probes
+        to each of its addresses from our udp listener while it dials."""
+        port = self._udp_port()
+        targets = self.direct_candidates(intro)
+        if port is None or not targets:
+            return
+
+        async def probes() -> None:
+            for _ in range(PUNCH_ROUNDS):
+                for url in targets:
+                    try:
+                        punch(port, url, [PROBE + os.urandom(8)])
+                    except OSError as exc:
+                        log.debug("cannot punch toward %s: %s", url, exc)
+                await asyncio.sleep(PUNCH_INTERVAL)
+
+        self.node.spawn(probes(), f"punch toward {intro.peer}")
 
     @staticmethod
     def direct_candidates(intro: Introduced) -> list[str]:
-        """The udp URLs of an introduced member worth trying directly, best first."""
+        """The udp URLs of an introduced member worth trying directly, best
+        first: what it announced, then where the coordinator sees it."""
         seen = intro.candidates[-1] if intro.candidates else ""
         seen_host = urlsplit(seen).hostname or ""
         found: list[str] = []
-        for url in intro.candidates[:-1]:
+        for url in intro.candidates:
             parts = urlsplit(url)
             if parts.scheme not in ("udp", "quic") or parts.port is None or parts.hostname is None:
                 continue
@@ -238,6 +283,7 @@ class Membership:
                 if isinstance(message, Introduced) and not message.dialer:
                     self._introduced[message.peer] = message  # it may dial us now
                     self._expected[message.circuit] = message
+                    self._punch(message)
                     continue
                 if not self._answers:
                     raise ProtocolError(f"an unasked {type(message).__name__} from the coordinator")

@@ -38,12 +38,15 @@ class Join(msgspec.Struct, tag="join"):
     name: str = ""
     #: where I can be reached directly (my listening URLs)
     candidates: list[str] = []
+    #: my packets come from my udp listener: where you see me, I can be reached
+    listening: bool = False
 
 
 class Hello(msgspec.Struct, tag="hello"):
     """I am a member already (known by my key)."""
 
     candidates: list[str] = []
+    listening: bool = False
 
 
 class Welcome(msgspec.Struct, tag="welcome"):

@@ -11,6 +11,7 @@ admitted only to join: anything else it asks is refused.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
@@ -93,6 +94,8 @@ class _Online:
     bucket: _Bucket
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     circuits: set[int] = field(default_factory=set)
+    #: the udp address we see it at ("" if it came another way)
+    seen: str = ""
 
     async def send(self, message: Introduced | Refused | Welcome) -> None:
         async with self.lock:
@@ -106,6 +109,21 @@ class _Circuit:
     out: int  # the number the other member knows this circuit by
     packets: int = 0
     bytes: int = 0
+
+
+def seen_url(label: str) -> str:
+    """The udp URL of a path label such as ``udp 1.2.3.4:5678`` (where a
+    member's packets come from); "" for a path of another kind."""
+    if not label.startswith("udp "):
+        return ""
+    host, _, port = label[4:].partition(" ")[0].rpartition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return f"udp://[{address}]:{port}" if address.version == 6 else f"udp://{address}:{port}"
 
 
 class Coordinator:
@@ -193,8 +211,9 @@ class Coordinator:
                 self._drop_circuits(old)
                 old.stream.abort()
             self._online[member.node_id] = online
-            await self.store.seen(member.node_id, peer.path)
-            await online.send(Welcome(member.name, peer.path))
+            online.seen = seen_url(peer.path) if getattr(first, "listening", False) else ""
+            await self.store.seen(member.node_id, seen_url(peer.path) or peer.path)
+            await online.send(Welcome(member.name, online.seen))
             log.info("member %s (%s) online at %s", member.name, member.node_id, peer.path)
             while True:
                 request = await read_message(stream, decoder, MAX_MESSAGE)
@@ -261,8 +280,8 @@ class Coordinator:
         src.circuits.add(forth)
         dst.circuits.add(back)
         # the member asked of goes first: it knows the circuit before packets come on it
-        await dst.send(Introduced(a, back, src.candidates + [src.peer.path], src.member.name, False, size))
-        await src.send(Introduced(b, forth, dst.candidates + [dst.peer.path], target.name, True, size))
+        await dst.send(Introduced(a, back, src.candidates + [src.seen], src.member.name, False, size))
+        await src.send(Introduced(b, forth, dst.candidates + [dst.seen], target.name, True, size))
         log.info("introduced %s to %s", src.member.name, target.name)
 
     async def _find(self, who: str) -> Member | None:

@@ -389,10 +389,34 @@ _CARRIER = UdpCarrier()
 register_carrier(_CARRIER)
 
 
-def punch(from_port: int, url: str | CarrierURL, packets: list[bytes]) -> None:
+def punch(from_port: int, url: str | CarrierURL, packets: list[bytes], ttl: int | None = None) -> None:
     """Send ``packets`` to ``url`` from this process's udp listener on
     ``from_port``, expecting nothing back: it opens that listener's NAT
     mapping (and a stateful firewall) toward ``url``, so that what that
-    address sends next comes in."""
+    address sends next comes in.  With ``ttl``, the packets die that many
+    hops out: far enough to pass our own NAT, not so far that they reach
+    the other side's, where a packet it did not ask for would take the
+    very mapping its own packets to us need."""
     listener = _CARRIER.listener(from_port)
-    listener.sock.send_many(packets, listener.target(parse_url(url)))
+    target = listener.target(parse_url(url))
+    sock = listener.sock.sock
+    options = [(socket.IPPROTO_IP, socket.IP_TTL)]
+    if sock.family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS))
+    saved = []
+    if ttl is not None:
+        for level, name in options:
+            try:
+                saved.append((level, name, sock.getsockopt(level, name)))
+                sock.setsockopt(level, name, ttl)
+            except OSError:
+                pass
+    try:
+        for packet in packets:
+            try:
+                sock.sendto(packet, target)
+            except OSError:
+                listener.sock.dropped += 1
+    finally:
+        for level, name, value in saved:
+            sock.setsockopt(level, name, value)

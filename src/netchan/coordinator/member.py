@@ -36,6 +36,7 @@ from .protocol import (
     Introduced,
     Invitation,
     Join,
+    Punched,
     Refused,
     Welcome,
     decoder,
@@ -49,8 +50,10 @@ __all__ = ["Membership", "RelayPath"]
 log = logging.getLogger("netchan.coordinator")
 
 #: probes sent toward a member that is about to dial us, and how far apart
-PUNCH_ROUNDS = 30
-PUNCH_INTERVAL = 0.1
+PUNCH_ROUNDS = 10
+PUNCH_INTERVAL = 0.05
+#: the TTL of those probes: past our own NAT, short of the other side's
+PUNCH_TTL = 2
 
 
 def ipaddress_unspecified(host: str) -> bool:
@@ -117,6 +120,8 @@ class Membership:
         #: circuits of members introduced to us, until their first packet comes
         self._expected: dict[int, Introduced] = {}
         self.relay_dropped = 0
+        #: see _punch (raise it behind two NATs of our own, e.g. a carrier-grade one)
+        self.punch_ttl = PUNCH_TTL
         node.add_dialer("relay", self._dial)
         node.serve_datagrams(RELAY_SERVICE, self._on_relay)
         node.add_gate(lambda node_id: True if node_id in self._introduced else None)
@@ -234,23 +239,43 @@ class Membership:
         return f"{url}?from={port}"
 
     def _punch(self, intro: Introduced) -> None:
-        """Open our NAT toward the member that will dial us: send a few probes
-        to each of its addresses from our udp listener while it dials."""
+        """Open our NAT toward a member that is about to dial us, then say so
+        (the coordinator answers that member only then).
+
+        The probes go from our udp listener to each of its addresses with a
+        small TTL (``punch_ttl``): they pass our NAT, opening its mapping
+        toward the asker, and die before they reach the asker's NAT, where a
+        packet it did not ask for would take the very port mapping that its
+        own packets to us need.  The asker's packets then come in, and our
+        answers go back the way they came."""
         port = self._udp_port()
         targets = self.direct_candidates(intro)
-        if port is None or not targets:
-            return
 
-        async def probes() -> None:
-            for _ in range(PUNCH_ROUNDS):
+        async def probes(port: int) -> None:
+            for round_ in range(PUNCH_ROUNDS):
                 for url in targets:
                     try:
-                        punch(port, url, [PROBE + os.urandom(8)])
+                        punch(port, url, [PROBE + os.urandom(8)], ttl=self.punch_ttl)
                     except OSError as exc:
                         log.debug("cannot punch toward %s: %s", url, exc)
+                if round_ == 1:  # two rounds out: the way is open
+                    await self._tell_punched(intro)
                 await asyncio.sleep(PUNCH_INTERVAL)
 
-        self.node.spawn(probes(), f"punch toward {intro.peer}")
+        if port is None or not targets:
+            self.node.spawn(self._tell_punched(intro), "no punch needed")
+        else:
+            self.node.spawn(probes(port), f"punch toward {intro.peer}")
+
+    async def _tell_punched(self, intro: Introduced) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        try:
+            async with self._lock:
+                await send_message(stream, Punched(intro.circuit))
+        except NetchanError:
+            pass
 
     @staticmethod
     def direct_candidates(intro: Introduced) -> list[str]:

@@ -4,7 +4,10 @@ A member keeps one "coordinator" stream open to its coordinator: it sends a
 :class:`Join` (with an invitation, the first time) or a :class:`Hello`, gets
 a :class:`Welcome`, and from then on sends :class:`Introduce` requests and
 receives :class:`Introduced` notices on it, each request answered in order
-by an :class:`Introduced` or a :class:`Refused`.
+by an :class:`Introduced` or a :class:`Refused`.  A member that receives a
+notice (it is asked of) first opens its NAT toward the asker, then says
+:class:`Punched`; only then is the asker answered, so that the asker's
+packets find the way open rather than taking the mapping they need.
 
 Relayed packets travel as datagrams of the "relay" service: an 8-byte
 circuit number and one QUIC packet of the two members' own session, which
@@ -76,6 +79,13 @@ class Introduced(msgspec.Struct, tag="introduced"):
     packet_size: int = 1200
 
 
+class Punched(msgspec.Struct, tag="punched"):
+    """The member asked of has opened its NAT toward the asker on ``circuit``'s
+    introduction: the asker may send to it directly now."""
+
+    circuit: int
+
+
 class Refused(msgspec.Struct, tag="refused"):
     """A request that was not granted: ``code`` is one of the REFUSAL codes."""
 
@@ -83,7 +93,7 @@ class Refused(msgspec.Struct, tag="refused"):
     reason: str
 
 
-Message = Join | Hello | Welcome | Introduce | Introduced | Refused
+Message = Join | Hello | Welcome | Introduce | Introduced | Punched | Refused
 decoder = msgspec.msgpack.Decoder(Message)
 
 #: why a join or an introduction was refused

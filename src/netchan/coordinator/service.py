@@ -11,6 +11,7 @@ admitted only to join: anything else it asks is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import secrets
@@ -37,6 +38,7 @@ from .protocol import (
     Introduce,
     Introduced,
     Join,
+    Punched,
     Refused,
     Welcome,
     decoder,
@@ -52,6 +54,8 @@ log = logging.getLogger("netchan.coordinator")
 
 #: the largest QUIC packet a relay circuit carries (a datagram-sized one)
 RELAY_PACKET_SIZE = 1350
+#: how long the asker's answer waits for the other member to open its NAT
+PUNCH_WAIT = 1.0
 
 
 @dataclass
@@ -93,6 +97,7 @@ class _Online:
     candidates: list[str]
     bucket: _Bucket
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    order: asyncio.Lock = field(default_factory=asyncio.Lock)  # one introduction at a time
     circuits: set[int] = field(default_factory=set)
     #: the udp address we see it at ("" if it came another way)
     seen: str = ""
@@ -143,6 +148,8 @@ class Coordinator:
         self._revoked: set[str] = set()
         self._online: dict[str, _Online] = {}
         self._circuits: dict[int, _Circuit] = {}
+        #: introductions waiting for the member asked of to say Punched, by circuit
+        self._punching: dict[int, asyncio.Future[None]] = {}
         self._remove_gate = lambda: None
 
     async def start(self) -> Coordinator:
@@ -217,9 +224,18 @@ class Coordinator:
             log.info("member %s (%s) online at %s", member.name, member.node_id, peer.path)
             while True:
                 request = await read_message(stream, decoder, MAX_MESSAGE)
+                if isinstance(request, Punched):
+                    circuit = self._circuits.get(request.circuit)
+                    waiting = self._punching.get(request.circuit)
+                    if circuit is not None and circuit.src == member.node_id and waiting is not None:
+                        if not waiting.done():
+                            waiting.set_result(None)
+                    continue
                 if not isinstance(request, Introduce):
-                    raise ProtocolError(f"a member sends Introduce here, not {type(request).__name__}")
-                await self._introduce(online, request)
+                    raise ProtocolError(f"a member sends Introduce or Punched here, not {type(request).__name__}")
+                # each in its own task: an answer that waits for the other
+                # member does not hold up this member's Punched messages
+                self.node.spawn(self._introduce_in_turn(online, request), "introduction")
         except CoordinatorError as exc:
             log.info("refused %s: %s", peer.node_id, exc)
             try:
@@ -252,6 +268,13 @@ class Coordinator:
             return known
         raise ProtocolError(f"a coordinator stream begins with Join or Hello, not {type(first).__name__}")
 
+    async def _introduce_in_turn(self, src: _Online, request: Introduce) -> None:
+        async with src.order:  # answers go in the order asked (asyncio locks are fair)
+            try:
+                await self._introduce(src, request)
+            except NetchanError as exc:
+                log.info("introduction of %s to %s failed: %s", src.member.name, request.peer, exc)
+
     async def _introduce(self, src: _Online, request: Introduce) -> None:
         try:
             target = await self._find(request.peer)
@@ -279,8 +302,15 @@ class Coordinator:
         self._circuits[back] = _Circuit(b, a, forth)
         src.circuits.add(forth)
         dst.circuits.add(back)
-        # the member asked of goes first: it knows the circuit before packets come on it
-        await dst.send(Introduced(a, back, src.candidates + [src.seen], src.member.name, False, size))
+        # the member asked of goes first: it knows the circuit before packets
+        # come on it, and opens its NAT toward the asker before the asker sends
+        punched = self._punching[back] = asyncio.get_running_loop().create_future()
+        try:
+            await dst.send(Introduced(a, back, src.candidates + [src.seen], src.member.name, False, size))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(punched, PUNCH_WAIT)
+        finally:
+            del self._punching[back]
         await src.send(Introduced(b, forth, dst.candidates + [dst.seen], target.name, True, size))
         log.info("introduced %s to %s", src.member.name, target.name)
 

@@ -12,6 +12,7 @@ the asker because the coordinator introduced it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -64,28 +65,27 @@ def ipaddress_unspecified(host: str) -> bool:
 
 
 class RelayPath(PacketPath):
-    """Packets of one session through the coordinator, on one circuit."""
+    """Packets of one session through a coordinator, on one circuit."""
 
-    def __init__(self, membership: Membership, intro: Introduced, sink: PacketSink) -> None:
-        self.membership = membership
+    def __init__(self, control: _Control, intro: Introduced, sink: PacketSink) -> None:
+        self.control = control
         self.circuit = intro.circuit
         self.peer_id = intro.peer
         self.sink = sink
         self.packet_size = intro.packet_size
         self._prefix = CIRCUIT.pack(intro.circuit)
-        self.label = f"relay://{membership.coordinator_id}/{intro.peer}"
+        self.label = f"relay://{control.coordinator_id}/{intro.peer}"
         self.closed = False
 
     @property
     def writable(self) -> bool:  # type: ignore[override]
-        peer = self.membership.coordinator
-        return not self.closed and peer is not None and not peer.closed
+        return not self.closed and not self.control.peer.closed
 
     def send_packets(self, packets: list[bytes]) -> None:
-        peer = self.membership.coordinator
-        if peer is None or self.closed:
+        if self.closed:
             self.packets_dropped += len(packets)
             return
+        peer = self.control.peer
         for packet in packets:
             try:
                 peer.send_datagram(RELAY_SERVICE, self._prefix + packet)
@@ -95,36 +95,112 @@ class RelayPath(PacketPath):
 
     def close(self) -> None:
         self.closed = True
-        self.membership._paths.pop(self.circuit, None)
+        self.control.paths.pop(self.circuit, None)
+
+
+class _Control:
+    """The control stream to one coordinator, and what came of it."""
+
+    def __init__(self, membership: Membership, coordinator_id: str, peer: Peer, stream: ServiceStream,
+                 welcome: Welcome) -> None:
+        self.membership = membership
+        self.coordinator_id, self.peer, self.stream = coordinator_id, peer, stream
+        self.name, self.seen_at = welcome.name, welcome.seen_at
+        self.lock = asyncio.Lock()
+        self.answers: deque[asyncio.Future[Introduced]] = deque()
+        self.paths: dict[int, RelayPath] = {}
+        #: circuits of members introduced to us, until their first packet comes
+        self.expected: dict[int, Introduced] = {}
+        self.open = True
+        self.reader = membership.node.spawn(self._read(), f"control stream to {coordinator_id}")
+
+    async def send(self, message: Introduce | Punched) -> None:
+        async with self.lock:
+            await send_message(self.stream, message)
+
+    async def introduce(self, who: str) -> Introduced:
+        if not self.open:
+            raise ClosedError(f"the control stream to coordinator {self.coordinator_id} ended")
+        future: asyncio.Future[Introduced] = asyncio.get_running_loop().create_future()
+        async with self.lock:
+            self.answers.append(future)
+            await send_message(self.stream, Introduce(who))
+        return await future
+
+    async def close(self) -> None:
+        self.open = False
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+        self.stream.abort()
+        await self.peer.aclose()
+
+    async def _read(self) -> None:
+        error: NetchanError = BrokenError("the coordinator's control stream ended")
+        membership = self.membership
+        try:
+            while True:
+                message = await read_message(self.stream, decoder, MAX_MESSAGE)
+                if isinstance(message, Introduced) and not message.dialer:
+                    membership.introduced[message.peer] = message  # it may dial us now
+                    self.expected[message.circuit] = message
+                    membership.punch_toward(self, message)
+                    continue
+                if not self.answers:
+                    raise ProtocolError(f"an unasked {type(message).__name__} from the coordinator")
+                future = self.answers.popleft()
+                if isinstance(message, Introduced):
+                    membership.introduced[message.peer] = message
+                    future.set_result(message)
+                elif isinstance(message, Refused):
+                    future.set_exception(CoordinatorError(
+                        message.code, message.reason,
+                        elsewhere=(message.coordinator, message.addresses) if message.coordinator else None))
+                else:
+                    raise ProtocolError(f"the coordinator sent {type(message).__name__} on its control stream")
+        except NetchanError as exc:
+            error = exc
+            if isinstance(exc, ProtocolError):
+                log.warning("coordinator control stream: %s", exc)
+        finally:
+            self.open = False
+            while self.answers:
+                future = self.answers.popleft()
+                if not future.done():
+                    future.set_exception(error)
+
+    def on_relay(self, data: bytes) -> None:
+        (number,) = CIRCUIT.unpack_from(data)
+        path = self.paths.get(number)
+        if path is None:
+            intro = self.expected.pop(number, None)
+            if intro is None:
+                self.membership.relay_dropped += 1
+                return
+            # the first packet of a member we were introduced to: our side of
+            # its session answers on this circuit
+            path = self.paths[number] = RelayPath(self, intro, self.membership.node)
+        path.sink.packets_received([data[CIRCUIT.size:]], path)
 
 
 class Membership:
-    """This node as a member of one coordinator."""
+    """This node as a member of a coordinator (or of several that share one
+    directory: a member online at another is reached through that one)."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.coordinator: Peer | None = None
-        self.coordinator_id = ""
-        self.name = ""
-        #: the address the coordinator sees us at
-        self.seen_at = ""
-        self._stream: ServiceStream | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-        self._answers: deque[asyncio.Future[Introduced]] = deque()
-        #: members the coordinator introduced to us, and how to reach them
-        self._introduced: dict[str, Introduced] = {}
+        #: the coordinators we have a control stream to, the one joined first first
+        self._controls: dict[str, _Control] = {}
+        self._candidates: list[str] = []
+        #: members a coordinator introduced to us, and how to reach them
+        self.introduced: dict[str, Introduced] = {}
         #: an introduction made by connect_peer, for the dial that follows it
         self._fresh: dict[str, Introduced] = {}
-        self._paths: dict[int, RelayPath] = {}
-        #: circuits of members introduced to us, until their first packet comes
-        self._expected: dict[int, Introduced] = {}
         self.relay_dropped = 0
-        #: see _punch (raise it behind two NATs of our own, e.g. a carrier-grade one)
+        #: see punch_toward (raise it behind two NATs of our own, e.g. a carrier-grade one)
         self.punch_ttl = PUNCH_TTL
         node.add_dialer("relay", self._dial)
         node.serve_datagrams(RELAY_SERVICE, self._on_relay)
-        node.add_gate(lambda node_id: True if node_id in self._introduced else None)
+        node.add_gate(lambda node_id: True if node_id in self.introduced else None)
 
     @classmethod
     def of(cls, node: Node) -> Membership:
@@ -133,8 +209,35 @@ class Membership:
         return part
 
     @property
+    def _primary(self) -> _Control | None:
+        return next(iter(self._controls.values()), None)
+
+    @property
+    def coordinator(self) -> Peer | None:
+        """The session to the coordinator we joined."""
+        primary = self._primary
+        return primary.peer if primary is not None else None
+
+    @property
+    def coordinator_id(self) -> str:
+        primary = self._primary
+        return primary.coordinator_id if primary is not None else ""
+
+    @property
+    def name(self) -> str:
+        primary = self._primary
+        return primary.name if primary is not None else ""
+
+    @property
+    def seen_at(self) -> str:
+        """The address the coordinator sees us at."""
+        primary = self._primary
+        return primary.seen_at if primary is not None else ""
+
+    @property
     def joined(self) -> bool:
-        return self._stream is not None and self.coordinator is not None and not self.coordinator.closed
+        primary = self._primary
+        return primary is not None and primary.open and not primary.peer.closed
 
     async def join(self, invitation: str | Invitation | None = None, *, coordinator: str | list[str] | None = None,
                    coordinator_id: str | None = None, name: str = "", announce: list[str] | None = None,
@@ -146,23 +249,27 @@ class Membership:
         Other members try to reach this node directly at ``announce`` (by
         default the node's udp listening URLs; an unspecified address such
         as 0.0.0.0 stands for the address the coordinator sees)."""
-        if self._stream is not None:
+        if self._controls:
             raise ConfigurationError("this node has joined a coordinator already")
-        candidates = list(announce) if announce is not None else self.node.addresses
+        self._candidates = list(announce) if announce is not None else self.node.addresses
         if invitation is not None:
             inv = invitation if isinstance(invitation, Invitation) else Invitation.decode(invitation)
-            urls, node_id = inv.addresses, inv.coordinator
+            control = await self._open(inv.addresses, inv.coordinator, inv, name, timeout)
         else:
             if coordinator is None or coordinator_id is None:
                 raise ConfigurationError("join needs an invitation, or the coordinator's URL and node id")
             urls = [coordinator] if isinstance(coordinator, str) else list(coordinator)
-            node_id = check_node_id(coordinator_id)
+            control = await self._open(urls, check_node_id(coordinator_id), None, name, timeout)
+        return Welcome(control.name, control.seen_at)
+
+    async def _open(self, urls: list[str], node_id: str, inv: Invitation | None, name: str,
+                    timeout: float | None) -> _Control:
         # from our udp listener's socket: the address the coordinator sees is
         # then where other members can reach that listener (its NAT mapping)
         urls = [self._from_listener(u) for u in urls]
         listening = any("from=" in u for u in urls)
-        first: Join | Hello = (Join(inv.id, inv.secret, name, candidates, listening) if invitation is not None
-                               else Hello(candidates, listening))
+        first: Join | Hello = (Join(inv.id, inv.secret, name, self._candidates, listening) if inv is not None
+                               else Hello(self._candidates, listening))
         peer = await self.node.connect(urls if len(urls) > 1 else urls[0], node_id, timeout=timeout)
         try:
             stream = await peer.open_stream(SERVICE)
@@ -177,23 +284,14 @@ class Membership:
         if not isinstance(answer, Welcome):
             await peer.aclose()
             raise ProtocolError(f"the coordinator answered {type(answer).__name__} to {type(first).__name__}")
-        self.coordinator, self.coordinator_id, self._stream = peer, node_id, stream
-        self.name, self.seen_at = answer.name, answer.seen_at
-        self._reader = self.node.spawn(self._read(stream), "coordinator control stream")
-        return answer
+        control = self._controls[node_id] = _Control(self, node_id, peer, stream, answer)
+        return control
 
     async def leave(self) -> None:
-        """Close the control stream and the session to the coordinator."""
-        stream, self._stream = self._stream, None
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
-        if stream is not None:
-            stream.abort()
-        if self.coordinator is not None:
-            await self.coordinator.aclose()
-            self.coordinator = None
+        """Close the control streams and the sessions to the coordinators."""
+        controls, self._controls = list(self._controls.values()), {}
+        for control in controls:
+            await control.close()
 
     async def aclose(self) -> list[NetchanError]:
         await self.leave()
@@ -201,14 +299,23 @@ class Membership:
 
     async def introduce(self, who: str) -> Introduced:
         """Ask the coordinator to introduce us to ``who`` (node id or name)."""
-        stream = self._stream
-        if stream is None:
+        return (await self._introduce(who))[1]
+
+    async def _introduce(self, who: str) -> tuple[_Control, Introduced]:
+        control = self._primary
+        if control is None:
             raise ClosedError("this node has not joined a coordinator")
-        future: asyncio.Future[Introduced] = asyncio.get_running_loop().create_future()
-        async with self._lock:
-            self._answers.append(future)
-            await send_message(stream, Introduce(who))
-        return await future
+        try:
+            return control, await control.introduce(who)
+        except CoordinatorError as exc:
+            if exc.elsewhere is None:
+                raise
+            # online at another coordinator of the same directory: ask that one
+            other_id, addresses = exc.elsewhere
+            other = self._controls.get(other_id)
+            if other is None or not other.open:
+                other = await self._open(addresses, check_node_id(other_id), None, "", None)
+            return other, await other.introduce(who)
 
     async def connect_peer(self, who: str, *, direct: bool = True, timeout: float | None = None) -> Peer:
         """A session with the member ``who`` (node id or name).
@@ -218,9 +325,9 @@ class Membership:
         answers is preferred from then on, and the relay takes over again
         within the failover gap whenever it goes silent (``peer.paths``
         shows both).  ``direct=False`` keeps to the relay."""
-        intro = await self.introduce(who)
+        control, intro = await self._introduce(who)
         self._fresh[intro.peer] = intro
-        relay = f"relay://{self.coordinator_id}/{intro.peer}"
+        relay = f"relay://{control.coordinator_id}/{intro.peer}"
         urls = [*map(self._from_listener, self.direct_candidates(intro)), relay] if direct else [relay]
         return await self.node.connect(urls if len(urls) > 1 else relay, intro.peer, timeout=timeout)
 
@@ -238,7 +345,7 @@ class Membership:
             return url
         return f"{url}?from={port}"
 
-    def _punch(self, intro: Introduced) -> None:
+    def punch_toward(self, control: _Control, intro: Introduced) -> None:
         """Open our NAT toward a member that is about to dial us, then say so
         (the coordinator answers that member only then).
 
@@ -251,6 +358,10 @@ class Membership:
         port = self._udp_port()
         targets = self.direct_candidates(intro)
 
+        async def punched() -> None:
+            with contextlib.suppress(NetchanError):
+                await control.send(Punched(intro.circuit))
+
         async def probes(port: int) -> None:
             for round_ in range(PUNCH_ROUNDS):
                 for url in targets:
@@ -259,23 +370,13 @@ class Membership:
                     except OSError as exc:
                         log.debug("cannot punch toward %s: %s", url, exc)
                 if round_ == 1:  # two rounds out: the way is open
-                    await self._tell_punched(intro)
+                    await punched()
                 await asyncio.sleep(PUNCH_INTERVAL)
 
         if port is None or not targets:
-            self.node.spawn(self._tell_punched(intro), "no punch needed")
+            self.node.spawn(punched(), "no punch needed")
         else:
             self.node.spawn(probes(port), f"punch toward {intro.peer}")
-
-    async def _tell_punched(self, intro: Introduced) -> None:
-        stream = self._stream
-        if stream is None:
-            return
-        try:
-            async with self._lock:
-                await send_message(stream, Punched(intro.circuit))
-        except NetchanError:
-            pass
 
     @staticmethod
     def direct_candidates(intro: Introduced) -> list[str]:
@@ -298,66 +399,24 @@ class Membership:
                 found.append(candidate)
         return found
 
-    # -- the control stream ----------------------------------------------------------------
-
-    async def _read(self, stream: ServiceStream) -> None:
-        error: NetchanError = BrokenError("the coordinator's control stream ended")
-        try:
-            while True:
-                message = await read_message(stream, decoder, MAX_MESSAGE)
-                if isinstance(message, Introduced) and not message.dialer:
-                    self._introduced[message.peer] = message  # it may dial us now
-                    self._expected[message.circuit] = message
-                    self._punch(message)
-                    continue
-                if not self._answers:
-                    raise ProtocolError(f"an unasked {type(message).__name__} from the coordinator")
-                future = self._answers.popleft()
-                if isinstance(message, Introduced):
-                    self._introduced[message.peer] = message
-                    future.set_result(message)
-                elif isinstance(message, Refused):
-                    future.set_exception(CoordinatorError(message.code, message.reason))
-                else:
-                    raise ProtocolError(f"the coordinator sent {type(message).__name__} on its control stream")
-        except NetchanError as exc:
-            error = exc
-            if isinstance(exc, ProtocolError):
-                log.warning("coordinator control stream: %s", exc)
-        finally:
-            if self._stream is stream:
-                self._stream = None
-            while self._answers:
-                future = self._answers.popleft()
-                if not future.done():
-                    future.set_exception(error)
-
     # -- relay paths ---------------------------------------------------------------------
 
     async def _dial(self, url: CarrierURL, sink: PacketSink) -> PacketPath:
-        if url.host != self.coordinator_id:
+        control = self._controls.get(url.host)
+        if control is None:
             raise ConfigurationError(f"{url}: this node is not a member of coordinator {url.host}")
         peer_id = check_node_id(url.path.lstrip("/"))
-        intro = self._fresh.pop(peer_id, None) or await self.introduce(peer_id)
-        path = RelayPath(self, intro, sink)
-        self._paths[intro.circuit] = path
+        intro = self._fresh.pop(peer_id, None) or await control.introduce(peer_id)
+        path = RelayPath(control, intro, sink)
+        control.paths[intro.circuit] = path
         return path
 
     def _on_relay(self, data: bytes, peer: Peer) -> None:
-        if peer.node_id != self.coordinator_id or len(data) <= CIRCUIT.size:
+        control = self._controls.get(peer.node_id)
+        if control is None or len(data) <= CIRCUIT.size:
             self.relay_dropped += 1
             return
-        (number,) = CIRCUIT.unpack_from(data)
-        path = self._paths.get(number)
-        if path is None:
-            intro = self._expected.pop(number, None)
-            if intro is None:
-                self.relay_dropped += 1
-                return
-            # the first packet of a member we were introduced to: our side of
-            # its session answers on this circuit
-            path = self._paths[number] = RelayPath(self, intro, self.node)
-        path.sink.packets_received([data[CIRCUIT.size:]], path)
+        control.on_relay(data)
 
 
 class _RelayScheme(Carrier):

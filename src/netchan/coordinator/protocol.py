@@ -87,10 +87,14 @@ class Punched(msgspec.Struct, tag="punched"):
 
 
 class Refused(msgspec.Struct, tag="refused"):
-    """A request that was not granted: ``code`` is one of the REFUSAL codes."""
+    """A request that was not granted: ``code`` is one of the REFUSAL codes.
+    A member that is online at another coordinator of the same directory is
+    refused with ``elsewhere`` and that coordinator's id and addresses."""
 
     code: str
     reason: str
+    coordinator: str = ""
+    addresses: list[str] = []
 
 
 Message = Join | Hello | Welcome | Introduce | Introduced | Punched | Refused
@@ -103,15 +107,18 @@ BAD_INVITATION = "bad-invitation"
 NOT_ALLOWED = "not-allowed"
 UNKNOWN_PEER = "unknown-peer"
 OFFLINE = "offline"
+ELSEWHERE = "elsewhere"
 
 
 class CoordinatorError(NotAllowed):
     """The coordinator refused: ``refusal`` says why (not-member, revoked,
     bad-invitation, not-allowed, unknown-peer, offline)."""
 
-    def __init__(self, refusal: str, reason: str) -> None:
+    def __init__(self, refusal: str, reason: str, elsewhere: tuple[str, list[str]] | None = None) -> None:
         super().__init__(reason)
         self.refusal = refusal
+        #: (coordinator id, addresses) of the coordinator to ask instead
+        self.elsewhere = elsewhere
 
 
 # -- invitations -----------------------------------------------------------------------

@@ -280,3 +280,51 @@ async def test_a_member_with_a_udp_listener_reaches_the_coordinator_from_it(tmp_
         assert (await Membership.of(bob).join(await invite(coord), name="bob")).seen_at == ""
         intro = await Membership.of(bob).introduce("alice")
         assert Membership.direct_candidates(intro) == [alice.addresses[0]]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A redis-server of this test's own, on a unix socket in its directory."""
+    import shutil
+    import subprocess
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("redis-server did not start")
+            time.sleep(0.02)
+        yield f"unix://{sock}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_two_coordinators_on_one_redis_introduce_members_that_joined_either(tmp_path, redis_url):
+    from netchan.coordinator import RedisStore
+
+    east_node, west_node = (netchan.Node(listen=["udp://127.0.0.1:0"]) for _ in range(2))
+    async with east_node, west_node, Coordinator(east_node, RedisStore(redis_url)) as east, \
+            Coordinator(west_node, RedisStore(redis_url)) as west:
+        # an invitation made at one coordinator is good at the other: one directory
+        async with member(west, "alice", invitation=await invite(east)) as alice, \
+                member(east, "bob") as bob:
+            bob.serve("echo", echo)
+            peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+            async with await peer.open_stream("echo") as s:
+                await s.send(b"across coordinators")
+                assert await asyncio.wait_for(s.receive(), 10) == b"across coordinators"
+            # alice asked west, which sent her to east, where bob is: east relays
+            assert east.circuit_counters(alice.node_id, bob.node_id)[1] > 0
+            assert west.circuit_counters(alice.node_id, bob.node_id) == (0, 0)
+            # a revocation at one coordinator holds at the other: bob is let go there too
+            await west.revoke("bob")
+            await wait_for_condition(lambda: all(m.node_id != bob.node_id for m in east.online), timeout=15)
+            with pytest.raises(CoordinatorError):
+                await Membership.of(alice).connect_peer("bob")

@@ -11,7 +11,7 @@ Imports only ``errors``, ``identity``, ``carriers``, ``session`` and ``node``.
 from .member import Membership, RelayPath
 from .protocol import CoordinatorError, Invitation
 from .service import Coordinator, RelayCounters
-from .store import DEFAULT_GROUP, Member, SqliteStore, Store
+from .store import DEFAULT_GROUP, Member, RedisStore, SqliteStore, Store
 
 __all__ = ["Coordinator", "Membership", "RelayPath", "RelayCounters", "CoordinatorError", "Invitation",
-           "Store", "SqliteStore", "Member", "DEFAULT_GROUP"]
+           "Store", "SqliteStore", "RedisStore", "Member", "DEFAULT_GROUP"]

@@ -24,6 +24,7 @@ from ..identity import check_node_id
 from ..node.service import ServiceStream, read_message, send_message
 from .protocol import (
     CIRCUIT,
+    ELSEWHERE,
     MAX_MESSAGE,
     NOT_ALLOWED,
     NOT_MEMBER,
@@ -56,6 +57,9 @@ log = logging.getLogger("netchan.coordinator")
 RELAY_PACKET_SIZE = 1350
 #: how long the asker's answer waits for the other member to open its NAT
 PUNCH_WAIT = 1.0
+#: how long a member counts as online here in a shared directory unless said
+#: again (every third of it), and how often revocations made elsewhere are read
+PRESENCE_TTL = 15.0
 
 
 @dataclass
@@ -151,6 +155,7 @@ class Coordinator:
         #: introductions waiting for the member asked of to say Punched, by circuit
         self._punching: dict[int, asyncio.Future[None]] = {}
         self._remove_gate = lambda: None
+        self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> Coordinator:
         await self.store.open()
@@ -158,9 +163,29 @@ class Coordinator:
         self._remove_gate = self.node.add_gate(self._gate)
         self.node.serve(SERVICE, self._serve)
         self.node.serve_datagrams(RELAY_SERVICE, self._relay)
+        self._refresher = self.node.spawn(self._refresh(), "coordinator presence")
         return self
 
+    async def _refresh(self) -> None:
+        """Keep our members online in the directory, and take revocations
+        made by other coordinators of it."""
+        while True:
+            await asyncio.sleep(PRESENCE_TTL / 3)
+            try:
+                for online in list(self._online.values()):
+                    await self.store.set_online(online.member.node_id, self.node.node_id, self.node.addresses,
+                                                PRESENCE_TTL)
+                revoked = {m.node_id for m in await self.store.members() if m.revoked}
+            except Exception as exc:  # a store that is away for a while: try again next time
+                log.warning("coordinator store: %s", exc)
+                continue
+            for node_id in revoked - self._revoked:
+                await self.revoke(node_id)
+
     async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         self._remove_gate()
         for online in list(self._online.values()):
             online.stream.abort()
@@ -218,6 +243,7 @@ class Coordinator:
                 self._drop_circuits(old)
                 old.stream.abort()
             self._online[member.node_id] = online
+            await self.store.set_online(member.node_id, self.node.node_id, self.node.addresses, PRESENCE_TTL)
             online.seen = seen_url(peer.path) if getattr(first, "listening", False) else ""
             await self.store.seen(member.node_id, seen_url(peer.path) or peer.path)
             await online.send(Welcome(member.name, online.seen))
@@ -252,6 +278,8 @@ class Coordinator:
             if online is not None and self._online.get(online.member.node_id) is online:
                 del self._online[online.member.node_id]
                 self._drop_circuits(online)
+                with contextlib.suppress(Exception):  # the store may be gone (closing)
+                    await self.store.set_offline(online.member.node_id, self.node.node_id)
                 log.info("member %s (%s) offline", online.member.name, online.member.node_id)
 
     async def _admit(self, first: object, peer: Peer) -> Member:
@@ -288,6 +316,11 @@ class Coordinator:
                 raise CoordinatorError(NOT_ALLOWED, f"{src.member.name} and {target.name} share no group")
             dst = self._online.get(target.node_id)
             if dst is None:
+                where = await self.store.where_online(target.node_id)
+                if where is not None and where[0] != self.node.node_id:
+                    await src.send(Refused(ELSEWHERE, f"{target.name} is online at coordinator {where[0]}",
+                                           where[0], where[1]))
+                    return
                 raise CoordinatorError(OFFLINE, f"{target.name} is not connected to the coordinator")
             size = min(RELAY_PACKET_SIZE, src.peer.max_datagram_size(RELAY_SERVICE) - RELAY_OVERHEAD,
                        dst.peer.max_datagram_size(RELAY_SERVICE) - RELAY_OVERHEAD)

@@ -16,13 +16,14 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosqlite
 
 from ..identity import check_node_id
 from .protocol import BAD_INVITATION, NOT_ALLOWED, CoordinatorError
 
-__all__ = ["Member", "Store", "SqliteStore", "DEFAULT_GROUP"]
+__all__ = ["Member", "Store", "SqliteStore", "RedisStore", "DEFAULT_GROUP"]
 
 #: the group every member is in unless its invitation says otherwise
 DEFAULT_GROUP = "default"
@@ -90,6 +91,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def seen(self, node_id: str, address: str) -> None:
         """Record where a member was just seen."""
+
+    # presence, for coordinators that share a directory (a store of one
+    # coordinator needs none: it knows who is online)
+
+    async def set_online(self, node_id: str, coordinator: str, addresses: list[str], ttl: float) -> None:
+        """``node_id`` is online at ``coordinator`` (reached at ``addresses``)
+        for ``ttl`` seconds unless said again."""
+
+    async def set_offline(self, node_id: str, coordinator: str) -> None:
+        """``node_id`` left ``coordinator`` (if it is still recorded there)."""
+
+    async def where_online(self, node_id: str) -> tuple[str, list[str]] | None:
+        """The coordinator ``node_id`` is online at, and its addresses."""
+        return None
 
 
 class SqliteStore(Store):
@@ -204,3 +219,121 @@ class SqliteStore(Store):
     async def seen(self, node_id: str, address: str) -> None:
         await self.db.execute("UPDATE members SET last_address = ?, last_seen = ? WHERE node_id = ?",
                               (address, time.time(), node_id))
+
+
+class RedisStore(Store):
+    """The directory in Redis, for several coordinators that share it (the
+    ``redis`` package; ``url`` as ``redis://host:6379/0`` or
+    ``unix:///path/redis.sock``).  Keys start with ``prefix``.  Each
+    coordinator also records there which members are online at it, so that
+    another coordinator sends members that ask for them its way."""
+
+    _REDEEM = """
+        local uses = tonumber(redis.call('HGET', KEYS[1], 'uses_left') or '0')
+        local expires = tonumber(redis.call('HGET', KEYS[1], 'expires') or '0')
+        if uses < 1 or expires < tonumber(ARGV[1]) then return 0 end
+        redis.call('HINCRBY', KEYS[1], 'uses_left', -1)
+        return 1
+    """
+
+    def __init__(self, url: str, prefix: str = "netchan:") -> None:
+        self.url, self.prefix = url, prefix
+        self._redis: Any = None
+
+    async def open(self) -> None:
+        if self._redis is None:
+            import redis.asyncio  # optional: pip install redis
+
+            self._redis = redis.asyncio.Redis.from_url(self.url, decode_responses=True)
+            await self._redis.ping()
+
+    async def aclose(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            await client.aclose()
+
+    @property
+    def r(self) -> Any:
+        if self._redis is None:
+            raise RuntimeError("the store is not open")
+        return self._redis
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def create_invitation(self, *, expires: float, uses: int = 1, name: str = "",
+                                groups: tuple[str, ...] = (DEFAULT_GROUP,)) -> tuple[str, str]:
+        if uses < 1:
+            raise ValueError("an invitation needs at least one use")
+        ident, secret = secrets.token_hex(8), secrets.token_urlsafe(24)
+        key = self._key("invitation", ident)
+        await self.r.hset(key, mapping={"digest": _digest(secret).hex(), "name": name,
+                                        "groups": json.dumps(list(groups)), "expires": expires, "uses_left": uses})
+        await self.r.expireat(key, int(expires) + 1)
+        return ident, secret
+
+    async def redeem(self, invitation: str, secret: str, node_id: str, name: str) -> Member:
+        node_id = check_node_id(node_id)
+        known = await self.member(node_id)
+        if known is not None and not known.revoked:
+            return known
+        key = self._key("invitation", invitation)
+        record = await self.r.hgetall(key)
+        wrong = CoordinatorError(BAD_INVITATION, "this invitation is unknown, used up or expired")
+        if not record or not hmac.compare_digest(bytes.fromhex(record["digest"]), _digest(secret)):
+            raise wrong
+        if known is not None:
+            raise CoordinatorError(NOT_ALLOWED, "this node was revoked")
+        if not await self.r.eval(self._REDEEM, 1, key, time.time()):
+            raise wrong
+        chosen = record["name"] or name or node_id[:8]
+        if not await self.r.set(self._key("name", chosen), node_id, nx=True):
+            await self.r.hincrby(key, "uses_left", 1)  # the use is not spent on a refusal
+            raise CoordinatorError(NOT_ALLOWED, f"the name {chosen!r} is taken")
+        member = Member(node_id, chosen, tuple(json.loads(record["groups"])))
+        await self.r.hset(self._key("member", node_id), mapping={
+            "name": chosen, "groups": record["groups"], "revoked": 0, "last_address": "", "last_seen": 0})
+        await self.r.sadd(self._key("members"), node_id)
+        return member
+
+    async def member(self, node_id: str) -> Member | None:
+        record = await self.r.hgetall(self._key("member", node_id))
+        if not record:
+            return None
+        return Member(node_id, record["name"], tuple(json.loads(record["groups"])), record["revoked"] == "1",
+                      record.get("last_address", ""), float(record.get("last_seen", 0)))
+
+    async def member_named(self, name: str) -> Member | None:
+        node_id = await self.r.get(self._key("name", name))
+        return None if node_id is None else await self.member(node_id)
+
+    async def members(self) -> list[Member]:
+        found = [await self.member(n) for n in await self.r.smembers(self._key("members"))]
+        return sorted((m for m in found if m is not None), key=lambda m: m.name)
+
+    async def revoke(self, who: str) -> Member | None:
+        found = await self.member(who.lower()) or await self.member_named(who)
+        if found is None:
+            return None
+        await self.r.hset(self._key("member", found.node_id), "revoked", 1)
+        await self.r.publish(self._key("revoked"), found.node_id)
+        return await self.member(found.node_id)
+
+    async def seen(self, node_id: str, address: str) -> None:
+        await self.r.hset(self._key("member", node_id), mapping={"last_address": address, "last_seen": time.time()})
+
+    async def set_online(self, node_id: str, coordinator: str, addresses: list[str], ttl: float) -> None:
+        await self.r.set(self._key("online", node_id), json.dumps([coordinator, addresses]), px=int(ttl * 1000))
+
+    async def set_offline(self, node_id: str, coordinator: str) -> None:
+        key = self._key("online", node_id)
+        raw = await self.r.get(key)
+        if raw is not None and json.loads(raw)[0] == coordinator:
+            await self.r.delete(key)
+
+    async def where_online(self, node_id: str) -> tuple[str, list[str]] | None:
+        raw = await self.r.get(self._key("online", node_id))
+        if raw is None:
+            return None
+        coordinator, addresses = json.loads(raw)
+        return coordinator, addresses

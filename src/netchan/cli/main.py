@@ -16,6 +16,7 @@ from ..identity import Identity
 from ..node.node import PING_SERVICE, Node, echo_service
 from ..session.engine import DEFAULT_ENGINE, ENGINES
 from ..tunnels import Tunnels
+from . import coordinator as coordinator_cli
 from . import tunnel as tunnel_cli
 from . import vpn as vpn_cli
 from .options import add_listening_options, identity, listening_node
@@ -56,6 +57,10 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"node {node.node_id}", flush=True)
         for url in node.addresses:
             print(f"listening on {url}", flush=True)
+        if args.member:
+            membership = await coordinator_cli.join_saved(node, args.identity)
+            print(f"member {membership.name} of coordinator {membership.coordinator_id}"
+                  + (f", seen at {membership.seen_at}" if membership.seen_at else ""), flush=True)
         for rule in args.exit:
             print(f"exit to {rule}", flush=True)
         for bind in args.allow_remote_bind:
@@ -69,10 +74,18 @@ async def _ping(args: argparse.Namespace) -> int:
     ident = identity(args.identity)
     if not args.identity:
         print(f"(no --identity: using a throwaway key, node {ident.node_id})", file=sys.stderr)
-    async with Node(ident, engine=args.engine) as node:
+    if not args.url and not args.member:
+        print("netchan ping: give the node's URL, or --member to reach a member by name", file=sys.stderr)
+        return 2
+    # a member listens on udp, so that a direct path can be punched to it
+    async with Node(ident, listen=["udp://0.0.0.0:0"] if args.member else [], engine=args.engine) as node:
         t0 = time.perf_counter()
-        urls = args.url if len(args.url) > 1 else args.url[0]
-        peer = await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
+        if args.member:
+            membership = await coordinator_cli.join_saved(node, args.identity, args.timeout)
+            peer = await membership.connect_peer(args.peer, timeout=args.timeout)
+        else:
+            urls = args.url if len(args.url) > 1 else args.url[0]
+            peer = await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
         print(
             f"PING {args.peer} via {peer.path}: session up in "
             f"{(time.perf_counter() - t0) * 1000:.2f} ms",
@@ -93,7 +106,7 @@ async def _ping(args: argparse.Namespace) -> int:
                     continue
                 rtts.append(rtt)
                 print(f"reply from {args.peer[:12]}: seq={seq} time={rtt:.3f} ms", flush=True)
-                if len(args.url) > 1:
+                if len(peer.paths) > 1:
                     _print_paths(peer)
                 if args.count == 0 or seq < args.count:
                     await asyncio.sleep(args.interval)
@@ -102,7 +115,7 @@ async def _ping(args: argparse.Namespace) -> int:
         except asyncio.TimeoutError:
             print(f"seq={seq} timed out", flush=True)
         await stream.aclose()
-        if len(args.url) > 1:
+        if len(peer.paths) > 1:
             print("--- paths")
             _print_paths(peer)
         if rtts:
@@ -147,17 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-remote-bind", action="append", default=[], metavar="[ID@][BIND:]PORT",
                    help="let peers (or only the peer ID) ask us to listen here for them (-R); port 0 or *: "
                         "any (repeatable)")
+    p.add_argument("--member", action="store_true",
+                   help="also be a member of the coordinator `netchan join` saved for --identity")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(_serve(a), a.engine))
 
     tunnel_cli.add_parser(sub, engine_help, run)
+    coordinator_cli.add_parsers(sub, engine_help, run)
     vpn_cli.add_parser(sub, engine_help, run)
 
     p = sub.add_parser("ping", help="authenticated round trips to a node (over one path or several)")
-    p.add_argument("url", nargs="+", help="one URL, or several: the paths of one session")
+    p.add_argument("url", nargs="*", help="one URL, or several: the paths of one session")
     p.add_argument("--paths", choices=["failover", "mirror"], default="failover",
                    help="with several URLs: use the first healthy path, or all of them")
-    p.add_argument("--peer", required=True, metavar="ID", help="node id of the server")
+    p.add_argument("--peer", required=True, metavar="ID", help="node id of the server (with --member: or its name)")
+    p.add_argument("--member", action="store_true",
+                   help="reach --peer through the coordinator `netchan join` saved for --identity (no URL)")
     p.add_argument("--identity", metavar="PATH", help="our key file")
     p.add_argument("-c", "--count", type=int, default=4, help="rounds (0: until interrupted)")
     p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between rounds")

@@ -1,0 +1,205 @@
+"""``netchan coordinator``, ``invite``, ``revoke``, ``members`` and ``join``.
+
+A coordinator keeps its directory in its state directory (``directory.db``,
+SQLite) or, with ``--redis``, in a Redis shared with other coordinators,
+and writes ``coordinator.json`` there (its node id and addresses) so that
+``netchan invite --state DIR`` can make invitations while it runs.
+
+``netchan join INVITATION --identity KEY`` redeems an invitation once and
+writes what the node needs to come back (the coordinator's id and
+addresses) next to its key, as ``KEY.member``; ``serve --member`` and
+``ping --member PEER`` use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from ..carriers.faults import parse_rate, parse_seconds
+from ..coordinator import Coordinator, Invitation, Membership, RedisStore, SqliteStore, Store
+from ..errors import ConfigurationError, NetchanError
+from ..node.node import Node
+from .options import add_listening_options, identity, listening_node
+from .runner import stop_on_signals
+
+__all__ = ["add_parsers", "member_file", "join_saved"]
+
+
+def _store(args: argparse.Namespace) -> Store:
+    if getattr(args, "redis", None):
+        return RedisStore(args.redis)
+    return SqliteStore(os.path.join(args.state, "directory.db"))
+
+
+def _write_private(path: str, data: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _read_json(path: str, what: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigurationError(f"{path}: no {what} here") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"{path}: cannot read the {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{path}: not a {what}")
+    return data
+
+
+async def _coordinator(args: argparse.Namespace) -> int:
+    os.makedirs(args.state, mode=0o700, exist_ok=True)
+    node = listening_node(args)
+    rate = parse_rate(args.relay_rate)
+    async with node, Coordinator(node, _store(args), relay_rate=rate, relay_burst=rate / 4) as coord:
+        addresses = args.address or node.addresses
+        _write_private(os.path.join(args.state, "coordinator.json"),
+                       {"node_id": node.node_id, "addresses": addresses})
+        print(f"coordinator {node.node_id}", flush=True)
+        for url in node.addresses:
+            print(f"listening on {url}", flush=True)
+        members = await coord.store.members()
+        print(f"{len(members)} members; invite more with: netchan invite --state {args.state}", flush=True)
+        with stop_on_signals() as stop:
+            await stop.wait()
+    return 0
+
+
+def _duration(text: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``7d`` as seconds."""
+    for unit, scale in (("d", 86400.0), ("h", 3600.0)):
+        if text.endswith(unit):
+            try:
+                return float(text[:-1]) * scale
+            except ValueError:
+                break
+    try:
+        return parse_seconds(text)
+    except NetchanError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (write 90s, 30m, 1h or 7d)") from None
+
+
+async def _invite(args: argparse.Namespace) -> int:
+    info = _read_json(os.path.join(args.state, "coordinator.json"), "coordinator (start netchan coordinator first)")
+    addresses = args.address or info["addresses"]
+    store = _store(args)
+    await store.open()
+    try:
+        ident, secret = await store.create_invitation(expires=time.time() + args.expires, uses=args.uses,
+                                                      name=args.name or "", groups=tuple(args.group or ["default"]))
+    finally:
+        await store.aclose()
+    print(Invitation(info["node_id"], addresses, ident, secret).encode())
+    return 0
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    store = _store(args)
+    await store.open()
+    try:
+        member = await store.revoke(args.who)
+    finally:
+        await store.aclose()
+    if member is None:
+        print(f"netchan revoke: no member {args.who!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {member.name} ({member.node_id}); a running coordinator lets it go within seconds")
+    return 0
+
+
+async def _members(args: argparse.Namespace) -> int:
+    store = _store(args)
+    await store.open()
+    try:
+        members = await store.members()
+    finally:
+        await store.aclose()
+    for m in members:
+        seen = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_seen)) if m.last_seen else "never"
+        state = "revoked" if m.revoked else "member"
+        print(f"{m.name:16} {m.node_id}  {state:8} groups {','.join(m.groups):12} last seen {seen} "
+              f"{m.last_address}")
+    return 0
+
+
+def member_file(key_path: str) -> str:
+    """Where ``netchan join`` keeps a node's membership: next to its key."""
+    return key_path + ".member"
+
+
+async def _join(args: argparse.Namespace) -> int:
+    if not args.identity:
+        print("netchan join: --identity is needed (the membership belongs to a key that stays)", file=sys.stderr)
+        return 2
+    inv = Invitation.decode(args.invitation)
+    async with Node(identity(args.identity), listen=args.listen or [], engine=args.engine) as node:
+        welcome = await Membership.of(node).join(inv, name=args.name or "")
+    _write_private(member_file(args.identity), {"coordinator": inv.coordinator, "addresses": inv.addresses,
+                                                "name": welcome.name})
+    print(f"joined coordinator {inv.coordinator} as {welcome.name}; saved in {member_file(args.identity)}")
+    return 0
+
+
+async def join_saved(node: Node, key_path: str | None, engine_timeout: float | None = None) -> Membership:
+    """Join again the coordinator that ``netchan join`` saved for ``key_path``."""
+    if not key_path:
+        raise ConfigurationError("--member needs --identity (the key that joined)")
+    saved = _read_json(member_file(key_path), "membership (run netchan join first)")
+    membership = Membership.of(node)
+    await membership.join(coordinator=saved["addresses"], coordinator_id=saved["coordinator"],
+                          timeout=engine_timeout)
+    return membership
+
+
+def add_parsers(sub: Any, engine_help: str, run: Callable[..., int]) -> None:
+    def state_options(p: Any) -> None:
+        p.add_argument("--state", required=True, metavar="DIR", help="the coordinator's state directory")
+        p.add_argument("--redis", metavar="URL", help="keep the directory in Redis (redis://host:6379/0), "
+                                                       "shared with other coordinators")
+
+    p = sub.add_parser("coordinator", help="run a coordinator: members join it, it introduces and relays them")
+    add_listening_options(p, "connect without joining")
+    state_options(p)
+    p.add_argument("--address", action="append", default=[], metavar="URL",
+                   help="where members reach us, as invitations say (default: the listening URLs)")
+    p.add_argument("--relay-rate", default="64MB/s", metavar="BYTES/S", help="what each member may relay")
+    p.add_argument("--engine", default=None, help=engine_help)
+    p.set_defaults(func=lambda a: run(_coordinator(a), a.engine))
+
+    p = sub.add_parser("invite", help="print a one-line invitation to a coordinator's directory")
+    state_options(p)
+    p.add_argument("--expires", type=_duration, default=3600.0, metavar="DURATION",
+                   help="how long it stays good (90s, 30m, 1h, 7d; default 1h)")
+    p.add_argument("--uses", type=int, default=1, help="how many nodes may join with it (default 1)")
+    p.add_argument("--name", help="the member's name (default: the one it asks for)")
+    p.add_argument("--group", action="append", metavar="GROUP",
+                   help="its groups (repeatable; members meet within a group; default: default)")
+    p.add_argument("--address", action="append", default=[], metavar="URL",
+                   help="the coordinator's addresses to put in it (default: what the coordinator wrote)")
+    p.set_defaults(func=lambda a: run(_invite(a)))
+
+    p = sub.add_parser("revoke", help="revoke a member of a coordinator's directory (by name or node id)")
+    state_options(p)
+    p.add_argument("who")
+    p.set_defaults(func=lambda a: run(_revoke(a)))
+
+    p = sub.add_parser("members", help="list a coordinator's directory")
+    state_options(p)
+    p.set_defaults(func=lambda a: run(_members(a)))
+
+    p = sub.add_parser("join", help="redeem an invitation: this key becomes a member of that coordinator")
+    p.add_argument("invitation")
+    p.add_argument("--identity", metavar="PATH", help="our key file (the membership is kept beside it)")
+    p.add_argument("--name", help="the name to ask for")
+    p.add_argument("--listen", action="append", metavar="URL", help="udp://HOST:PORT to announce (optional)")
+    p.add_argument("--engine", default=None, help=engine_help)
+    p.set_defaults(func=lambda a: run(_join(a), a.engine))

@@ -369,7 +369,7 @@ class Membership:
                         punch(port, url, [PROBE + os.urandom(8)], ttl=self.punch_ttl)
                     except OSError as exc:
                         log.debug("cannot punch toward %s: %s", url, exc)
-                if round_ == 1:  # two rounds out: the way is open
+                if round_ == 0:  # the first are out (sent before this): the way is open
                     await punched()
                 await asyncio.sleep(PUNCH_INTERVAL)
 

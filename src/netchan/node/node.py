@@ -228,7 +228,8 @@ class Peer:
         if isinstance(path, MultiPath):
             return path.info()
         label = path.label
-        return [PathInfo(url=label, carrier=label.split(" ", 1)[0], state="down" if self.closed else "up",
+        carrier = label.split("://", 1)[0] if "://" in label else label.split(" ", 1)[0]
+        return [PathInfo(url=label, carrier=carrier, state="down" if self.closed else "up",
                          rtt=None, loss=0.0, active=not self.closed, error=path.last_error)]
 
     def max_datagram_size(self, service: str) -> int:

@@ -15,19 +15,10 @@ import time
 
 import netchan
 from netchan.coordinator import Coordinator, Invitation, Membership, SqliteStore
+from netchan.node.node import echo_service
 from netchan.tools.testing import sha256_sink, upload
 
 MiB = 1 << 20
-
-
-async def _echo(stream, peer) -> None:
-    while True:
-        try:
-            data = await stream.receive()
-        except netchan.EndOfStream:
-            break
-        await stream.send(data)
-    await stream.send_eof()
 
 
 async def _rtts(peer, n: int) -> list[float]:
@@ -69,7 +60,7 @@ async def one_run(size: int, rounds: int) -> dict[str, dict[str, float]]:
             await Membership.of(node).join(Invitation(coord_node.node_id, coord_node.addresses, ident, secret),
                                            name=name)
         for node in (alice, bob):
-            node.serve("echo", _echo)
+            node.serve("echo", echo_service)
             node.serve("sink", sha256_sink)
         bob.allow(alice.node_id)
 

@@ -13,6 +13,7 @@ import time
 
 import netchan
 from netchan.coordinator import Coordinator, Invitation, Membership, SqliteStore
+from netchan.node.node import echo_service
 
 
 def say(**what) -> None:
@@ -32,19 +33,9 @@ async def coordinator(state: str, address: str) -> None:
             say(relayed=coord.counters.bytes)
 
 
-async def echo(stream, peer) -> None:
-    while True:
-        try:
-            data = await stream.receive()
-        except netchan.EndOfStream:
-            break
-        await stream.send(data)
-    await stream.send_eof()
-
-
 async def serve(invitation: str) -> None:
     async with netchan.Node(listen=["udp://0.0.0.0:0"]) as node:
-        node.serve("echo", echo)
+        node.serve("echo", echo_service)
         welcome = await Membership.of(node).join(invitation, name="bob")
         say(ready=True, seen_at=welcome.seen_at)
         await asyncio.Event().wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import stat
 import subprocess
@@ -40,8 +41,9 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
         keys[who] = str(tmp_path / f"{who}.key")
         ident.save(keys[who])
     state = str(tmp_path / "state")
+    controls = {who: str(tmp_path / f"{who}.sock") for who in ("coord", "bob")}
     async with started("coordinator", "--identity", keys["coord"], "--listen", "udp://127.0.0.1:0",
-                       "--state", state) as coord:
+                       "--state", state, "--control", controls["coord"]) as coord:
         await _lines_until(coord, r"^listening on udp://")
         invitations = {}
         for who in ("alice", "bob"):
@@ -59,12 +61,27 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
         done = await asyncio.to_thread(netchan_cmd, "join", invitations["bob"], "--identity", keys["bob"])
         assert done.returncode == 0, done.stderr
         async with started("serve", "--identity", keys["bob"], "--listen", "udp://127.0.0.1:0",
-                           "--member") as bob:
+                           "--member", "--control", controls["bob"]) as bob:
             await _lines_until(bob, r"^member bob of coordinator ")
+            await _lines_until(bob, r"^control socket ")
             done = await asyncio.to_thread(netchan_cmd, "ping", "--member", "--peer", "bob",
                                            "--identity", keys["alice"], "-c", "2", "-i", "0.1")
             assert done.returncode == 0, done.stderr
             assert done.stdout.count("reply from") == 2
+            # netchan status: the coordinator's directory, bob's peers and paths
+            assert stat.S_IMODE(os.stat(controls["coord"]).st_mode) == 0o600
+            done = await asyncio.to_thread(netchan_cmd, "status", "--control", controls["coord"], "--json")
+            assert done.returncode == 0, done.stderr
+            said = json.loads(done.stdout)
+            directory = said["coordinator"]
+            assert {m["name"] for m in directory["members"]} == {"alice", "bob"}
+            bob_id = netchan.Identity.load(keys["bob"]).node_id
+            assert bob_id in directory["online"] and directory["relayed_bytes"] > 0
+            done = await asyncio.to_thread(netchan_cmd, "status", "--control", controls["bob"], "--json")
+            peers = {p["node_id"]: p for p in json.loads(done.stdout)["peers"]}
+            assert said["node_id"] in peers  # the coordinator, over one udp path
+            table = await asyncio.to_thread(netchan_cmd, "status", "--control", controls["coord"])
+            assert table.returncode == 0 and "directory: 2 members" in table.stdout, table.stderr
         listed = await asyncio.to_thread(netchan_cmd, "members", "--state", state)
         assert listed.returncode == 0 and "alice" in listed.stdout and "bob" in listed.stdout
         done = await asyncio.to_thread(netchan_cmd, "revoke", "--state", state, "bob")
@@ -79,12 +96,13 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
     (["invite", "--state", "EMPTY"], "no coordinator (start netchan coordinator first)"),
     (["invite", "--state", "EMPTY", "--expires", "soon"], "not a duration"),
     (["ping", "--member", "--peer", "bob", "--identity", "KEY"], "run netchan join first"),
+    (["status", "--control", "EMPTY/none.sock"], "cannot reach the node"),
 ])
 def test_bad_input_gets_a_one_line_reason(tmp_path, args, message):
     key = tmp_path / "key"
     netchan.Identity.generate().save(key)
     (tmp_path / "empty").mkdir()
-    args = [str(key) if a == "KEY" else str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    args = [str(key) if a == "KEY" else a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
     done = netchan_cmd(*args)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr

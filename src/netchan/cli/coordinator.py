@@ -14,6 +14,7 @@ addresses) next to its key, as ``KEY.member``; ``serve --member`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from ..carriers.faults import parse_rate, parse_seconds
 from ..coordinator import Coordinator, Invitation, Membership, RedisStore, SqliteStore, Store
 from ..errors import ConfigurationError, NetchanError
 from ..node.node import Node
+from .control import serve_control
 from .options import add_listening_options, identity, listening_node
 from .runner import stop_on_signals
 
@@ -69,8 +71,17 @@ async def _coordinator(args: argparse.Namespace) -> int:
             print(f"listening on {url}", flush=True)
         members = await coord.store.members()
         print(f"{len(members)} members; invite more with: netchan invite --state {args.state}", flush=True)
-        with stop_on_signals() as stop:
-            await stop.wait()
+
+        async def directory() -> dict[str, Any]:
+            return {"coordinator": {
+                "members": [dataclasses.asdict(m) for m in await coord.store.members()],
+                "online": [m.node_id for m in coord.online],
+                "relayed_bytes": coord.counters.bytes, "relay": dataclasses.asdict(coord.counters)}}
+
+        async with serve_control(node, args.control, directory) as control:
+            print(f"control socket {control} (netchan status)", flush=True)
+            with stop_on_signals() as stop:
+                await stop.wait()
     return 0
 
 
@@ -172,6 +183,7 @@ def add_parsers(sub: Any, engine_help: str, run: Callable[..., int]) -> None:
     p.add_argument("--address", action="append", default=[], metavar="URL",
                    help="where members reach us, as invitations say (default: the listening URLs)")
     p.add_argument("--relay-rate", default="64MB/s", metavar="BYTES/S", help="what each member may relay")
+    p.add_argument("--control", metavar="PATH", help="the control socket for netchan status")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(_coordinator(a), a.engine))
 

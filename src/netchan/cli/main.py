@@ -16,6 +16,7 @@ from ..identity import Identity
 from ..node.node import PING_SERVICE, Node, echo_service
 from ..session.engine import DEFAULT_ENGINE, ENGINES
 from ..tunnels import Tunnels
+from . import control as control_cli
 from . import coordinator as coordinator_cli
 from . import tunnel as tunnel_cli
 from . import vpn as vpn_cli
@@ -65,8 +66,10 @@ async def _serve(args: argparse.Namespace) -> int:
             print(f"exit to {rule}", flush=True)
         for bind in args.allow_remote_bind:
             print(f"peers may listen on {bind}", flush=True)
-        with stop_on_signals() as stop:
-            await stop.wait()
+        async with control_cli.serve_control(node, args.control) as control:
+            print(f"control socket {control} (netchan status)", flush=True)
+            with stop_on_signals() as stop:
+                await stop.wait()
     return 0
 
 
@@ -162,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                         "any (repeatable)")
     p.add_argument("--member", action="store_true",
                    help="also be a member of the coordinator `netchan join` saved for --identity")
+    p.add_argument("--control", metavar="PATH", help="the control socket for netchan status (default: per node, "
+                                                     "in $XDG_RUNTIME_DIR/netchan or /tmp/netchan-UID)")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(_serve(a), a.engine))
 
     tunnel_cli.add_parser(sub, engine_help, run)
     coordinator_cli.add_parsers(sub, engine_help, run)
+    control_cli.add_parser(sub, run)
     vpn_cli.add_parser(sub, engine_help, run)
 
     p = sub.add_parser("ping", help="authenticated round trips to a node (over one path or several)")

@@ -20,6 +20,18 @@ from .test_tunnel_cli import _lines_until, _stop
 pytestmark = pytest.mark.async_timeout(90)
 
 
+async def _echo(reader, writer):
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _closed(server):
+    server.close()
+    await server.wait_closed()
+
+
 def netchan_cmd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "netchan", *args], capture_output=True, text=True, timeout=timeout)
 
@@ -42,7 +54,7 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
         ident.save(keys[who])
     state = str(tmp_path / "state")
     controls = {who: str(tmp_path / f"{who}.sock") for who in ("coord", "bob")}
-    async with started("coordinator", "--identity", keys["coord"], "--listen", "udp://127.0.0.1:0",
+    async with contextlib.AsyncExitStack() as stack, started("coordinator", "--identity", keys["coord"], "--listen", "udp://127.0.0.1:0",
                        "--state", state, "--control", controls["coord"]) as coord:
         await _lines_until(coord, r"^listening on udp://")
         invitations = {}
@@ -60,14 +72,26 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
         assert done.returncode == 1 and "unknown, used up or expired" in done.stderr
         done = await asyncio.to_thread(netchan_cmd, "join", invitations["bob"], "--identity", keys["bob"])
         assert done.returncode == 0, done.stderr
+        echo_server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        stack.push_async_callback(_closed, echo_server)
+        echo_port = echo_server.sockets[0].getsockname()[1]
         async with started("serve", "--identity", keys["bob"], "--listen", "udp://127.0.0.1:0",
-                           "--member", "--control", controls["bob"]) as bob:
+                           "--member", "--control", controls["bob"], "--exit", f"127.0.0.1:{echo_port}") as bob:
             await _lines_until(bob, r"^member bob of coordinator ")
             await _lines_until(bob, r"^control socket ")
             done = await asyncio.to_thread(netchan_cmd, "ping", "--member", "--peer", "bob",
                                            "--identity", keys["alice"], "-c", "2", "-i", "0.1")
             assert done.returncode == 0, done.stderr
             assert done.stdout.count("reply from") == 2
+            # a tunnel to bob by name: -L through the session the coordinator brought about
+            async with started("tunnel", "--member", "--peer", "bob", "--identity", keys["alice"],
+                               "-L", f"0:127.0.0.1:{echo_port}") as tunnel:
+                lines = await _lines_until(tunnel, r"^-L listening on ")
+                port = int(lines[-1].split()[3].rsplit(":", 1)[1])
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"hello bob")
+                assert await asyncio.wait_for(reader.readexactly(9), 10) == b"hello bob"
+                writer.close()
             # netchan status: the coordinator's directory, bob's peers and paths
             assert stat.S_IMODE(os.stat(controls["coord"]).st_mode) == 0o600
             done = await asyncio.to_thread(netchan_cmd, "status", "--control", controls["coord"], "--json")

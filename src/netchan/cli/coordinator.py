@@ -24,12 +24,12 @@ from typing import Any, Callable
 from ..carriers.faults import parse_rate, parse_seconds
 from ..coordinator import Coordinator, Invitation, Membership, RedisStore, SqliteStore, Store
 from ..errors import ConfigurationError, NetchanError
-from ..node.node import Node
+from ..node.node import Node, Peer
 from .control import serve_control
 from .options import add_listening_options, identity, listening_node
 from .runner import stop_on_signals
 
-__all__ = ["add_parsers", "member_file", "join_saved"]
+__all__ = ["add_parsers", "member_file", "join_saved", "reach", "member_listen", "add_member_option"]
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -169,6 +169,30 @@ async def join_saved(node: Node, key_path: str | None, engine_timeout: float | N
     await membership.join(coordinator=saved["addresses"], coordinator_id=saved["coordinator"],
                           timeout=engine_timeout)
     return membership
+
+
+def add_member_option(p: Any, command: str) -> None:
+    """``--member`` for a command that reaches a peer (ping, tunnel)."""
+    p.add_argument("--member", action="store_true",
+                   help=f"reach --peer (its node id or name) through the coordinator `netchan join` saved for "
+                        f"--identity, rather than at a URL ({command} needs none then)")
+
+
+def member_listen(args: argparse.Namespace) -> list[str]:
+    """What a node that reaches a member listens on: udp, so that a direct path can be punched to it."""
+    return ["udp://0.0.0.0:0"] if getattr(args, "member", False) else []
+
+
+async def reach(node: Node, args: argparse.Namespace) -> Peer:
+    """The peer ``args`` name: at its URL(s), or, with ``--member``, by node id
+    or name through our coordinator."""
+    if args.member:
+        membership = await join_saved(node, args.identity, args.timeout)
+        return await membership.connect_peer(args.peer, timeout=args.timeout)
+    if not args.url:
+        raise ConfigurationError("give the peer's URL, or --member to reach a member by name")
+    urls = args.url if len(args.url) > 1 else args.url[0]
+    return await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
 
 
 def add_parsers(sub: Any, engine_help: str, run: Callable[..., int]) -> None:

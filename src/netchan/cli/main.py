@@ -77,18 +77,9 @@ async def _ping(args: argparse.Namespace) -> int:
     ident = identity(args.identity)
     if not args.identity:
         print(f"(no --identity: using a throwaway key, node {ident.node_id})", file=sys.stderr)
-    if not args.url and not args.member:
-        print("netchan ping: give the node's URL, or --member to reach a member by name", file=sys.stderr)
-        return 2
-    # a member listens on udp, so that a direct path can be punched to it
-    async with Node(ident, listen=["udp://0.0.0.0:0"] if args.member else [], engine=args.engine) as node:
+    async with Node(ident, listen=coordinator_cli.member_listen(args), engine=args.engine) as node:
         t0 = time.perf_counter()
-        if args.member:
-            membership = await coordinator_cli.join_saved(node, args.identity, args.timeout)
-            peer = await membership.connect_peer(args.peer, timeout=args.timeout)
-        else:
-            urls = args.url if len(args.url) > 1 else args.url[0]
-            peer = await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
+        peer = await coordinator_cli.reach(node, args)
         print(
             f"PING {args.peer} via {peer.path}: session up in "
             f"{(time.perf_counter() - t0) * 1000:.2f} ms",
@@ -180,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", choices=["failover", "mirror"], default="failover",
                    help="with several URLs: use the first healthy path, or all of them")
     p.add_argument("--peer", required=True, metavar="ID", help="node id of the server (with --member: or its name)")
-    p.add_argument("--member", action="store_true",
-                   help="reach --peer through the coordinator `netchan join` saved for --identity (no URL)")
+    coordinator_cli.add_member_option(p, "ping")
     p.add_argument("--identity", metavar="PATH", help="our key file")
     p.add_argument("-c", "--count", type=int, default=4, help="rounds (0: until interrupted)")
     p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between rounds")

@@ -14,6 +14,7 @@ from ..node.node import Node, Peer
 from ..tunnels import Tunnels
 from ..tunnels.protocol import format_address
 from ..tunnels.rules import parse_hostport
+from .coordinator import add_member_option, member_listen, reach
 from .options import identity
 from .runner import stop_on_signals
 
@@ -88,9 +89,9 @@ async def run_tunnel(args: argparse.Namespace) -> int:
     if not forwards and not socks:
         print("netchan tunnel: nothing to do: give -L, -R or -D", file=sys.stderr)
         return 2
-    async with Node(identity(args.identity, "netchan tunnel"), engine=args.engine) as node:
-        urls = args.url if len(args.url) > 1 else args.url[0]
-        peer = await node.connect(urls, node_id=args.peer, timeout=args.timeout, paths=args.paths)
+    async with Node(identity(args.identity, "netchan tunnel"), listen=member_listen(args),
+                    engine=args.engine) as node:
+        peer = await reach(node, args)
         tunnels = Tunnels.of(node)
         running: list[Any] = []
         try:
@@ -186,8 +187,9 @@ async def _log_lines(peer: Peer, running: list[Any], stop: asyncio.Event, every:
 def add_parser(sub: Any, engine_help: str, run: Any) -> None:
     p = sub.add_parser("tunnel", help="forward ports (-L, -R) and run a SOCKS5 proxy (-D) through a peer, "
                                       "like ssh")
-    p.add_argument("url", nargs="+", help="the peer's URL, or several: the paths of one session")
-    p.add_argument("--peer", required=True, metavar="ID", help="node id of the peer")
+    p.add_argument("url", nargs="*", help="the peer's URL, or several: the paths of one session")
+    p.add_argument("--peer", required=True, metavar="ID", help="node id of the peer (with --member: or its name)")
+    add_member_option(p, "tunnel")
     p.add_argument("--identity", metavar="PATH", help="our key file (the peer must --allow its id)")
     p.add_argument("-L", dest="local", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT",
                    help="listen here; connections go to HOST:HOSTPORT from the peer (repeatable)")

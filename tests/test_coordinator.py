@@ -328,3 +328,20 @@ async def test_two_coordinators_on_one_redis_introduce_members_that_joined_eithe
             await wait_for_condition(lambda: all(m.node_id != bob.node_id for m in east.online), timeout=15)
             with pytest.raises(CoordinatorError):
                 await Membership.of(alice).connect_peer("bob")
+
+
+async def test_a_member_that_used_up_its_relay_budget_relays_no_more(tmp_path):
+    budget = 256 << 10
+    node = netchan.Node(listen=["udp://127.0.0.1:0"])
+    async with node, Coordinator(node, SqliteStore(tmp_path / "d.db"), relay_budget=budget) as coord, \
+            member(coord, "alice") as alice, member(coord, "bob") as bob:
+        bob.serve("sink", sha256_sink)
+        peer = await Membership.of(alice).connect_peer("bob", direct=False, timeout=10)
+        transfer = asyncio.ensure_future(upload(peer, [os.urandom(1 << 20)]))
+        try:
+            await wait_for_condition(lambda: coord.counters.over_budget > 0, timeout=20)
+            assert not transfer.done()
+            # what went through is the budget (and what the hour refilled meanwhile), not the megabyte
+            assert coord.circuit_counters(alice.node_id, bob.node_id)[1] < budget + (64 << 10)
+        finally:
+            transfer.cancel()

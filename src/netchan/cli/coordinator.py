@@ -62,7 +62,9 @@ async def _coordinator(args: argparse.Namespace) -> int:
     os.makedirs(args.state, mode=0o700, exist_ok=True)
     node = listening_node(args)
     rate = parse_rate(args.relay_rate)
-    async with node, Coordinator(node, _store(args), relay_rate=rate, relay_burst=rate / 4) as coord:
+    budget = parse_rate(args.relay_budget.removesuffix("/h")) if args.relay_budget else None
+    async with node, Coordinator(node, _store(args), relay_rate=rate, relay_burst=rate / 4,
+                                 relay_budget=budget) as coord:
         addresses = args.address or node.addresses
         _write_private(os.path.join(args.state, "coordinator.json"),
                        {"node_id": node.node_id, "addresses": addresses})
@@ -207,6 +209,8 @@ def add_parsers(sub: Any, engine_help: str, run: Callable[..., int]) -> None:
     p.add_argument("--address", action="append", default=[], metavar="URL",
                    help="where members reach us, as invitations say (default: the listening URLs)")
     p.add_argument("--relay-rate", default="64MB/s", metavar="BYTES/S", help="what each member may relay")
+    p.add_argument("--relay-budget", metavar="BYTES/h", help="how much each member may relay an hour "
+                                                                  "(e.g. 10GB/h; default: no bound)")
     p.add_argument("--control", metavar="PATH", help="the control socket for netchan status")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(_coordinator(a), a.engine))

@@ -70,6 +70,7 @@ class RelayCounters:
     bytes: int = 0
     no_circuit: int = 0  # datagrams on a circuit that is not the sender's
     over_rate: int = 0  # dropped: the sender went over its rate
+    over_budget: int = 0  # dropped: the sender used up its bytes for the hour
     undeliverable: int = 0  # the other member is away, or the datagram did not fit
 
 
@@ -100,6 +101,7 @@ class _Online:
     stream: ServiceStream
     candidates: list[str]
     bucket: _Bucket
+    budget: _Bucket | None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     order: asyncio.Lock = field(default_factory=asyncio.Lock)  # one introduction at a time
     circuits: set[int] = field(default_factory=set)
@@ -139,15 +141,16 @@ class Coordinator:
     """Make ``node`` a coordinator with the directory in ``store``.
 
     ``relay_rate`` (bytes per second, with bursts of ``relay_burst``) bounds
-    what each member may send through the relay.  Use as
+    what each member may send through the relay, and ``relay_budget`` (bytes
+    an hour, None: no bound) how much.  Use as
     ``async with Coordinator(node, store):`` (or ``await start()`` and
     ``await aclose()``).
     """
 
     def __init__(self, node: Node, store: Store, *, relay_rate: float = 64 << 20,
-                 relay_burst: float = 16 << 20) -> None:
+                 relay_burst: float = 16 << 20, relay_budget: float | None = None) -> None:
         self.node, self.store = node, store
-        self.relay_rate, self.relay_burst = relay_rate, relay_burst
+        self.relay_rate, self.relay_burst, self.relay_budget = relay_rate, relay_burst, relay_budget
         self.counters = RelayCounters()
         self._revoked: set[str] = set()
         self._online: dict[str, _Online] = {}
@@ -237,7 +240,8 @@ class Coordinator:
             first = await read_message(stream, decoder, MAX_MESSAGE)
             member = await self._admit(first, peer)
             online = _Online(member, peer, stream, list(getattr(first, "candidates", [])),
-                             _Bucket(self.relay_rate, self.relay_burst))
+                             _Bucket(self.relay_rate, self.relay_burst),
+                             _Bucket(self.relay_budget / 3600, self.relay_budget) if self.relay_budget else None)
             old = self._online.get(member.node_id)
             if old is not None:  # the member came back on a new stream: the old one is over
                 self._drop_circuits(old)
@@ -372,6 +376,9 @@ class Coordinator:
         src = self._online.get(circuit.src)
         if src is None or not src.bucket.take(len(data)):
             counters.over_rate += 1
+            return
+        if src.budget is not None and not src.budget.take(len(data)):
+            counters.over_budget += 1
             return
         dst = self._online.get(circuit.dst)
         if dst is None:

@@ -146,11 +146,11 @@ async def test_the_relay_carries_only_ciphertext(tmp_path):
         seen = []
         relay = coord._relay
 
-        def capture(data, peer):
-            seen.append(bytes(data))
-            relay(data, peer)
+        def capture(frames, peer, path):
+            seen.extend(bytes(f) for f in frames)
+            relay(frames, peer, path)
 
-        coord.node.serve_datagrams("relay", capture)
+        coord.node.add_frame_handler(1, capture)
         bob.serve("echo", echo)
         peer = await Membership.of(alice).connect_peer("bob", timeout=10)
         async with await peer.open_stream("echo") as s:
@@ -168,7 +168,7 @@ async def test_a_circuit_carries_only_its_own_members_packets(tmp_path):
         before = coord.counters.no_circuit
         coord_peer = Membership.of(mallory).coordinator
         for number in circuits:  # mallory knows the numbers (say): they are not hers
-            coord_peer.send_datagram("relay", number.to_bytes(8, "big") + b"\x40" + os.urandom(100))
+            assert coord_peer.send_frame(b"\x01" + number.to_bytes(8, "big") + b"\x40" + os.urandom(100))
         await asyncio.wait_for(_until(lambda: coord.counters.no_circuit >= before + len(circuits)), 10)
 
 

@@ -49,6 +49,19 @@ def test_runs_keep_order_and_a_new_session_is_found_by_later_packets():
                     ("unknown", None, 1), ("session", "c", 1), ("session", "a", 1)]
 
 
+def test_frames_of_a_layer_above_come_out_as_runs_in_order():
+    """Packets without QUIC's fixed bit (other than probes, whose first byte is
+    0) are a layer's frames: consecutive ones form one run, order is kept."""
+    router: Router[str, str] = Router()
+    router.add_cid("a", b"AAAAAAAA")
+    probe = PROBE + b"n" * 8
+    frame = b"\x01" + b"f" * 20
+    packets = [frame, frame, short(b"AAAAAAAA"), frame, probe, frame, b"\x3f", short(b"AAAAAAAA")]
+    seen = [(kind, session, len(batch)) for kind, session, batch in router.route(packets)]
+    assert seen == [("frame", None, 2), ("session", "a", 1), ("frame", None, 1), ("probe", None, 1),
+                    ("frame", None, 2), ("session", "a", 1)]
+
+
 def test_paths_are_claimed_once_moved_and_forgotten():
     router: Router[str, str] = Router()
     router.claim_path("a", "p1")

@@ -27,9 +27,10 @@ from ..identity import check_node_id
 from ..node.service import ServiceStream, read_message, register_extension, send_message
 from ..session.scheduler import PROBE
 from .protocol import (
-    CIRCUIT,
     MAX_MESSAGE,
-    RELAY_SERVICE,
+    RELAY_FRAME,
+    RELAY_HEADER,
+    RELAY_OVERHEAD,
     SERVICE,
     CoordinatorError,
     Hello,
@@ -73,7 +74,7 @@ class RelayPath(PacketPath):
         self.peer_id = intro.peer
         self.sink = sink
         self.packet_size = intro.packet_size
-        self._prefix = CIRCUIT.pack(intro.circuit)
+        self._prefix = RELAY_HEADER.pack(RELAY_FRAME, intro.circuit)
         self.label = f"relay://{control.coordinator_id}/{intro.peer}"
         self.closed = False
 
@@ -85,13 +86,9 @@ class RelayPath(PacketPath):
         if self.closed:
             self.packets_dropped += len(packets)
             return
-        peer = self.control.peer
-        for packet in packets:
-            try:
-                peer.send_datagram(RELAY_SERVICE, self._prefix + packet)
-            except NetchanError as exc:
-                self.packets_dropped += 1
-                self.last_error = str(exc)
+        prefix = self._prefix
+        if not self.control.peer.send_frames([prefix + p for p in packets]):
+            self.packets_dropped += len(packets)
 
     def close(self) -> None:
         self.closed = True
@@ -168,18 +165,26 @@ class _Control:
                 if not future.done():
                     future.set_exception(error)
 
-    def on_relay(self, data: bytes) -> None:
-        (number,) = CIRCUIT.unpack_from(data)
-        path = self.paths.get(number)
-        if path is None:
-            intro = self.expected.pop(number, None)
-            if intro is None:
+    def on_relay(self, frames: list[bytes]) -> None:
+        """Relay frames from the coordinator: each run of one circuit to its path at once."""
+        runs: dict[RelayPath, list[bytes]] = {}
+        for data in frames:
+            if len(data) <= RELAY_OVERHEAD:
                 self.membership.relay_dropped += 1
-                return
-            # the first packet of a member we were introduced to: our side of
-            # its session answers on this circuit
-            path = self.paths[number] = RelayPath(self, intro, self.membership.node)
-        path.sink.packets_received([data[CIRCUIT.size:]], path)
+                continue
+            number = RELAY_HEADER.unpack_from(data)[1]
+            path = self.paths.get(number)
+            if path is None:
+                intro = self.expected.pop(number, None)
+                if intro is None:
+                    self.membership.relay_dropped += 1
+                    continue
+                # the first packet of a member we were introduced to: our side
+                # of its session answers on this circuit
+                path = self.paths[number] = RelayPath(self, intro, self.membership.node)
+            runs.setdefault(path, []).append(data[RELAY_OVERHEAD:])
+        for path, packets in runs.items():
+            path.sink.packets_received(packets, path)
 
 
 class Membership:
@@ -199,7 +204,7 @@ class Membership:
         #: see punch_toward (raise it behind two NATs of our own, e.g. a carrier-grade one)
         self.punch_ttl = PUNCH_TTL
         node.add_dialer("relay", self._dial)
-        node.serve_datagrams(RELAY_SERVICE, self._on_relay)
+        node.add_frame_handler(RELAY_FRAME, self._on_relay)
         node.add_gate(lambda node_id: True if node_id in self.introduced else None)
 
     @classmethod
@@ -411,12 +416,12 @@ class Membership:
         control.paths[intro.circuit] = path
         return path
 
-    def _on_relay(self, data: bytes, peer: Peer) -> None:
-        control = self._controls.get(peer.node_id)
-        if control is None or len(data) <= CIRCUIT.size:
-            self.relay_dropped += 1
+    def _on_relay(self, frames: list[bytes], peer: Peer | None, path: object) -> None:
+        control = self._controls.get(peer.node_id) if peer is not None else None
+        if control is None:
+            self.relay_dropped += len(frames)
             return
-        control.on_relay(data)
+        control.on_relay(frames)
 
 
 class _RelayScheme(Carrier):

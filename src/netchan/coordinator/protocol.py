@@ -9,10 +9,13 @@ notice (it is asked of) first opens its NAT toward the asker, then says
 :class:`Punched`; only then is the asker answered, so that the asker's
 packets find the way open rather than taking the mapping they need.
 
-Relayed packets travel as datagrams of the "relay" service: an 8-byte
-circuit number and one QUIC packet of the two members' own session, which
-the coordinator cannot read.  A circuit is made by an introduction and
-belongs to one ordered pair of members.
+Relayed packets travel beside the QUIC sessions between members and the
+coordinator, on the same paths, as frames: a byte that no QUIC packet
+begins with (:data:`RELAY_FRAME`), an 8-byte circuit number and one QUIC
+packet of the two members' own session, which the coordinator cannot read
+and so need not protect again.  A circuit is made by an introduction and
+belongs to one ordered pair of members; a frame counts only on a path of
+that circuit's member's session.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from ..errors import ConfigurationError, NotAllowed
 from ..identity import check_node_id
 
 SERVICE = "coordinator"
-RELAY_SERVICE = "relay"
+#: the first byte of a relayed packet's frame (see Node.add_frame_handler)
+RELAY_FRAME = 0x01
 MAX_MESSAGE = 16 * 1024
-CIRCUIT = struct.Struct("!Q")
+#: a relay frame: RELAY_FRAME, the circuit, then the members' QUIC packet
+RELAY_HEADER = struct.Struct("!BQ")
 #: what a relayed datagram adds to the QUIC packet it carries
-RELAY_OVERHEAD = CIRCUIT.size
+RELAY_OVERHEAD = RELAY_HEADER.size
 
 
 class Join(msgspec.Struct, tag="join"):

@@ -23,14 +23,14 @@ from ..errors import NetchanError, ProtocolError
 from ..identity import check_node_id
 from ..node.service import ServiceStream, read_message, send_message
 from .protocol import (
-    CIRCUIT,
     ELSEWHERE,
     MAX_MESSAGE,
     NOT_ALLOWED,
     NOT_MEMBER,
     OFFLINE,
+    RELAY_FRAME,
+    RELAY_HEADER,
     RELAY_OVERHEAD,
-    RELAY_SERVICE,
     REVOKED,
     SERVICE,
     UNKNOWN_PEER,
@@ -165,7 +165,7 @@ class Coordinator:
         self._revoked = {m.node_id for m in await self.store.members() if m.revoked}
         self._remove_gate = self.node.add_gate(self._gate)
         self.node.serve(SERVICE, self._serve)
-        self.node.serve_datagrams(RELAY_SERVICE, self._relay)
+        self.node.add_frame_handler(RELAY_FRAME, self._relay)
         self._refresher = self.node.spawn(self._refresh(), "coordinator presence")
         return self
 
@@ -326,8 +326,7 @@ class Coordinator:
                                            where[0], where[1]))
                     return
                 raise CoordinatorError(OFFLINE, f"{target.name} is not connected to the coordinator")
-            size = min(RELAY_PACKET_SIZE, src.peer.max_datagram_size(RELAY_SERVICE) - RELAY_OVERHEAD,
-                       dst.peer.max_datagram_size(RELAY_SERVICE) - RELAY_OVERHEAD)
+            size = min(RELAY_PACKET_SIZE, src.peer.frame_size - RELAY_OVERHEAD, dst.peer.frame_size - RELAY_OVERHEAD)
             if size < 1200:
                 raise CoordinatorError(OFFLINE, "the relay cannot carry QUIC packets between these two paths")
         except CoordinatorError as exc:
@@ -367,30 +366,31 @@ class Coordinator:
 
     # -- the relay ------------------------------------------------------------------------
 
-    def _relay(self, data: bytes, peer: Peer) -> None:
+    def _relay(self, frames: list[bytes], peer: Peer | None, path: object) -> None:
+        """Forward a run of relay frames from ``peer``, each on its circuit, a
+        run per destination at once."""
         counters = self.counters
-        circuit = self._circuits.get(CIRCUIT.unpack_from(data)[0]) if len(data) > RELAY_OVERHEAD else None
-        if circuit is None or circuit.src != peer.node_id:
-            counters.no_circuit += 1
-            return
-        src = self._online.get(circuit.src)
-        if src is None or not src.bucket.take(len(data)):
-            counters.over_rate += 1
-            return
-        if src.budget is not None and not src.budget.take(len(data)):
-            counters.over_budget += 1
-            return
-        dst = self._online.get(circuit.dst)
-        if dst is None:
-            counters.undeliverable += 1
-            return
-        try:
-            dst.peer.send_datagram(RELAY_SERVICE, CIRCUIT.pack(circuit.out) + data[RELAY_OVERHEAD:])
-        except NetchanError:
-            counters.undeliverable += 1
-            return
-        n = len(data) - RELAY_OVERHEAD
-        circuit.packets += 1
-        circuit.bytes += n
-        counters.packets += 1
-        counters.bytes += n
+        out: dict[str, list[bytes]] = {}
+        for data in frames:
+            circuit = self._circuits.get(RELAY_HEADER.unpack_from(data)[1]) if len(data) > RELAY_OVERHEAD else None
+            if circuit is None or peer is None or circuit.src != peer.node_id:
+                counters.no_circuit += 1
+                continue
+            src = self._online.get(circuit.src)
+            if src is None or not src.bucket.take(len(data)):
+                counters.over_rate += 1
+                continue
+            if src.budget is not None and not src.budget.take(len(data)):
+                counters.over_budget += 1
+                continue
+            n = len(data) - RELAY_OVERHEAD
+            circuit.packets += 1
+            circuit.bytes += n
+            out.setdefault(circuit.dst, []).append(RELAY_HEADER.pack(RELAY_FRAME, circuit.out) + data[RELAY_OVERHEAD:])
+        for dst_id, batch in out.items():
+            dst = self._online.get(dst_id)
+            if dst is None or not dst.peer.send_frames(batch):
+                counters.undeliverable += len(batch)
+                continue
+            counters.packets += len(batch)
+            counters.bytes += sum(len(b) for b in batch) - RELAY_OVERHEAD * len(batch)

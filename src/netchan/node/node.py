@@ -123,6 +123,7 @@ ANY: Any = _Any()
 
 StreamHandler = Callable[["Stream", "Peer"], Awaitable[None]]
 DatagramHandler = Callable[[bytes, "Peer"], Any]
+FrameHandler = Callable[[list[bytes], "Peer | None", PacketPath], None]
 
 
 class Peer:
@@ -305,6 +306,26 @@ class Peer:
         return await self.node.extension("channels").open_subscription(
             self, name, buffer=buffer, codec=codec, type=type)
 
+    @property
+    def frame_size(self) -> int:
+        """The largest packet :meth:`send_frame` sends (the path's packet size)."""
+        return self._session.path.packet_size
+
+    def send_frame(self, packet: bytes) -> bool:
+        """Send ``packet``, not QUIC (its first byte as a frame handler at the
+        peer expects), on the path this session uses now, unprotected and
+        unreliable; False if the path cannot take it now."""
+        return self.send_frames([packet]) == 1
+
+    def send_frames(self, packets: list[bytes]) -> int:
+        """:meth:`send_frame` for several at once (one send where the carrier
+        can); how many went (all or none)."""
+        path = self._session.path
+        if self.closed or not path.writable or any(len(p) > path.packet_size for p in packets):
+            return 0
+        path.send_packets(packets)
+        return len(packets)
+
     def send_datagram(self, service: str, data: bytes) -> None:
         """Send an unreliable datagram to ``service`` (DatagramTooLarge if it can't fit)."""
         self._session.core.send_datagram(service, data)
@@ -401,6 +422,12 @@ class _Session:
         core = self.core
         if core is None or self.done.done():
             return
+        if not all(p and p[0] & 0x40 for p in packets):
+            # frames of a layer above (a relay's), not QUIC: they go to the node's handlers
+            self.node.frames_received([p for p in packets if p and not p[0] & 0x40], self.peer, path)
+            packets = [p for p in packets if p and p[0] & 0x40]
+            if not packets:
+                return
         now = self.loop.time()
         authentic = core.receive_packets(packets, now)
         if authentic and not self.dialed:
@@ -749,6 +776,7 @@ class Node:
         self._dialers: dict[str, Dial] = {}
         #: admission opinions beside the allow list (see add_gate)
         self._gates: list[Callable[[str], bool | None]] = []
+        self._frame_handlers: dict[int, FrameHandler] = {}
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
         for name, factory in extensions().items():
@@ -794,6 +822,29 @@ class Node:
                 return False
             admitted = admitted or bool(opinion)
         return admitted
+
+    def add_frame_handler(self, first_byte: int, handler: FrameHandler) -> None:
+        """Hand packets that begin with ``first_byte`` to ``handler(packets,
+        peer, path)``, a run of them at a time: packets a layer above sends
+        beside QUIC on a session's paths (see Peer.send_frames).
+        ``first_byte`` is 1-63 (no QUIC fixed bit; 0 is a path probe).
+        ``peer`` is the session whose path they came by, if any: on a
+        listener, any source can send such packets."""
+        if not 0 < first_byte < 0x40:
+            raise ConfigurationError("a frame's first byte is 1 to 63")
+        self._frame_handlers[first_byte] = handler
+
+    def frames_received(self, packets: list[bytes], peer: Peer | None, path: PacketPath) -> None:
+        handlers = self._frame_handlers
+        if len(handlers) == 1 and packets[0][0] in handlers and all(p[0] == packets[0][0] for p in packets):
+            handlers[packets[0][0]](packets, peer, path)
+            return
+        for p in packets:
+            handler = handlers.get(p[0])
+            if handler is None:
+                self.packets_dropped += 1
+            else:
+                handler([p], peer, path)
 
     def add_dialer(self, scheme: str, dial: Dial) -> None:
         """Dial ``scheme://`` URLs with ``dial(url, sink)`` on this node (a
@@ -1084,6 +1135,10 @@ class Node:
         for kind, session, batch in self._router.route(packets):
             if kind == "probe":
                 self._answer_probe(batch[0], path)
+                continue
+            if kind == "frame":
+                owner = self._router.by_path.get(path)
+                self.frames_received(batch, owner.peer if owner is not None else None, path)
                 continue
             if session is None:
                 session = self._accept_session(batch[0], path)

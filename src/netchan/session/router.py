@@ -56,19 +56,31 @@ class Router(Generic[S, P]):
         of packets of one known session, ("unknown", None, [packet]) for a
         packet of no known session (the caller may open one, see
         :func:`opens_session`, before the next run is read: later packets
-        then find it), ("probe", None, [packet]) for a packet that is not QUIC
-        (a path probe, or junk starting with a zero byte)."""
+        then find it), ("probe", None, [packet]) for a path probe (or junk
+        starting with a zero byte), ("frame", None, run) for a run of other
+        packets without QUIC's fixed bit (a layer above's, see
+        Node.add_frame_handler)."""
         by_cid = self.by_cid
         current: S | None = None
         batch: list[bytes] = []
+        frames: list[bytes] = []
         for p in packets:
-            if p[:1] == b"\x00":
+            if not p or not p[0] & 0x40:  # no QUIC fixed bit: a probe (0), or a frame of a layer above
                 if batch:
                     yield "session", current, batch
                     batch = []
                 current = None
+                if p and p[0]:
+                    frames.append(p)  # consecutive frames go up as one run
+                    continue
+                if frames:
+                    yield "frame", None, frames
+                    frames = []
                 yield "probe", None, [p]
                 continue
+            if frames:
+                yield "frame", None, frames
+                frames = []
             cid = destination_cid(p, self.cid_length)
             session = by_cid.get(cid) if cid is not None else None
             if session is not current and batch:
@@ -81,6 +93,8 @@ class Router(Generic[S, P]):
                 batch.append(p)
         if batch:
             yield "session", current, batch
+        if frames:
+            yield "frame", None, frames
 
     def add_cid(self, session: S, cid: bytes) -> None:
         self.by_cid[cid] = session

@@ -159,6 +159,7 @@ class Coordinator:
         self._punching: dict[int, asyncio.Future[None]] = {}
         self._remove_gate = lambda: None
         self._refresher: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> Coordinator:
         await self.store.open()
@@ -167,7 +168,18 @@ class Coordinator:
         self.node.serve(SERVICE, self._serve)
         self.node.add_frame_handler(RELAY_FRAME, self._relay)
         self._refresher = self.node.spawn(self._refresh(), "coordinator presence")
+        self._listener = self.node.spawn(self._hear_revocations(), "revocations elsewhere")
         return self
+
+    async def _hear_revocations(self) -> None:
+        """Revocations made at other coordinators of a shared directory, at once
+        (the periodic reading in _refresh catches any this misses)."""
+        try:
+            async for node_id in self.store.revocations():
+                if node_id not in self._revoked:
+                    await self.revoke(node_id)
+        except Exception as exc:  # a store that went away: _refresh goes on reading
+            log.warning("coordinator store: revocations: %s", exc)
 
     async def _refresh(self) -> None:
         """Keep our members online in the directory, and take revocations
@@ -186,9 +198,10 @@ class Coordinator:
                 await self.revoke(node_id)
 
     async def aclose(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+        for task in (self._refresher, self._listener):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._remove_gate()
         for online in list(self._online.values()):
             online.stream.abort()

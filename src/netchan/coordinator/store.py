@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiosqlite
 
@@ -105,6 +105,12 @@ class Store(abc.ABC):
     async def where_online(self, node_id: str) -> tuple[str, list[str]] | None:
         """The coordinator ``node_id`` is online at, and its addresses."""
         return None
+
+    async def revocations(self) -> AsyncIterator[str]:
+        """Node ids as other coordinators of a shared directory revoke them
+        (a store of one coordinator has none to tell)."""
+        return
+        yield
 
 
 class SqliteStore(Store):
@@ -330,6 +336,16 @@ class RedisStore(Store):
         raw = await self.r.get(key)
         if raw is not None and json.loads(raw)[0] == coordinator:
             await self.r.delete(key)
+
+    async def revocations(self) -> AsyncIterator[str]:
+        pubsub = self.r.pubsub()
+        await pubsub.subscribe(self._key("revoked"))
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    yield str(message["data"])
+        finally:
+            await pubsub.aclose()
 
     async def where_online(self, node_id: str) -> tuple[str, list[str]] | None:
         raw = await self.r.get(self._key("online", node_id))

@@ -54,6 +54,7 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
         ident.save(keys[who])
     state = str(tmp_path / "state")
     controls = {who: str(tmp_path / f"{who}.sock") for who in ("coord", "bob")}
+    bob_id = netchan.Identity.load(keys["bob"]).node_id
     async with contextlib.AsyncExitStack() as stack, started("coordinator", "--identity", keys["coord"], "--listen", "udp://127.0.0.1:0",
                        "--state", state, "--control", controls["coord"]) as coord:
         await _lines_until(coord, r"^listening on udp://")
@@ -84,14 +85,22 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
             assert done.returncode == 0, done.stderr
             assert done.stdout.count("reply from") == 2
             # a tunnel to bob by name: -L through the session the coordinator brought about
+            alice_control = str(tmp_path / "alice.sock")
             async with started("tunnel", "--member", "--peer", "bob", "--identity", keys["alice"],
-                               "-L", f"0:127.0.0.1:{echo_port}") as tunnel:
+                               "-L", f"0:127.0.0.1:{echo_port}", "--control", alice_control) as tunnel:
                 lines = await _lines_until(tunnel, r"^-L listening on ")
                 port = int(lines[-1].split()[3].rsplit(":", 1)[1])
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(b"hello bob")
                 assert await asyncio.wait_for(reader.readexactly(9), 10) == b"hello bob"
                 writer.close()
+                # alice's status: bob, with its direct path and the relay
+                await _lines_until(tunnel, r"^control socket ")
+                done = await asyncio.to_thread(netchan_cmd, "status", "--control", alice_control, "--json")
+                assert done.returncode == 0, done.stderr
+                peers = {p["node_id"]: p for p in json.loads(done.stdout)["peers"]}
+                carriers = [path["carrier"] for path in peers[bob_id]["paths"]]
+                assert carriers == ["udp", "relay"], peers[bob_id]
             # netchan status: the coordinator's directory, bob's peers and paths
             assert stat.S_IMODE(os.stat(controls["coord"]).st_mode) == 0o600
             done = await asyncio.to_thread(netchan_cmd, "status", "--control", controls["coord"], "--json")
@@ -99,7 +108,6 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
             said = json.loads(done.stdout)
             directory = said["coordinator"]
             assert {m["name"] for m in directory["members"]} == {"alice", "bob"}
-            bob_id = netchan.Identity.load(keys["bob"]).node_id
             assert bob_id in directory["online"] and directory["relayed_bytes"] > 0
             done = await asyncio.to_thread(netchan_cmd, "status", "--control", controls["bob"], "--json")
             peers = {p["node_id"]: p for p in json.loads(done.stdout)["peers"]}

@@ -14,6 +14,7 @@ from ..node.node import Node, Peer
 from ..tunnels import Tunnels
 from ..tunnels.protocol import format_address
 from ..tunnels.rules import parse_hostport
+from .control import serve_control
 from .coordinator import add_member_option, member_listen, reach
 from .options import identity
 from .runner import stop_on_signals
@@ -118,7 +119,9 @@ async def run_tunnel(args: argparse.Namespace) -> int:
                 auth = " (username/password)" if users else ""
                 print(f"-D SOCKS5 on {format_address(host, port)}{auth}, leaving at the peer", flush=True)
                 running.append(("-D", fwd))
-            await _until_stopped(peer, running)
+            async with serve_control(node, args.control) as control:
+                print(f"control socket {control} (netchan status)", flush=True)
+                await _until_stopped(peer, running)
         finally:
             for _kind, fwd in running:
                 await fwd.aclose()
@@ -200,5 +203,6 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
     p.add_argument("--paths", choices=["failover", "mirror"], default="failover",
                    help="with several URLs: use the first healthy path, or all of them")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the session")
+    p.add_argument("--control", metavar="PATH", help="the control socket for netchan status")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(run_tunnel(a), a.engine))

@@ -100,3 +100,26 @@ class Sink:
                 raise AssertionError(f"stalled for {STALL:g} s at {self.received} bytes: {describe()}")
             await asyncio.wait([self.digest], timeout=0.1)
         return self.digest.result()
+
+
+def why_no_netns(*tools: str, packages: str, tun: bool = False) -> str:
+    """Why tests that make network namespaces cannot run here ("" if they can):
+    not Linux, no /dev/net/tun (when ``tun``), a missing command among
+    ``tools`` (from ``packages``), or no CAP_NET_ADMIN."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if sys.platform != "linux":
+        return "network namespaces are Linux-only"
+    if tun and not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"no {tool} command ({packages})"
+    name = f"ncprobe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
+        return "cannot make network namespaces (needs CAP_NET_ADMIN)"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ""

@@ -17,7 +17,7 @@ from netchan.coordinator import Coordinator, CoordinatorError, Invitation, Membe
 from netchan.tools.chaos import UdpChaos
 from netchan.tools.testing import sha256_sink, upload
 
-from .helpers import echo, wait_for_condition
+from .helpers import echo, read_all, wait_for_condition
 
 pytestmark = pytest.mark.async_timeout(60)
 
@@ -53,11 +53,8 @@ async def test_two_members_that_know_only_the_coordinator_talk_through_its_relay
         async with await peer.open_stream("echo") as s:
             await s.send(payload)
             await s.send_eof()
-            got = bytearray()
-            with contextlib.suppress(netchan.EndOfStream):
-                while True:
-                    got += await asyncio.wait_for(s.receive(), 10)
-        assert bytes(got) == payload
+            got = await asyncio.wait_for(read_all(s), 10)
+        assert got == payload
         remote = await peer.channel("box")
         await remote.send({"hello": "bob"})
         assert await asyncio.wait_for(box.recv(), 10) == {"hello": "bob"}
@@ -262,11 +259,7 @@ async def _upload_slowly(peer, pieces, rate=8 << 20):
             await asyncio.sleep(ahead)
         await stream.send(piece)
     await stream.send_eof()
-    answer = b""
-    with contextlib.suppress(netchan.EndOfStream):
-        while True:
-            answer += await stream.receive()
-    return answer.decode()
+    return (await read_all(stream)).decode()
 
 
 async def test_a_member_with_a_udp_listener_reaches_the_coordinator_from_it(tmp_path):

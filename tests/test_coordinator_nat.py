@@ -11,30 +11,18 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .helpers import why_no_netns
+
 ROLES = str(Path(__file__).with_name("coordinator_roles.py"))
 
 
-def _why_not() -> str:
-    if sys.platform != "linux":
-        return "network namespaces are Linux-only"
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            return f"no {tool} command (iproute2, nftables)"
-    name = f"ncnatprobe{os.getpid()}"
-    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
-        return "cannot make network namespaces (needs CAP_NET_ADMIN)"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ""
-
-
-_WHY_NOT = _why_not()
+_WHY_NOT = why_no_netns("ip", "nft", packages="iproute2, nftables")
 pytestmark = [pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT), pytest.mark.async_timeout(90)]
 
 

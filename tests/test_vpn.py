@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -23,7 +22,7 @@ import netchan
 from netchan.tunnels.ippacket import IPV4_DF, addresses, clamp_mss, fragment_ipv4, too_big
 from netchan.tunnels.vpn import VpnClient, VpnRefused, VpnServer
 
-from .helpers import wait_for_condition
+from .helpers import wait_for_condition, why_no_netns
 
 # -- packets ---------------------------------------------------------------------------------------
 
@@ -379,22 +378,7 @@ async def test_a_malformed_join_ends_that_stream_only(engine, garbage):
 
 # -- the real thing, in network namespaces -------------------------------------------------------
 
-def _can_netns() -> str:
-    if sys.platform != "linux":
-        return "the VPN is Linux-only"
-    if not os.path.exists("/dev/net/tun"):
-        return "no /dev/net/tun"
-    for tool in ("ip", "ping", "nft"):
-        if shutil.which(tool) is None:
-            return f"no {tool} command (iproute2, iputils-ping, nftables)"
-    name = f"ncprobe{os.getpid()}"
-    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
-        return "cannot make network namespaces (needs CAP_NET_ADMIN)"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ""
-
-
-_WHY_NOT = _can_netns()
+_WHY_NOT = why_no_netns("ip", "ping", "nft", packages="iproute2, iputils-ping, nftables", tun=True)
 needs_netns = pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT)
 
 

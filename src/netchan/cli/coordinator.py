@@ -162,14 +162,14 @@ async def _join(args: argparse.Namespace) -> int:
     return 0
 
 
-async def join_saved(node: Node, key_path: str | None, engine_timeout: float | None = None) -> Membership:
+async def join_saved(node: Node, key_path: str | None, timeout: float | None = None) -> Membership:
     """Join again the coordinator that ``netchan join`` saved for ``key_path``."""
     if not key_path:
         raise ConfigurationError("--member needs --identity (the key that joined)")
     saved = _read_json(member_file(key_path), "membership (run netchan join first)")
     membership = Membership.of(node)
     await membership.join(coordinator=saved["addresses"], coordinator_id=saved["coordinator"],
-                          timeout=engine_timeout)
+                          timeout=timeout)
     return membership
 
 

@@ -239,11 +239,6 @@ class Membership:
         primary = self._primary
         return primary.seen_at if primary is not None else ""
 
-    @property
-    def joined(self) -> bool:
-        primary = self._primary
-        return primary is not None and primary.open and not primary.peer.closed
-
     async def join(self, invitation: str | Invitation | None = None, *, coordinator: str | list[str] | None = None,
                    coordinator_id: str | None = None, name: str = "", announce: list[str] | None = None,
                    timeout: float | None = None) -> Welcome:

@@ -122,6 +122,12 @@ class _Circuit:
     bytes: int = 0
 
 
+def refusal(exc: CoordinatorError) -> Refused:
+    """What a member is told of a refusal (with where to ask instead, if anywhere)."""
+    there, addresses = exc.elsewhere or ("", [])
+    return Refused(exc.refusal, str(exc), there, addresses)
+
+
 def seen_url(label: str) -> str:
     """The udp URL of a path label such as ``udp 1.2.3.4:5678`` (where a
     member's packets come from); "" for a path of another kind."""
@@ -282,7 +288,7 @@ class Coordinator:
         except CoordinatorError as exc:
             log.info("refused %s: %s", peer.node_id, exc)
             try:
-                await send_message(stream, Refused(exc.refusal, str(exc)))
+                await send_message(stream, refusal(exc))
                 await stream.aclose()
             except NetchanError:
                 pass
@@ -335,15 +341,13 @@ class Coordinator:
             if dst is None:
                 where = await self.store.where_online(target.node_id)
                 if where is not None and where[0] != self.node.node_id:
-                    await src.send(Refused(ELSEWHERE, f"{target.name} is online at coordinator {where[0]}",
-                                           where[0], where[1]))
-                    return
+                    raise CoordinatorError(ELSEWHERE, f"{target.name} is online at coordinator {where[0]}", where)
                 raise CoordinatorError(OFFLINE, f"{target.name} is not connected to the coordinator")
             size = min(RELAY_PACKET_SIZE, src.peer.frame_size - RELAY_OVERHEAD, dst.peer.frame_size - RELAY_OVERHEAD)
             if size < 1200:
                 raise CoordinatorError(OFFLINE, "the relay cannot carry QUIC packets between these two paths")
         except CoordinatorError as exc:
-            await src.send(Refused(exc.refusal, str(exc)))
+            await src.send(refusal(exc))
             return
         forth, back = secrets.randbits(64), secrets.randbits(64)
         a, b = src.member.node_id, target.node_id
@@ -383,7 +387,7 @@ class Coordinator:
         """Forward a run of relay frames from ``peer``, each on its circuit, a
         run per destination at once."""
         counters = self.counters
-        out: dict[str, list[bytes]] = {}
+        out: dict[str, list[tuple[_Circuit, bytes]]] = {}
         for data in frames:
             circuit = self._circuits.get(RELAY_HEADER.unpack_from(data)[1]) if len(data) > RELAY_OVERHEAD else None
             if circuit is None or peer is None or circuit.src != peer.node_id:
@@ -396,14 +400,16 @@ class Coordinator:
             if src.budget is not None and not src.budget.take(len(data)):
                 counters.over_budget += 1
                 continue
-            n = len(data) - RELAY_OVERHEAD
-            circuit.packets += 1
-            circuit.bytes += n
-            out.setdefault(circuit.dst, []).append(RELAY_HEADER.pack(RELAY_FRAME, circuit.out) + data[RELAY_OVERHEAD:])
+            out.setdefault(circuit.dst, []).append(
+                (circuit, RELAY_HEADER.pack(RELAY_FRAME, circuit.out) + data[RELAY_OVERHEAD:]))
         for dst_id, batch in out.items():
             dst = self._online.get(dst_id)
-            if dst is None or not dst.peer.send_frames(batch):
+            if dst is None or not dst.peer.send_frames([frame for _, frame in batch]):
                 counters.undeliverable += len(batch)
                 continue
-            counters.packets += len(batch)
-            counters.bytes += sum(len(b) for b in batch) - RELAY_OVERHEAD * len(batch)
+            for circuit, frame in batch:  # counted as delivered, like the totals
+                n = len(frame) - RELAY_OVERHEAD
+                circuit.packets += 1
+                circuit.bytes += n
+                counters.packets += 1
+                counters.bytes += n

@@ -835,16 +835,15 @@ class Node:
         self._frame_handlers[first_byte] = handler
 
     def frames_received(self, packets: list[bytes], peer: Peer | None, path: PacketPath) -> None:
-        handlers = self._frame_handlers
-        if len(handlers) == 1 and packets[0][0] in handlers and all(p[0] == packets[0][0] for p in packets):
-            handlers[packets[0][0]](packets, peer, path)
-            return
-        for p in packets:
-            handler = handlers.get(p[0])
+        """A run of frames: to their handler at once when they share a first byte (as a relay's do)."""
+        first = packets[0][0]
+        runs = [packets] if all(p[0] == first for p in packets) else [[p] for p in packets]
+        for run in runs:
+            handler = self._frame_handlers.get(run[0][0])
             if handler is None:
-                self.packets_dropped += 1
+                self.packets_dropped += len(run)
             else:
-                handler([p], peer, path)
+                handler(run, peer, path)
 
     def add_dialer(self, scheme: str, dial: Dial) -> None:
         """Dial ``scheme://`` URLs with ``dial(url, sink)`` on this node (a

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import netchan
-from netchan.coordinator import Coordinator, Invitation, Membership, SqliteStore
+from netchan.coordinator import Coordinator, Invitation, SqliteStore
 from netchan.node.node import echo_service
 from netchan.tools.testing import sha256_sink, upload
 
@@ -57,7 +57,7 @@ async def one_run(size: int, rounds: int) -> dict[str, dict[str, float]]:
             netchan.Node(listen=["udp://127.0.0.1:0"]) as alice, netchan.Node(listen=["udp://127.0.0.1:0"]) as bob:
         for node, name in ((alice, "alice"), (bob, "bob")):
             ident, secret = await coord.store.create_invitation(expires=time.time() + 600)
-            await Membership.of(node).join(Invitation(coord_node.node_id, coord_node.addresses, ident, secret),
+            await node.join(Invitation(coord_node.node_id, coord_node.addresses, ident, secret),
                                            name=name)
         for node in (alice, bob):
             node.serve("echo", echo_service)
@@ -70,7 +70,7 @@ async def one_run(size: int, rounds: int) -> dict[str, dict[str, float]]:
             if direct is None:
                 peer = await alice.connect(bob.addresses[0], bob.node_id)
             else:
-                peer = await Membership.of(alice).connect_peer("bob", direct=direct)
+                peer = await alice.connect_peer("bob", direct=direct)
             await _rtts(peer, 1)
             row = {"first byte ms": (time.perf_counter() - t0) * 1000}
             if direct:

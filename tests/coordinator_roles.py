@@ -12,7 +12,7 @@ import sys
 import time
 
 import netchan
-from netchan.coordinator import Coordinator, Invitation, Membership, SqliteStore
+from netchan.coordinator import Coordinator, Invitation, SqliteStore
 from netchan.node.node import echo_service
 
 
@@ -36,15 +36,15 @@ async def coordinator(state: str, address: str) -> None:
 async def serve(invitation: str) -> None:
     async with netchan.Node(listen=["udp://0.0.0.0:0"]) as node:
         node.serve("echo", echo_service)
-        welcome = await Membership.of(node).join(invitation, name="bob")
+        welcome = await node.join(invitation, name="bob")
         say(ready=True, seen_at=welcome.seen_at)
         await asyncio.Event().wait()
 
 
 async def dial(invitation: str, seconds: float) -> None:
     async with netchan.Node(listen=["udp://0.0.0.0:0"]) as node:
-        await Membership.of(node).join(invitation, name="alice")
-        peer = await Membership.of(node).connect_peer("bob", timeout=10)
+        await node.join(invitation, name="alice")
+        peer = await node.connect_peer("bob", timeout=10)
         first = peer.paths
         async with await peer.open_stream("echo") as stream:
             await stream.send(b"through the relay first")

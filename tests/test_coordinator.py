@@ -37,7 +37,7 @@ async def invite(coord, **kw):
 @contextlib.asynccontextmanager
 async def member(coord, name="", engine=None, invitation=None):
     async with netchan.Node(engine=engine) as node:
-        await Membership.of(node).join(invitation or await invite(coord), name=name)
+        await node.join(invitation or await invite(coord), name=name)
         yield node
 
 
@@ -47,7 +47,7 @@ async def test_two_members_that_know_only_the_coordinator_talk_through_its_relay
             member(coord, "alice", engine) as alice, member(coord, "bob", engine) as bob:
         bob.serve("echo", echo)
         box = bob.channel("box", capacity=4)
-        peer = await Membership.of(alice).connect_peer(bob.node_id, timeout=10)
+        peer = await alice.connect_peer(bob.node_id, timeout=10)
         assert peer.node_id == bob.node_id and peer.path.startswith("relay://")
         payload = os.urandom(200_000)
         async with await peer.open_stream("echo") as s:
@@ -67,10 +67,10 @@ async def test_two_members_that_know_only_the_coordinator_talk_through_its_relay
 async def test_members_are_found_by_name_and_unknown_ones_are_refused(tmp_path):
     async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, member(coord, "bob") as bob:
         bob.serve("echo", echo)
-        peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+        peer = await alice.connect_peer("bob", timeout=10)
         assert peer.node_id == bob.node_id
         with pytest.raises(CoordinatorError) as info:
-            await Membership.of(alice).connect_peer("carol")
+            await alice.connect_peer("carol")
         assert info.value.refusal == "unknown-peer"
 
 
@@ -81,18 +81,18 @@ async def test_an_invitation_is_used_once_and_expires(tmp_path):
             pass
         async with netchan.Node() as late:
             with pytest.raises(CoordinatorError) as info:
-                await Membership.of(late).join(once)
+                await late.join(once)
             assert info.value.refusal == "bad-invitation"
             expired = await invite(coord, expires=time.time() - 1)
             with pytest.raises(CoordinatorError, match="unknown, used up or expired"):
-                await Membership.of(late).join(expired)
+                await late.join(expired)
             wrong = Invitation.decode(await invite(coord))
             wrong.secret = "x" + wrong.secret[1:]
             with pytest.raises(CoordinatorError):
-                await Membership.of(late).join(wrong)
+                await late.join(wrong)
             # a stranger's key that never joined is no member
             with pytest.raises(CoordinatorError) as info:
-                await Membership.of(late).join(coordinator=coord.node.addresses, coordinator_id=coord.node.node_id)
+                await late.join(coordinator=coord.node.addresses, coordinator_id=coord.node.node_id)
             assert info.value.refusal == "not-member"
 
 
@@ -100,7 +100,7 @@ async def test_a_revoked_member_is_refused_at_once_and_loses_its_session(tmp_pat
     async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, member(coord, "bob") as bob:
         await coord.revoke("bob")
         with pytest.raises(CoordinatorError) as info:
-            await Membership.of(alice).connect_peer("bob")
+            await alice.connect_peer("bob")
         assert info.value.refusal == "not-allowed"
         bob_membership = Membership.of(bob)
         await bob_membership.leave()
@@ -114,7 +114,7 @@ async def test_members_in_different_groups_are_not_introduced(tmp_path):
             member(coord, "alice", invitation=await invite(coord, groups=("red",))) as alice, \
             member(coord, "bob", invitation=await invite(coord, groups=("blue",))):
         with pytest.raises(CoordinatorError, match="share no group"):
-            await Membership.of(alice).connect_peer("bob")
+            await alice.connect_peer("bob")
 
 
 async def test_a_restarted_coordinator_knows_its_members_without_new_invitations(tmp_path):
@@ -122,16 +122,16 @@ async def test_a_restarted_coordinator_knows_its_members_without_new_invitations
     async with netchan.Node() as alice_node, netchan.Node() as bob_node:
         async with coordinator(tmp_path, identity=identity) as coord:
             for node, name in ((alice_node, "alice"), (bob_node, "bob")):
-                await Membership.of(node).join(await invite(coord), name=name)
+                await node.join(await invite(coord), name=name)
             for node in (alice_node, bob_node):
                 await Membership.of(node).leave()
         async with coordinator(tmp_path, identity=identity) as coord:
             for node in (alice_node, bob_node):
-                welcome = await Membership.of(node).join(coordinator=coord.node.addresses,
+                welcome = await node.join(coordinator=coord.node.addresses,
                                                          coordinator_id=coord.node.node_id)
                 assert welcome.name in ("alice", "bob")
             bob_node.serve("echo", echo)
-            peer = await Membership.of(alice_node).connect_peer("bob", timeout=10)
+            peer = await alice_node.connect_peer("bob", timeout=10)
             async with await peer.open_stream("echo") as s:
                 await s.send(b"again")
                 assert await asyncio.wait_for(s.receive(), 10) == b"again"
@@ -149,7 +149,7 @@ async def test_the_relay_carries_only_ciphertext(tmp_path):
 
         coord.node.add_frame_handler(1, capture)
         bob.serve("echo", echo)
-        peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+        peer = await alice.connect_peer("bob", timeout=10)
         async with await peer.open_stream("echo") as s:
             await s.send(secret)
             assert await asyncio.wait_for(s.receive(), 10) == secret
@@ -160,7 +160,7 @@ async def test_the_relay_carries_only_ciphertext(tmp_path):
 async def test_a_circuit_carries_only_its_own_members_packets(tmp_path):
     async with coordinator(tmp_path) as coord, member(coord, "alice") as alice, member(coord, "bob"), \
             member(coord, "mallory") as mallory:
-        await Membership.of(alice).connect_peer("bob", timeout=10)
+        await alice.connect_peer("bob", timeout=10)
         circuits = list(coord._circuits)
         before = coord.counters.no_circuit
         coord_peer = Membership.of(mallory).coordinator
@@ -186,9 +186,9 @@ def _direct_active(peer):
 async def test_a_direct_path_comes_up_beside_the_relay_and_carries_the_traffic(tmp_path, engine, write):
     async with coordinator(tmp_path, engine=engine) as coord, member(coord, "alice", engine) as alice, \
             netchan.Node(listen=["udp://127.0.0.1:0"], engine=engine) as bob:
-        await Membership.of(bob).join(await invite(coord), name="bob")  # announces its udp listener
+        await bob.join(await invite(coord), name="bob")  # announces its udp listener
         bob.serve("sink", sha256_sink)
-        peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+        peer = await alice.connect_peer("bob", timeout=10)
         urls = [p.url for p in peer.paths]
         assert urls == [bob.addresses[0], f"relay://{coord.node.node_id}/{bob.node_id}"]
         await wait_for_condition(lambda: _direct_active(peer))
@@ -209,9 +209,9 @@ async def test_a_dark_direct_path_falls_back_to_the_relay_and_is_used_again_when
             netchan.Node(listen=["udp://127.0.0.1:0"]) as bob:
         host, port = bob.addresses[0].removeprefix("udp://").rsplit(":", 1)
         async with UdpChaos((host, int(port))) as chaos:
-            await Membership.of(bob).join(await invite(coord), name="bob", announce=[chaos.url])
+            await bob.join(await invite(coord), name="bob", announce=[chaos.url])
             bob.serve("sink", sha256_sink)
-            peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+            peer = await alice.connect_peer("bob", timeout=10)
             await wait_for_condition(lambda: _direct_active(peer))
             data = os.urandom(24 << 20)
             sent = 0
@@ -267,10 +267,10 @@ async def test_a_member_with_a_udp_listener_reaches_the_coordinator_from_it(tmp_
     mapping), which it hands to members that want to reach this one."""
     async with coordinator(tmp_path) as coord, netchan.Node(listen=["udp://127.0.0.1:0"]) as alice, \
             netchan.Node() as bob:
-        welcome = await Membership.of(alice).join(await invite(coord), name="alice")
+        welcome = await alice.join(await invite(coord), name="alice")
         assert welcome.seen_at == alice.addresses[0]
         # a node without one is seen at a socket of its own, which reaches nothing: not offered
-        assert (await Membership.of(bob).join(await invite(coord), name="bob")).seen_at == ""
+        assert (await bob.join(await invite(coord), name="bob")).seen_at == ""
         intro = await Membership.of(bob).introduce("alice")
         assert Membership.direct_candidates(intro) == [alice.addresses[0]]
 
@@ -309,7 +309,7 @@ async def test_two_coordinators_on_one_redis_introduce_members_that_joined_eithe
         async with member(west, "alice", invitation=await invite(east)) as alice, \
                 member(east, "bob") as bob:
             bob.serve("echo", echo)
-            peer = await Membership.of(alice).connect_peer("bob", timeout=10)
+            peer = await alice.connect_peer("bob", timeout=10)
             async with await peer.open_stream("echo") as s:
                 await s.send(b"across coordinators")
                 assert await asyncio.wait_for(s.receive(), 10) == b"across coordinators"
@@ -320,7 +320,7 @@ async def test_two_coordinators_on_one_redis_introduce_members_that_joined_eithe
             await west.revoke("bob")
             await wait_for_condition(lambda: all(m.node_id != bob.node_id for m in east.online), timeout=2)
             with pytest.raises(CoordinatorError):
-                await Membership.of(alice).connect_peer("bob")
+                await alice.connect_peer("bob")
 
 
 async def test_a_member_that_used_up_its_relay_budget_relays_no_more(tmp_path):
@@ -329,7 +329,7 @@ async def test_a_member_that_used_up_its_relay_budget_relays_no_more(tmp_path):
     async with node, Coordinator(node, SqliteStore(tmp_path / "d.db"), relay_budget=budget) as coord, \
             member(coord, "alice") as alice, member(coord, "bob") as bob:
         bob.serve("sink", sha256_sink)
-        peer = await Membership.of(alice).connect_peer("bob", direct=False, timeout=10)
+        peer = await alice.connect_peer("bob", direct=False, timeout=10)
         transfer = asyncio.ensure_future(upload(peer, [os.urandom(1 << 20)]))
         try:
             await wait_for_condition(lambda: coord.counters.over_budget > 0, timeout=20)

@@ -32,13 +32,14 @@ async def _closed(server):
     await server.wait_closed()
 
 
-def netchan_cmd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "netchan", *args], capture_output=True, text=True, timeout=timeout)
+def netchan_cmd(*args: str, timeout: float = 30, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "netchan", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 @contextlib.asynccontextmanager
-async def started(*args: str):
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "netchan", *args,
+async def started(*args: str, env: dict[str, str] | None = None):
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "netchan", *args, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         yield proc
@@ -120,6 +121,35 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
         assert done.returncode == 0 and "revoked bob" in done.stdout
         listed = await asyncio.to_thread(netchan_cmd, "members", "--state", state)
         assert any(line.startswith("bob") and "revoked" in line for line in listed.stdout.splitlines())
+
+
+async def test_a_coordinator_without_options_keeps_its_key_and_directory_in_the_state_home(tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state-home")}
+    state = tmp_path / "state-home" / "netchan" / "coordinator"
+    ids = []
+    for run in range(2):
+        async with started("coordinator", "--listen", "udp://127.0.0.1:0", env=env) as coord:
+            lines = await _lines_until(coord, r"^coordinator ")
+            ids.append(lines[-1].split()[1])
+            lines += await _lines_until(coord, r"^listening on udp://")
+            if run == 0:
+                assert any(line == f"new key {state / 'coordinator.key'}" for line in lines), lines
+                # invite finds the running coordinator in the same default directory
+                done = await asyncio.to_thread(netchan_cmd, "invite", "--name", "alice", env=env)
+                assert done.returncode == 0, done.stderr
+                invitation = netchan.coordinator.Invitation.decode(done.stdout.strip())
+            else:
+                # the invitation made before the restart is good at the coordinator that came back
+                # (at its new port: port 0 here)
+                url = lines[-1].split()[2]
+                again = netchan.coordinator.Invitation(invitation.coordinator, [url], invitation.id, invitation.secret)
+                key = tmp_path / "alice.key"
+                netchan.Identity.generate().save(key)
+                done = await asyncio.to_thread(netchan_cmd, "join", again.encode(), "--identity", str(key), env=env)
+                assert done.returncode == 0, done.stderr
+    assert ids[0] == ids[1] == invitation.coordinator
+    assert stat.S_IMODE(os.stat(state / "coordinator.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
 
 
 @pytest.mark.parametrize("args, message", [

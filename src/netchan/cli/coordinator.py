@@ -1,7 +1,8 @@
 """``netchan coordinator``, ``invite``, ``revoke``, ``members`` and ``join``.
 
-A coordinator keeps its directory in its state directory (``directory.db``,
-SQLite) or, with ``--redis``, in a Redis shared with other coordinators,
+A coordinator keeps its directory in its state directory (by default
+``$XDG_STATE_HOME/netchan/coordinator``: ``directory.db``, SQLite, and its
+key ``coordinator.key`` unless ``--identity`` names one) or, with ``--redis``, in a Redis shared with other coordinators,
 and writes ``coordinator.json`` there (its node id and addresses) so that
 ``netchan invite --state DIR`` can make invitations while it runs.
 
@@ -24,12 +25,19 @@ from typing import Any, Callable
 from ..carriers.faults import parse_rate, parse_seconds
 from ..coordinator import Coordinator, Invitation, Membership, RedisStore, SqliteStore, Store
 from ..errors import ConfigurationError, NetchanError
+from ..identity import Identity
 from ..node.node import Node, Peer
 from .control import serve_control
 from .options import add_listening_options, identity, listening_node
 from .runner import stop_on_signals
 
 __all__ = ["add_parsers", "member_file", "join_saved", "reach", "member_listen", "add_member_option"]
+
+
+def default_state() -> str:
+    """The coordinator's state directory when --state is not given."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "netchan", "coordinator")
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -60,6 +68,12 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
 
 async def _coordinator(args: argparse.Namespace) -> int:
     os.makedirs(args.state, mode=0o700, exist_ok=True)
+    if not args.identity:
+        # the coordinator's id is in every invitation and membership: it keeps one key
+        args.identity = os.path.join(args.state, "coordinator.key")
+        if not os.path.exists(args.identity):
+            Identity.generate().save(args.identity)
+            print(f"new key {args.identity}", flush=True)
     node = listening_node(args)
     rate = parse_rate(args.relay_rate)
     budget = parse_rate(args.relay_budget.removesuffix("/h")) if args.relay_budget else None
@@ -72,7 +86,8 @@ async def _coordinator(args: argparse.Namespace) -> int:
         for url in node.addresses:
             print(f"listening on {url}", flush=True)
         members = await coord.store.members()
-        print(f"{len(members)} members; invite more with: netchan invite --state {args.state}", flush=True)
+        state = "" if args.state == default_state() else f" --state {args.state}"
+        print(f"{len(members)} members; invite more with: netchan invite{state}", flush=True)
 
         async def directory() -> dict[str, Any]:
             return {"coordinator": {
@@ -155,7 +170,7 @@ async def _join(args: argparse.Namespace) -> int:
         return 2
     inv = Invitation.decode(args.invitation)
     async with Node(identity(args.identity), listen=args.listen or [], engine=args.engine) as node:
-        welcome = await Membership.of(node).join(inv, name=args.name or "")
+        welcome = await node.join(inv, name=args.name or "")
     _write_private(member_file(args.identity), {"coordinator": inv.coordinator, "addresses": inv.addresses,
                                                 "name": welcome.name})
     print(f"joined coordinator {inv.coordinator} as {welcome.name}; saved in {member_file(args.identity)}")
@@ -199,12 +214,13 @@ async def reach(node: Node, args: argparse.Namespace) -> Peer:
 
 def add_parsers(sub: Any, engine_help: str, run: Callable[..., int]) -> None:
     def state_options(p: Any) -> None:
-        p.add_argument("--state", required=True, metavar="DIR", help="the coordinator's state directory")
+        p.add_argument("--state", default=default_state(), metavar="DIR",
+                       help="the coordinator's state directory (default: %(default)s)")
         p.add_argument("--redis", metavar="URL", help="keep the directory in Redis (redis://host:6379/0), "
                                                        "shared with other coordinators")
 
     p = sub.add_parser("coordinator", help="run a coordinator: members join it, it introduces and relays them")
-    add_listening_options(p, "connect without joining")
+    add_listening_options(p, "connect without joining", key="coordinator.key in the state directory")
     state_options(p)
     p.add_argument("--address", action="append", default=[], metavar="URL",
                    help="where members reach us, as invitations say (default: the listening URLs)")

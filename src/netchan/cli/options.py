@@ -23,12 +23,12 @@ def identity(path: str | None, announce: str = "") -> Identity:
     return ident
 
 
-def add_listening_options(p: Any, who: str = "connect") -> None:
+def add_listening_options(p: Any, who: str = "connect", key: str = "a throwaway key") -> None:
     p.add_argument("--listen", action="append", required=True, metavar="URL",
                    help="udp://HOST:PORT, tcp://HOST:PORT (repeatable)")
     p.add_argument("--allow", action="append", default=[], metavar="ID",
                    help=f"node id allowed to {who} (repeatable; 'any' admits every key)")
-    p.add_argument("--identity", metavar="PATH", help="key file (default: a throwaway key)")
+    p.add_argument("--identity", metavar="PATH", help=f"key file (default: {key})")
 
 
 def listening_node(args: argparse.Namespace) -> Node:

@@ -1045,6 +1045,19 @@ class Node:
 
     # -- dialing --------------------------------------------------------------------
 
+    async def join(self, invitation: Any = None, **how: Any) -> Any:
+        """Join a coordinator: with a ``netchan-invite:`` line the first time,
+        or as a member with ``coordinator=URL(s), coordinator_id=ID`` (see
+        :meth:`netchan.coordinator.Membership.join`, which this calls)."""
+        return await self.extension("coordinator").join(invitation, **how)
+
+    async def connect_peer(self, who: str, *, direct: bool = True, timeout: float | None = None) -> Peer:
+        """A session with the member ``who`` (node id or name) of the
+        coordinator this node joined: relayed at once, direct where a path
+        answers (see :meth:`netchan.coordinator.Membership.connect_peer`)."""
+        peer: Peer = await self.extension("coordinator").connect_peer(who, direct=direct, timeout=timeout)
+        return peer
+
     async def connect(self, url: str | Sequence[str], node_id: str, *, timeout: float | None = None,
                       paths: str = "failover", reconnect: bool = True, _peer: Peer | None = None) -> Peer:
         """Open an authenticated session to the node ``node_id`` at ``url``.

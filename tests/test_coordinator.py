@@ -109,6 +109,27 @@ async def test_a_revoked_member_is_refused_at_once_and_loses_its_session(tmp_pat
                                       timeout=5)
 
 
+async def test_revoking_a_member_ends_the_sessions_others_have_with_it_direct_ones_too(tmp_path):
+    async with coordinator(tmp_path) as coord, netchan.Node(listen=["udp://127.0.0.1:0"]) as alice, \
+            netchan.Node(listen=["udp://127.0.0.1:0"]) as bob:
+        await alice.join(await invite(coord), name="alice")
+        await bob.join(await invite(coord), name="bob")
+        bob.serve("echo", echo)
+        peer = await alice.connect_peer("bob", timeout=10)
+        await wait_for_condition(lambda: _direct_active(peer))
+        async with await peer.open_stream("echo") as s:
+            await s.send(b"before")
+            await s.send_eof()
+            assert await asyncio.wait_for(read_all(s), 10) == b"before"
+        await coord.revoke("bob")
+        await asyncio.wait_for(peer.wait_closed(), 5)
+        assert bob.node_id not in Membership.of(alice).introduced
+        # alice admitted bob as one introduced to her; dialing her directly now, it is refused
+        await wait_for_condition(lambda: all(p.node_id != alice.node_id or p.closed for p in bob.peers))
+        with pytest.raises(netchan.NotAllowed):
+            await bob.connect(alice.addresses[0], alice.node_id, timeout=5, reconnect=False)
+
+
 async def test_members_in_different_groups_are_not_introduced(tmp_path):
     async with coordinator(tmp_path) as coord, \
             member(coord, "alice", invitation=await invite(coord, groups=("red",))) as alice, \

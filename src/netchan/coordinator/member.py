@@ -33,6 +33,7 @@ from .protocol import (
     RELAY_OVERHEAD,
     SERVICE,
     CoordinatorError,
+    Forget,
     Hello,
     Introduce,
     Introduced,
@@ -142,6 +143,9 @@ class _Control:
                     self.expected[message.circuit] = message
                     membership.punch_toward(self, message)
                     continue
+                if isinstance(message, Forget):
+                    await membership.forget(message.peer, message.reason)
+                    continue
                 if not self.answers:
                     raise ProtocolError(f"an unasked {type(message).__name__} from the coordinator")
                 future = self.answers.popleft()
@@ -164,6 +168,15 @@ class _Control:
                 future = self.answers.popleft()
                 if not future.done():
                     future.set_exception(error)
+
+    def forget(self, node_id: str) -> None:
+        """No circuit to or from ``node_id`` any more."""
+        for number, intro in list(self.expected.items()):
+            if intro.peer == node_id:
+                del self.expected[number]
+        for path in list(self.paths.values()):
+            if path.peer_id == node_id:
+                path.close()
 
     def on_relay(self, frames: list[bytes]) -> None:
         """Relay frames from the coordinator: each run of one circuit to its path at once."""
@@ -296,6 +309,18 @@ class Membership:
     async def aclose(self) -> list[NetchanError]:
         await self.leave()
         return []
+
+    async def forget(self, node_id: str, reason: str) -> None:
+        """``node_id`` is no longer a member: it is admitted no more, and our
+        sessions with it end."""
+        self.introduced.pop(node_id, None)
+        self._fresh.pop(node_id, None)
+        for control in self._controls.values():
+            control.forget(node_id)
+        for peer in list(self.node.peers):
+            if peer.node_id == node_id:
+                log.info("ending the session with %s: %s at the coordinator", node_id, reason)
+                await peer.aclose()
 
     async def introduce(self, who: str) -> Introduced:
         """Ask the coordinator to introduce us to ``who`` (node id or name)."""

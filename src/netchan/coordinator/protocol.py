@@ -4,7 +4,8 @@ A member keeps one "coordinator" stream open to its coordinator: it sends a
 :class:`Join` (with an invitation, the first time) or a :class:`Hello`, gets
 a :class:`Welcome`, and from then on sends :class:`Introduce` requests and
 receives :class:`Introduced` notices on it, each request answered in order
-by an :class:`Introduced` or a :class:`Refused`.  A member that receives a
+by an :class:`Introduced` or a :class:`Refused` (a :class:`Forget`
+comes unasked when a member is revoked).  A member that receives a
 notice (it is asked of) first opens its NAT toward the asker, then says
 :class:`Punched`; only then is the asker answered, so that the asker's
 packets find the way open rather than taking the mapping they need.
@@ -91,6 +92,14 @@ class Punched(msgspec.Struct, tag="punched"):
     circuit: int
 
 
+class Forget(msgspec.Struct, tag="forget"):
+    """Unasked, to every member: ``peer`` is no longer a member (revoked):
+    end any session with it and admit it no more."""
+
+    peer: str
+    reason: str = "revoked"
+
+
 class Refused(msgspec.Struct, tag="refused"):
     """A request that was not granted: ``code`` is one of the REFUSAL codes.
     A member that is online at another coordinator of the same directory is
@@ -102,7 +111,7 @@ class Refused(msgspec.Struct, tag="refused"):
     addresses: list[str] = []
 
 
-Message = Join | Hello | Welcome | Introduce | Introduced | Punched | Refused
+Message = Join | Hello | Welcome | Introduce | Introduced | Punched | Forget | Refused
 decoder = msgspec.msgpack.Decoder(Message)
 
 #: why a join or an introduction was refused

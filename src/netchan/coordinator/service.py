@@ -35,6 +35,7 @@ from .protocol import (
     SERVICE,
     UNKNOWN_PEER,
     CoordinatorError,
+    Forget,
     Hello,
     Introduce,
     Introduced,
@@ -108,7 +109,7 @@ class _Online:
     #: the udp address we see it at ("" if it came another way)
     seen: str = ""
 
-    async def send(self, message: Introduced | Refused | Welcome) -> None:
+    async def send(self, message: Introduced | Forget | Refused | Welcome) -> None:
         async with self.lock:
             await send_message(self.stream, message)
 
@@ -244,6 +245,10 @@ class Coordinator:
         for peer in self.node.peers:
             if peer.node_id == member.node_id:
                 await peer.aclose()  # and the gate refuses it when it dials again
+        # and the members it met end their sessions with it (direct ones too)
+        for other in list(self._online.values()):
+            with contextlib.suppress(NetchanError):
+                await other.send(Forget(member.node_id, "revoked"))
         log.info("revoked %s (%s)", member.name, member.node_id)
         return member
 

@@ -24,6 +24,14 @@ async def echo(stream, peer):
     await stream.send_eof()
 
 
+async def echo_connection(reader, writer):
+    """An asyncio TCP server's handler that sends back what it reads."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
 async def never_reads(stream, peer):
     """A service whose application never reads (a stalled consumer)."""
     await asyncio.sleep(3600)

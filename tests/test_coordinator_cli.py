@@ -15,16 +15,10 @@ import pytest
 
 import netchan
 
+from .helpers import echo_connection
 from .test_tunnel_cli import _lines_until, _stop
 
 pytestmark = pytest.mark.async_timeout(90)
-
-
-async def _echo(reader, writer):
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
 
 
 async def _closed(server):
@@ -74,7 +68,7 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
         assert done.returncode == 1 and "unknown, used up or expired" in done.stderr
         done = await asyncio.to_thread(netchan_cmd, "join", invitations["bob"], "--identity", keys["bob"])
         assert done.returncode == 0, done.stderr
-        echo_server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        echo_server = await asyncio.start_server(echo_connection, "127.0.0.1", 0)
         stack.push_async_callback(_closed, echo_server)
         echo_port = echo_server.sockets[0].getsockname()[1]
         async with started("serve", "--identity", keys["bob"], "--listen", "udp://127.0.0.1:0",

@@ -23,9 +23,10 @@ LAYERS = {
     "tunnels": 4,
     "coordinator": 4,
     "tools": 4,
-    "cli": 5,
-    "__main__": 6,
-    "": 6,  # netchan/__init__.py: the public API gathers every layer
+    "ops": 5,
+    "cli": 6,
+    "__main__": 7,
+    "": 7,  # netchan/__init__.py: the public API gathers every layer
 }
 
 

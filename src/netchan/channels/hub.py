@@ -133,6 +133,10 @@ class ChannelHub:
     def owned(self, name: str) -> Any:
         return self._owned.get(name)
 
+    def owned_all(self) -> dict[str, Any]:
+        """This node's channels and topics, by name."""
+        return dict(self._owned)
+
     def track(self, handle: RemoteChannel) -> None:
         """``handle`` is flushed when the node closes."""
         self._handles.add(handle)

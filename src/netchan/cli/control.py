@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from ..errors import ConfigurationError
 from ..node.node import Node
 
-__all__ = ["control_dir", "serve_control", "node_status", "add_parser"]
+__all__ = ["control_dir", "serve_control", "node_status", "add_parser", "find_socket", "ask"]
 
 
 def control_dir() -> str:
@@ -38,10 +38,16 @@ def node_status(node: Node) -> dict[str, Any]:
     return {"node_id": node.node_id, "addresses": node.addresses, "peers": peers, "time": time.time()}
 
 
+Command = Callable[[], Awaitable[dict[str, Any]]]
+
+
 @contextlib.asynccontextmanager
-async def serve_control(node: Node, path: str | None = None,
-                        extra: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> AsyncIterator[str]:
-    """Answer status requests on a UNIX socket while the block runs; yields its path."""
+async def serve_control(node: Node, path: str | None = None, extra: Command | None = None,
+                        commands: dict[str, Command] | None = None) -> AsyncIterator[str]:
+    """Answer requests on a UNIX socket while the block runs; yields its path.
+
+    A line naming one of ``commands`` (``reload``) runs it and answers what it
+    returns; any other line is a status request."""
     if path is None:
         directory = control_dir()
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -52,10 +58,14 @@ async def serve_control(node: Node, path: str | None = None,
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while await reader.readline():
-                status = node_status(node)
-                if extra is not None:
-                    status.update(await extra())
+            while line := await reader.readline():
+                command = (commands or {}).get(line.decode("utf-8", "replace").strip())
+                if command is not None:
+                    status = await command()
+                else:
+                    status = node_status(node)
+                    if extra is not None:
+                        status.update(await extra())
                 writer.write(json.dumps(status).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -76,7 +86,7 @@ async def serve_control(node: Node, path: str | None = None,
             os.unlink(path)
 
 
-def _find_socket(args: Any) -> str:
+def find_socket(args: Any) -> str:
     if args.control:
         return str(args.control)
     directory = control_dir()
@@ -108,6 +118,16 @@ def _render(status: dict[str, Any]) -> Any:
             peers.add_row(peer["node_id"] if i == 0 else "", peer["state"] if i == 0 else "", path["url"],
                           path["carrier"], path["state"], rtt, f"{path['loss']:.0%}", "yes" if path["active"] else "")
     parts.append(peers)
+    pipelines = status.get("pipelines")
+    if pipelines:
+        table = Table(title=f"pipelines ({status.get('config', '')})")
+        for column in ("name", "left", "listening", "through", "right", "open", "total", "failed", "out", "in"):
+            table.add_column(column, justify="right" if column in ("open", "total", "failed", "out", "in")
+                             else "left")
+        for p in pipelines:
+            table.add_row(p["name"], p["left"], p["address"], " -> ".join(p["through"]), p["right"], str(p["open"]),
+                          str(p["opened"]), str(p["failed"]), f"{p['bytes_out']:,}", f"{p['bytes_in']:,}")
+        parts.append(table)
     coordinator = status.get("coordinator")
     if coordinator is not None:
         members = Table(title=f"directory: {len(coordinator['members'])} members, relayed "
@@ -122,8 +142,26 @@ def _render(status: dict[str, Any]) -> Any:
     return Group(*parts)
 
 
+async def ask(path: str, request: str, timeout: float = 30) -> dict[str, Any]:
+    """One request to the node at control socket ``path``, and its answer."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot reach the node at {path}: {exc.strerror or exc}") from None
+    try:
+        writer.write(request.encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        if not line:
+            raise ConfigurationError(f"the node at {path} closed its control socket")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+    finally:
+        writer.close()
+
+
 async def _status(args: Any) -> int:
-    path = _find_socket(args)
+    path = find_socket(args)
     try:
         reader, writer = await asyncio.open_unix_connection(path)
     except OSError as exc:

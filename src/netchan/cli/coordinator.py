@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 from typing import Any, Callable
 
 from ..carriers.faults import parse_rate, parse_seconds
-from ..coordinator import Coordinator, Invitation, Membership, RedisStore, SqliteStore, Store
+from ..coordinator import Coordinator, Invitation, RedisStore, SqliteStore, Store
+from ..coordinator.saved import join_saved, member_file, read_json, write_private
 from ..errors import ConfigurationError, NetchanError
 from ..identity import Identity
 from ..node.node import Node, Peer
@@ -46,26 +46,6 @@ def _store(args: argparse.Namespace) -> Store:
     return SqliteStore(os.path.join(args.state, "directory.db"))
 
 
-def _write_private(path: str, data: dict[str, Any]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-
-
-def _read_json(path: str, what: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigurationError(f"{path}: no {what} here") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"{path}: cannot read the {what}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigurationError(f"{path}: not a {what}")
-    return data
-
-
 async def _coordinator(args: argparse.Namespace) -> int:
     os.makedirs(args.state, mode=0o700, exist_ok=True)
     if not args.identity:
@@ -80,7 +60,7 @@ async def _coordinator(args: argparse.Namespace) -> int:
     async with node, Coordinator(node, _store(args), relay_rate=rate, relay_burst=rate / 4,
                                  relay_budget=budget) as coord:
         addresses = args.address or node.addresses
-        _write_private(os.path.join(args.state, "coordinator.json"),
+        write_private(os.path.join(args.state, "coordinator.json"),
                        {"node_id": node.node_id, "addresses": addresses})
         print(f"coordinator {node.node_id}", flush=True)
         for url in node.addresses:
@@ -117,7 +97,7 @@ def _duration(text: str) -> float:
 
 
 async def _invite(args: argparse.Namespace) -> int:
-    info = _read_json(os.path.join(args.state, "coordinator.json"), "coordinator (start netchan coordinator first)")
+    info = read_json(os.path.join(args.state, "coordinator.json"), "coordinator (start netchan coordinator first)")
     addresses = args.address or info["addresses"]
     store = _store(args)
     await store.open()
@@ -159,11 +139,6 @@ async def _members(args: argparse.Namespace) -> int:
     return 0
 
 
-def member_file(key_path: str) -> str:
-    """Where ``netchan join`` keeps a node's membership: next to its key."""
-    return key_path + ".member"
-
-
 async def _join(args: argparse.Namespace) -> int:
     if not args.identity:
         print("netchan join: --identity is needed (the membership belongs to a key that stays)", file=sys.stderr)
@@ -171,21 +146,10 @@ async def _join(args: argparse.Namespace) -> int:
     inv = Invitation.decode(args.invitation)
     async with Node(identity(args.identity), listen=args.listen or [], engine=args.engine) as node:
         welcome = await node.join(inv, name=args.name or "")
-    _write_private(member_file(args.identity), {"coordinator": inv.coordinator, "addresses": inv.addresses,
+    write_private(member_file(args.identity), {"coordinator": inv.coordinator, "addresses": inv.addresses,
                                                 "name": welcome.name})
     print(f"joined coordinator {inv.coordinator} as {welcome.name}; saved in {member_file(args.identity)}")
     return 0
-
-
-async def join_saved(node: Node, key_path: str | None, timeout: float | None = None) -> Membership:
-    """Join again the coordinator that ``netchan join`` saved for ``key_path``."""
-    if not key_path:
-        raise ConfigurationError("--member needs --identity (the key that joined)")
-    saved = _read_json(member_file(key_path), "membership (run netchan join first)")
-    membership = Membership.of(node)
-    await membership.join(coordinator=saved["addresses"], coordinator_id=saved["coordinator"],
-                          timeout=timeout)
-    return membership
 
 
 def add_member_option(p: Any, command: str) -> None:

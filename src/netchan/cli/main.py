@@ -18,6 +18,7 @@ from ..session.engine import DEFAULT_ENGINE, ENGINES
 from ..tunnels import Tunnels
 from . import control as control_cli
 from . import coordinator as coordinator_cli
+from . import run as run_cli
 from . import tunnel as tunnel_cli
 from . import vpn as vpn_cli
 from .options import add_listening_options, identity, listening_node
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     tunnel_cli.add_parser(sub, engine_help, run)
     coordinator_cli.add_parsers(sub, engine_help, run)
     control_cli.add_parser(sub, run)
+    run_cli.add_parsers(sub, run)
     vpn_cli.add_parser(sub, engine_help, run)
 
     p = sub.add_parser("ping", help="authenticated round trips to a node (over one path or several)")

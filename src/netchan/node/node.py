@@ -807,6 +807,23 @@ class Node:
         """Admit ``node_id`` from now on."""
         self._allowed.add(check_node_id(node_id))
 
+    def set_allowed(self, allow: Iterable[str] | object) -> list[str]:
+        """Replace the allow list (``ANY``: every key).  Sessions of peers it no
+        longer admits (and no gate does) are closed; their node ids returned."""
+        if allow is ANY:
+            self._allow_any, self._allowed = True, set()
+            return []
+        assert not isinstance(allow, (str, bytes)) and isinstance(allow, Iterable)
+        self._allowed = {check_node_id(a) for a in allow}
+        self._allow_any = False
+        dropped = []
+        for session in list(self._sessions):
+            peer = session.peer
+            if peer is not None and not session.dialed and not self._is_allowed(peer.node_id):
+                dropped.append(peer.node_id)
+                self.spawn(peer.aclose(), "netchan peer no longer allowed")
+        return dropped
+
     def add_gate(self, gate: Callable[[str], bool | None]) -> Callable[[], None]:
         """Ask ``gate(node_id)`` of every peer that authenticates: False refuses
         it (NotAllowed) whatever the allow list says, True admits it, None

@@ -14,6 +14,7 @@ a name that resolves into a forbidden network stays forbidden).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from ..errors import ConfigurationError
@@ -21,6 +22,8 @@ from ..errors import ConfigurationError
 __all__ = ["ExitRule", "ExitRules", "parse_hostport"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: a label of a host name: letters (any script), digits, hyphens inside, underscores as some names have
+_LABEL = re.compile(r"\w(?:[\w-]{0,61}\w)?")
 
 
 def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, str]:
@@ -73,7 +76,7 @@ class ExitRule:
         except ValueError:
             name = host.lower().rstrip(".")
             label = name.removeprefix("*.")
-            if name != "*" and (not label or any(not part or len(part) > 63 for part in label.split("."))):
+            if name != "*" and (not label or any(not _LABEL.fullmatch(part) for part in label.split("."))):
                 raise ConfigurationError(f"exit rule {text!r}: {host!r} is neither an address, a network "
                                          "nor a host name") from None
         return cls(text, network, name, low, high)

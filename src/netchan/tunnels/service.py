@@ -47,7 +47,7 @@ from .udp import UdpFlows, UdpForward
 if TYPE_CHECKING:
     from ..node.node import Node, Peer
 
-__all__ = ["Tunnels", "LocalForward", "RemoteForward", "Socks5"]
+__all__ = ["Tunnels", "LocalForward", "RemoteForward", "Socks5", "parse_remote_bind"]
 
 log = logging.getLogger("netchan.tunnels")
 
@@ -155,15 +155,7 @@ class Tunnels:
         """Let peers ask this node to listen on ``[ID@][bind:]port`` (port 0 or
         ``*``: any port; with ``ID@``, only the peer with that node id)."""
         for text in binds:
-            who, sep, rest = text.rpartition("@")
-            if sep and not who:
-                raise ConfigurationError(f"remote bind {text!r}: a node id goes before the @")
-            host, port = parse_hostport(rest, default_host="127.0.0.1")
-            try:
-                number = 0 if port == "*" else int(port)
-            except ValueError:
-                raise ConfigurationError(f"remote bind {text!r}: the port must be a number or *") from None
-            self.remote_binds.append((who, host, number))
+            self.remote_binds.append(parse_remote_bind(text))
 
     # -- the client side -----------------------------------------------------------------
 
@@ -429,6 +421,19 @@ class Tunnels:
             else:
                 server.close()  # the node cancels the connections' tasks
         return []
+
+
+def parse_remote_bind(text: str) -> tuple[str, str, int]:
+    """``[ID@][bind:]port`` -> (peer id or "", bind, port; 0 for ``*``)."""
+    who, sep, rest = text.rpartition("@")
+    if sep and not who:
+        raise ConfigurationError(f"remote bind {text!r}: a node id goes before the @")
+    host, port = parse_hostport(rest, default_host="127.0.0.1")
+    try:
+        number = 0 if port == "*" else int(port)
+    except ValueError:
+        raise ConfigurationError(f"remote bind {text!r}: the port must be a number or *") from None
+    return who, host, number
 
 
 def _listen_and_target(listen: str, target: str | None) -> tuple[tuple[str, int], tuple[str, int]]:

@@ -17,7 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from .front import Front
-from .protocol import SOCKS_REPLY, Open, OpenUdp
+from .protocol import NOT_ALLOWED, SOCKS_REPLY, Open, OpenUdp, format_address
 from .udp import Flow
 
 if TYPE_CHECKING:
@@ -43,9 +43,17 @@ class Socks5(Front):
         super().__init__(tunnels, peer)
         self.users = dict(users or {})
 
+    #: UDP ASSOCIATE is served (through ``peer``)
+    udp = True
+
     @property
     def target(self) -> str:
         return "SOCKS5"
+
+    async def peer_for(self, request: Open) -> Peer | None:
+        """The peer a CONNECT to ``request`` goes through (None: refused, not
+        allowed by the rules); ``peer`` here, others choose per destination."""
+        return self.peer
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -59,9 +67,21 @@ class Socks5(Front):
             writer.close()
             return
         if isinstance(request, _Associate):
+            if not self.udp:
+                writer.write(_reply(COMMAND_NOT_SUPPORTED))
+                await _drain_and_close(writer)
+                return
             await self._associate(reader, writer)
             return
-        stream = await self.tunnels.try_open(self.peer, request, [self.counters])
+        peer = await self.peer_for(request)
+        if peer is None:
+            self.counters.failure(NOT_ALLOWED)
+            log.info("SOCKS5 client %s: no route to %s", writer.get_extra_info("peername"),
+                     format_address(request.host, request.port))
+            writer.write(_reply(SOCKS_REPLY[NOT_ALLOWED]))
+            await _drain_and_close(writer)
+            return
+        stream = await self.tunnels.try_open(peer, request, [self.counters])
         if isinstance(stream, str):
             writer.write(_reply(SOCKS_REPLY.get(stream, GENERAL_FAILURE)))
             await _drain_and_close(writer)

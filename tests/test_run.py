@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -263,3 +264,38 @@ right = {{ connect = "127.0.0.1:{echo_port}" }}
                 assert 0 < _sample(page, "netchan_path_rtt_seconds", peer=gateway.node_id, carrier=carrier) < 1
             assert _sample(page, "netchan_path_active", peer=gateway.node_id, carrier="udp") == 1
             writer.close()
+
+
+async def test_json_logs_one_line_per_refusal_and_per_session_never_a_secret(tmp_path):
+    me, friend = netchan.Identity.generate(), netchan.Identity.generate()
+    me.save(tmp_path / "me.key")
+    config = tmp_path / "node.toml"
+    config.write_text(f'identity = "me.key"\nlisten = ["udp://127.0.0.1:0"]\nallow = ["{friend.node_id}"]\n')
+    async with _netchan("run", str(config), "--log-format", "json") as run:
+        lines = await _lines_until(run, r"^control socket ")
+        url = next(line.split()[2] for line in lines if line.startswith("listening on "))
+        async with netchan.Node() as stranger, netchan.Node(friend) as welcome:
+            with pytest.raises(netchan.NotAllowed):
+                await stranger.connect(url, me.node_id, timeout=5, reconnect=False)
+            peer = await welcome.connect(url, me.node_id, timeout=5)
+            await peer.aclose()
+
+            seen = []
+
+            async def logged(event, who):
+                while True:
+                    line = await asyncio.wait_for(run.stderr.readline(), 10)
+                    assert line, "stderr ended"
+                    seen.append(line.decode())
+                    entry = json.loads(line)  # every line is one JSON object
+                    if entry.get("event") == event and entry.get("peer") == who:
+                        return entry
+
+            refused = await logged("refused", stranger.node_id)
+            assert refused["level"] == "WARNING" and refused["reason"] == "not-allowed"
+            assert "not in the allow list" in refused["message"]
+            up = await logged("peer up", friend.node_id)
+            assert up["level"] == "INFO"
+    key_text = (tmp_path / "me.key").read_text()
+    everything = "".join(seen) + (await run.stderr.read()).decode()
+    assert key_text.splitlines()[1] not in everything

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -776,6 +777,7 @@ class Node:
         self._dialers: dict[str, Dial] = {}
         #: admission opinions beside the allow list (see add_gate)
         self._gates: list[Callable[[str], bool | None]] = []
+        self._refusals_logged: dict[str, float] = {}
         self._frame_handlers: dict[int, FrameHandler] = {}
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
@@ -830,6 +832,19 @@ class Node:
         leaves it to the others and the allow list.  Returns a remover."""
         self._gates.append(gate)
         return lambda: self._gates.remove(gate) if gate in self._gates else None
+
+    def _admits(self, node_id: str) -> bool:
+        """:meth:`_is_allowed`, a refusal logged (once a minute per node id)."""
+        if self._is_allowed(node_id):
+            return True
+        now = time.monotonic()
+        if now - self._refusals_logged.get(node_id, -60.0) >= 60.0:
+            if len(self._refusals_logged) > 1024:
+                self._refusals_logged.clear()
+            self._refusals_logged[node_id] = now
+            log.warning("refused node %s: not in the allow list", node_id,
+                        extra={"event": "refused", "peer": node_id, "reason": "not-allowed"})
+        return False
 
     def _is_allowed(self, node_id: str) -> bool:
         admitted = self._allow_any or node_id in self._allowed
@@ -1211,7 +1226,7 @@ class Node:
             is_client=False,
             now=asyncio.get_running_loop().time(),
             config=replace(self.config, packet_size=path.packet_size),
-            allow=self._is_allowed,
+            allow=self._admits,
             original_destination_connection_id=cid,
         )
         self._sessions[session] = None
@@ -1276,7 +1291,8 @@ class Node:
     def _emit(self, ev: PeerEvent | None) -> None:
         if ev is not None:
             log.info("%s %s%s%s", ev.kind, ev.peer_id, f" via {ev.path}" if ev.path else "",
-                     f": {ev.detail}" if ev.detail else "")
+                     f": {ev.detail}" if ev.detail else "",
+                     extra={"event": ev.kind, "peer": ev.peer_id, "path": ev.path, "detail": ev.detail})
         for queue, wake in self._event_queues:
             queue.append(ev)
             for fut in wake:

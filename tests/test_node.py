@@ -57,6 +57,21 @@ async def test_client_not_in_allow_raises_not_allowed(listen_url, ids):
             with pytest.raises(netchan.NotAllowed, match="not allowed"):
                 await client.connect(server.addresses[0], node_id=server.node_id)
         assert called == [] and server.peers == []
+        # counted on both sides, by reason, for the metrics; nothing counted as a session
+        await wait_for_condition(lambda: server.counters.handshake_failures.get("not-allowed") == 1)
+        assert client.counters.handshake_failures == {"not-allowed": 1}
+        assert server.counters.sessions == 0
+
+
+async def test_wrong_key_handshakes_are_counted_as_authentication_failures(memory_url, ids):
+    server_id, client_id = ids
+    async with netchan.Node(server_id, [memory_url], allow=[client_id.node_id]) as server:
+        async with netchan.Node(client_id) as client:
+            with pytest.raises(netchan.AuthenticationError):
+                await client.connect(memory_url, node_id=netchan.Identity.generate().node_id)
+            assert client.counters.handshake_failures == {"authentication": 1}
+            await client.connect(memory_url, node_id=server.node_id)
+            assert client.counters.sessions == 1
 
 
 async def test_allow_any_admits_every_key(memory_url, ids):

@@ -9,8 +9,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -68,6 +70,20 @@ left = {{ listen = "127.0.0.1:0" }}
 through = ["gateway", "inner"]
 right = {{ connect = "{deep_to}" }}
 """.replace("'", '"')
+
+
+def _peer(name, node):
+    return f'[peers.{name}]\nid = "{node.node_id}"\nurls = {json.dumps(node.addresses)}\n'
+
+
+def _echo_pipeline(name, through, echo_port):
+    return (f'[[pipeline]]\nname = "{name}"\nleft = {{ listen = "127.0.0.1:0" }}\nthrough = {json.dumps(through)}\n'
+            f'right = {{ connect = "127.0.0.1:{echo_port}" }}\n')
+
+
+def _url(lines, what):
+    """The http:// URL on netchan run's line that begins with ``what``."""
+    return next(re.search(r"(http://\S+)", line).group(1) for line in lines if line.startswith(what))
 
 
 def _pipelines(lines):
@@ -226,20 +242,11 @@ async def test_metrics_count_what_a_pipeline_moved_while_it_flows(tmp_path, size
             netchan.Node(listen=["udp://127.0.0.1:0", "tcp://127.0.0.1:0"], allow=[me.node_id]) as gateway:
         netchan.tunnels.Tunnels.of(gateway).allow_exit(f"127.0.0.1:{echo_port}")
         config = tmp_path / "node.toml"
-        config.write_text(f"""identity = "me.key"
-metrics = "127.0.0.1:0"
-[peers.gateway]
-id = "{gateway.node_id}"
-urls = ["{gateway.addresses[0]}", "{gateway.addresses[1]}"]
-[[pipeline]]
-name = "echo"
-left = {{ listen = "127.0.0.1:0" }}
-through = ["gateway"]
-right = {{ connect = "127.0.0.1:{echo_port}" }}
-""")
+        config.write_text('identity = "me.key"\nmetrics = "127.0.0.1:0"\n' + _peer("gateway", gateway)
+                          + _echo_pipeline("echo", ["gateway"], echo_port))
         async with _netchan("run", str(config), "--log-level", "warning") as run:
             lines = await _lines_until(run, r"^control socket ")
-            metrics = next(re.search(r"(http://\S+)", line).group(1) for line in lines if line.startswith("metrics"))
+            metrics = _url(lines, "metrics")
             reader, writer = await asyncio.open_connection(*_pipelines(lines)["echo"].rsplit(":", 1))
             data = os.urandom(size)
             writer.write(data)
@@ -263,6 +270,11 @@ right = {{ connect = "127.0.0.1:{echo_port}" }}
                 assert _sample(page, "netchan_path_up", peer=gateway.node_id, carrier=carrier) == 1
                 assert 0 < _sample(page, "netchan_path_rtt_seconds", peer=gateway.node_id, carrier=carrier) < 1
             assert _sample(page, "netchan_path_active", peer=gateway.node_id, carrier="udp") == 1
+            # the udp path carried the bytes, QUIC's overhead on top
+            sent = _sample(page, "netchan_path_sent_bytes_total", peer=gateway.node_id, carrier="udp")
+            received = _sample(page, "netchan_path_received_bytes_total", peer=gateway.node_id, carrier="udp")
+            assert size <= sent < size * 1.2 + 40_000 and size <= received < size * 1.2 + 40_000, (sent, received)
+            assert _sample(page, "netchan_sessions_total") == 1
             writer.close()
 
 
@@ -299,3 +311,121 @@ async def test_json_logs_one_line_per_refusal_and_per_session_never_a_secret(tmp
     key_text = (tmp_path / "me.key").read_text()
     everything = "".join(seen) + (await run.stderr.read()).decode()
     assert key_text.splitlines()[1] not in everything
+
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+
+
+@contextlib.asynccontextmanager
+async def _browser():
+    """Headless Chromium, driven over its DevTools protocol: yields ``open(url)``,
+    which loads a page and returns ``evaluate(expression)``."""
+    from aiohttp import ClientSession
+
+    profile = tempfile.mkdtemp(prefix="netchan-chromium-")
+    proc = await asyncio.create_subprocess_exec(
+        "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+        f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        while True:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+            assert line, "chromium ended before it listened"
+            if m := re.search(r"DevTools listening on ws://([^/]+)/", line):
+                break
+        async with ClientSession() as http:
+            async with http.get(f"http://{m.group(1)}/json/list") as response:
+                target = next(t for t in await response.json() if t["type"] == "page")
+            async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                numbers = iter(range(1, 1 << 30))
+
+                async def call(method, **params):
+                    number = next(numbers)
+                    await ws.send_json({"id": number, "method": method, "params": params})
+                    while True:
+                        answer = await asyncio.wait_for(ws.receive_json(), 30)
+                        if answer.get("id") == number:
+                            assert "error" not in answer, answer
+                            return answer["result"]
+
+                async def evaluate(expression):
+                    result = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                    return result["result"].get("value")
+
+                async def open_page(url):
+                    await call("Page.navigate", url=url)
+                    return evaluate
+
+                yield open_page
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@needs_chromium
+async def test_the_dashboard_in_a_real_browser_shows_both_peers_and_their_paths(tmp_path):
+    me = netchan.Identity.generate()
+    me.save(tmp_path / "me.key")
+    async with _echo_server() as echo_port, \
+            netchan.Node(listen=["udp://127.0.0.1:0", "tcp://127.0.0.1:0"], allow=[me.node_id]) as one, \
+            netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as two:
+        for node in (one, two):
+            netchan.tunnels.Tunnels.of(node).allow_exit(f"127.0.0.1:{echo_port}")
+        config = tmp_path / "node.toml"
+        config.write_text('identity = "me.key"\ndashboard = "127.0.0.1:0"\ndashboard_token = "open-sesame"\n'
+                          + _peer("one", one) + _peer("two", two) + _echo_pipeline("by-one", ["one"], echo_port)
+                          + _echo_pipeline("by-two", ["two"], echo_port))
+        async with _netchan("run", str(config), "--log-level", "warning") as run:
+            lines = await _lines_until(run, r"^control socket ")
+            page = _url(lines, "dashboard")
+            assert page.endswith("/?token=open-sesame")
+            writers = []
+            for address in _pipelines(lines).values():  # a session to each peer, a connection held open
+                reader, writer = await asyncio.open_connection(*address.rsplit(":", 1))
+                writer.write(b"x" * 100_000)
+                await asyncio.wait_for(reader.readexactly(100_000), 10)
+                writers.append(writer)
+            # token-protected here (a token was set): refused without it
+            from aiohttp import ClientSession
+
+            async with ClientSession() as http:
+                async with http.get(page.split("?")[0] + "status") as response:
+                    assert response.status == 401
+            async with _browser() as browser:
+                evaluate = await browser(page)
+
+                async def shown():
+                    # the page renders what the node says, and draws once a path has two samples
+                    while True:
+                        dom = await evaluate("document.documentElement.outerHTML")
+                        if dom and dom.count("<canvas") >= 2 and 'data-pipeline="by-two"' in dom:
+                            return dom
+                        await asyncio.sleep(0.2)
+
+                dom = await asyncio.wait_for(shown(), 20)
+                # and it keeps updating, by server-sent events
+                first = await evaluate("document.getElementById('state').textContent")
+
+                async def updated():
+                    while await evaluate("document.getElementById('state').textContent") == first:
+                        await asyncio.sleep(0.2)
+
+                await asyncio.wait_for(updated(), 10)
+            for writer in writers:
+                writer.close()
+    assert f'data-peer="{one.node_id}"' in dom and f'data-peer="{two.node_id}"' in dom, dom[-3000:]
+    for url in (*one.addresses, two.addresses[0]):
+        assert f'data-path="{url}"' in dom, (url, re.findall(r'data-path="[^"]*"', dom))
+    assert first.startswith("listening on")
+    assert 'data-pipeline="by-one"' in dom and 'data-pipeline="by-two"' in dom
+
+
+@pytest.mark.parametrize("listen, token", [("127.0.0.1:8787", False), ("[::1]:8787", False),
+                                           ("localhost:8787", False), ("0.0.0.0:8787", True),
+                                           ("10.1.2.3:8787", True), ("example.org:8787", True)])
+def test_the_dashboard_asks_for_a_token_off_loopback(listen, token):
+    from netchan.ops.dashboard import needs_token
+
+    assert needs_token(listen) is token

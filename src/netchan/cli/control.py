@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import json
 import os
-import time
-from dataclasses import asdict
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..errors import ConfigurationError
 from ..node.node import Node
+from ..ops.status import node_status
 
 __all__ = ["control_dir", "serve_control", "node_status", "add_parser", "find_socket", "ask"]
 
@@ -27,15 +26,6 @@ __all__ = ["control_dir", "serve_control", "node_status", "add_parser", "find_so
 def control_dir() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/netchan-{os.getuid()}"
     return os.path.join(base, "netchan") if os.environ.get("XDG_RUNTIME_DIR") else base
-
-
-def node_status(node: Node) -> dict[str, Any]:
-    """What ``netchan status`` shows of ``node``."""
-    peers = []
-    for peer in node.peers:
-        peers.append({"node_id": peer.node_id, "state": peer.state,
-                      "paths": [asdict(p) for p in peer.paths]})
-    return {"node_id": node.node_id, "addresses": node.addresses, "peers": peers, "time": time.time()}
 
 
 Command = Callable[[], Awaitable[dict[str, Any]]]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ..errors import ConfigurationError
 from ..ops.config import Config, ConfigError, load_config
 from ..ops.runtime import Runtime
+from ..ops.status import node_status
 from .control import ask, find_socket, serve_control
 from .runner import stop_on_signals
 
@@ -78,12 +79,22 @@ async def _run(args: argparse.Namespace) -> int:
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: runtime.node.spawn(reload(), "reload"))
-        metrics = None
+        servers = []
         if config.metrics:
             from ..ops.metrics import serve_metrics
 
-            metrics = await serve_metrics(runtime, config.metrics)
-            print(f"metrics on http://{metrics.address}/metrics", flush=True)
+            servers.append(await serve_metrics(runtime, config.metrics))
+            print(f"metrics on http://{servers[-1].address}/metrics", flush=True)
+        dashboard = args.dashboard or config.dashboard
+        if dashboard:
+            from ..ops.dashboard import serve_dashboard
+
+            def view() -> dict[str, Any]:
+                return {**node_status(node), **runtime.status()}
+
+            server, token = await serve_dashboard(view, dashboard, config.dashboard_token)
+            servers.append(server)
+            print(f"dashboard on http://{server.address}/" + (f"?token={token}" if token else ""), flush=True)
         try:
             async with serve_control(node, config.control, status, {"reload": reload}) as control:
                 print(f"control socket {control} (netchan status, netchan reload)", flush=True)
@@ -91,8 +102,8 @@ async def _run(args: argparse.Namespace) -> int:
                     await stop.wait()
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
-            if metrics is not None:
-                await metrics.aclose()
+            for server in servers:
+                await server.aclose()
     return 0
 
 
@@ -124,6 +135,8 @@ def add_parsers(sub: Any, run: Callable[..., int]) -> None:
     p.add_argument("--log-format", choices=["text", "json"], help="instead of the file's log_format")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="instead of the file's log_level")
+    p.add_argument("--dashboard", metavar="HOST:PORT", help="serve the live web page here (instead of the "
+                                                           "file's dashboard; a token is asked for off loopback)")
     p.set_defaults(func=lambda a: run(_run(a)))
 
     p = sub.add_parser("reload", help="have a node started by netchan run read its config file again")

@@ -13,7 +13,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from .. import carriers
@@ -85,6 +85,18 @@ _REDIAL_MIN = 0.05
 _REDIAL_MAX = 2.0
 
 
+@dataclass
+class NodeCounters:
+    """What happened to a node's sessions, for its metrics."""
+
+    #: sessions authenticated (either side dialed)
+    sessions: int = 0
+    #: lost sessions dialed again
+    redials: int = 0
+    #: sessions that ended before they were authenticated, by reason
+    handshake_failures: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class PeerEvent:
     """Something that happened to a peer: ``kind`` is "peer up", "peer down",
@@ -101,6 +113,9 @@ _MAX_HALF_OPEN = 256  # server sessions still authenticating, per node
 
 
 PING_SERVICE = "netchan.ping"
+#: why a session ended before it was authenticated, as metrics name it
+_FAILURE_REASONS: dict[type, str] = {NotAllowed: "not-allowed", AuthenticationError: "authentication",
+                                     Timeout: "timeout", ClosedError: "closed", BrokenError: "broken"}
 
 
 async def echo_service(stream: Stream, peer: Peer) -> None:
@@ -231,8 +246,19 @@ class Peer:
             return path.info()
         label = path.label
         carrier = label.split("://", 1)[0] if "://" in label else label.split(" ", 1)[0]
+        if "://" not in label and " " in label:  # "udp 1.2.3.4:7000": a URL, as with several paths
+            label = label.replace(" ", "://", 1)
+        sent, sent_bytes, received, received_bytes = self._session.counts
         return [PathInfo(url=label, carrier=carrier, state="down" if self.closed else "up",
-                         rtt=None, loss=0.0, active=not self.closed, error=path.last_error)]
+                         rtt=None, loss=0.0, active=not self.closed, error=path.last_error,
+                         packets_sent=sent, bytes_sent=sent_bytes, packets_received=received,
+                         bytes_received=received_bytes)]
+
+    @property
+    def failovers(self) -> int:
+        """How many times the session moved to other paths (several URLs)."""
+        path = self._session.path
+        return path.switches if isinstance(path, MultiPath) else 0
 
     def max_datagram_size(self, service: str) -> int:
         """The largest payload :meth:`send_datagram` takes for ``service`` on
@@ -387,6 +413,8 @@ class _Session:
         self.node = node
         self.loop = asyncio.get_running_loop()
         self.dialed = dialed
+        #: QUIC packets and bytes sent, packets and bytes received
+        self.counts = [0, 0, 0, 0]
         self.core: SessionCore = None  # type: ignore[assignment]  # set right after
         self.path: PacketPath = None  # type: ignore[assignment]
         self.peer: Peer | None = None
@@ -429,6 +457,9 @@ class _Session:
             packets = [p for p in packets if p and p[0] & 0x40]
             if not packets:
                 return
+        counts = self.counts
+        counts[2] += len(packets)
+        counts[3] += sum(map(len, packets))
         now = self.loop.time()
         authentic = core.receive_packets(packets, now)
         if authentic and not self.dialed:
@@ -486,6 +517,9 @@ class _Session:
         if path.writable:
             packets = core.packets_to_send(self.loop.time())
             if packets:
+                counts = self.counts
+                counts[0] += len(packets)
+                counts[1] += sum(map(len, packets))
                 path.send_packets(packets)
                 if self.alt_paths:
                     self._mirror(packets)
@@ -662,6 +696,10 @@ class _Session:
         peer._tell_watchers(responsive)
 
     def _on_terminated(self, error: NetchanError) -> None:
+        if not self.core.authenticated:
+            failures = self.node.counters.handshake_failures
+            reason = _FAILURE_REASONS.get(type(error), type(error).__name__)
+            failures[reason] = failures.get(reason, 0) + 1
         peer = self.peer
         if (self.redial is not None and peer is not None and not peer._user_closed
                 and not self.node._closed and peer._session is self):
@@ -778,6 +816,7 @@ class Node:
         #: admission opinions beside the allow list (see add_gate)
         self._gates: list[Callable[[str], bool | None]] = []
         self._refusals_logged: dict[str, float] = {}
+        self.counters = NodeCounters()
         self._frame_handlers: dict[int, FrameHandler] = {}
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
@@ -1257,6 +1296,7 @@ class Node:
         session.take_path(path)
 
     def _on_authenticated(self, session: _Session) -> None:
+        self.counters.sessions += 1
         self._half_open.pop(session, None)
         self._emit(PeerEvent("peer up", session.peer_id or "", session.path.label))
 
@@ -1301,6 +1341,7 @@ class Node:
             wake.clear()
 
     def _start_redial(self, peer: Peer, spec: tuple[list[str], str, float | None], error: NetchanError) -> None:
+        self.counters.redials += 1
         loop = asyncio.get_running_loop()
         fut = peer._reconnecting = loop.create_future()
         peer._redial_task = self.spawn(self._redial(peer, spec, error, fut), f"netchan redial {peer.node_id[:8]}")

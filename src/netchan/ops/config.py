@@ -130,6 +130,9 @@ class Config(_Strict):
     member: bool = False
     #: ``host:port`` for a Prometheus endpoint
     metrics: str | None = None
+    #: ``host:port`` for the live web page (a token is asked for unless on loopback)
+    dashboard: str | None = None
+    dashboard_token: str | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     peers: dict[str, PeerConfig] = {}
@@ -338,8 +341,9 @@ class _Checker:
 
             if c.engine not in ENGINES:
                 raise self.fail("engine", f"{c.engine!r}: one of {', '.join(ENGINES)}")
-        if c.metrics is not None:
-            self.one("metrics", c.metrics, _port_of)
+        for key in ("metrics", "dashboard"):
+            if getattr(c, key) is not None:
+                self.one(key, getattr(c, key), _port_of)
         for name, peer in c.peers.items():
             key = f"peers.{name}"
             try:

@@ -14,12 +14,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..tunnels.rules import parse_hostport
+from .status import node_status
+from .web import WebServer, serve_app
 
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["NodeCollector", "serve_metrics", "MetricsServer"]
+__all__ = ["NodeCollector", "serve_metrics"]
 
 
 class NodeCollector(Collector):
@@ -43,7 +44,13 @@ class NodeCollector(Collector):
         rtt = GaugeMetricFamily("netchan_path_rtt_seconds", "Median round trip of a path's probes", labels=labels)
         loss = GaugeMetricFamily("netchan_path_probe_loss", "Fraction of a path's recent probes unanswered",
                                  labels=labels)
+        moved = {(what, unit): CounterMetricFamily(f"netchan_path_{what}_{unit}", f"QUIC {unit} a path {what}",
+                                                   labels=labels)
+                 for what in ("sent", "received") for unit in ("packets", "bytes")}
+        failovers = CounterMetricFamily("netchan_peer_failovers", "Times a session moved to other paths",
+                                        labels=["peer"])
         for peer in node.peers:
+            failovers.add_metric([peer.node_id], peer.failovers)
             for info in peer.paths:
                 key = [peer.node_id, info.url, info.carrier]
                 up.add_metric(key, 1.0 if info.state == "up" else 0.0)
@@ -51,7 +58,19 @@ class NodeCollector(Collector):
                 if info.rtt is not None:
                     rtt.add_metric(key, info.rtt)
                 loss.add_metric(key, info.loss)
-        yield from (up, active, rtt, loss)
+                moved["sent", "packets"].add_metric(key, info.packets_sent)
+                moved["sent", "bytes"].add_metric(key, info.bytes_sent)
+                moved["received", "packets"].add_metric(key, info.packets_received)
+                moved["received", "bytes"].add_metric(key, info.bytes_received)
+        yield from (up, active, rtt, loss, *moved.values(), failovers)
+        counters = node.counters
+        yield CounterMetricFamily("netchan_sessions", "Sessions authenticated", value=counters.sessions)
+        yield CounterMetricFamily("netchan_redials", "Lost sessions dialed again", value=counters.redials)
+        failures = CounterMetricFamily("netchan_handshake_failures",
+                                       "Sessions that ended before they were authenticated", labels=["reason"])
+        for reason, n in counters.handshake_failures.items():
+            failures.add_metric([reason], n)
+        yield failures
         yield from _counters("netchan_tunnel", "All tunnels of this node", [], [],
                              [self.runtime.tunnels.counters])
         pipelines = list(self.runtime.pipelines.values())
@@ -88,32 +107,17 @@ def _channels(node: Any) -> Iterator[Metric]:
     receivers = GaugeMetricFamily("netchan_channel_waiting_receivers", "Receivers waiting on a channel",
                                   labels=labels)
     items = CounterMetricFamily("netchan_channel_items", "Items that went into a channel", labels=labels)
-    requeued = CounterMetricFamily("netchan_channel_requeued", "Items handed out again (a taker was lost)",
-                                   labels=labels)
-    for name, owned in node.hub.owned_all().items():
-        stats = owned.statistics() if hasattr(owned, "statistics") else {}
-        if "buffered" not in stats:
-            continue  # a topic
-        depth.add_metric([name], stats["buffered"])
-        capacity.add_metric([name], stats["capacity"])
-        senders.add_metric([name], stats["senders_waiting"])
-        receivers.add_metric([name], stats["receivers_waiting"])
-        items.add_metric([name], stats["items_in"])
-        requeued.add_metric([name], stats["requeued"])
-    yield from (depth, capacity, senders, receivers, items, requeued)
+    for row in node_status(node)["channels"]:
+        name = row["name"]
+        depth.add_metric([name], row["buffered"])
+        capacity.add_metric([name], row["capacity"])
+        senders.add_metric([name], row["senders_waiting"])
+        receivers.add_metric([name], row["receivers_waiting"])
+        items.add_metric([name], row["items_in"])
+    yield from (depth, capacity, senders, receivers, items)
 
 
-class MetricsServer:
-    """The HTTP server of :func:`serve_metrics`."""
-
-    def __init__(self, runner: Any, address: str) -> None:
-        self.runner, self.address = runner, address
-
-    async def aclose(self) -> None:
-        await self.runner.cleanup()
-
-
-async def serve_metrics(runtime: Runtime, listen: str) -> MetricsServer:
+async def serve_metrics(runtime: Runtime, listen: str) -> WebServer:
     """Serve ``/metrics`` on ``listen`` (``host:port``) until closed."""
     from aiohttp import web
 
@@ -125,10 +129,4 @@ async def serve_metrics(runtime: Runtime, listen: str) -> MetricsServer:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, port = parse_hostport(listen, default_host="127.0.0.1")
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-    await site.start()
-    bound = runner.addresses[0]
-    return MetricsServer(runner, f"{bound[0]}:{bound[1]}")
+    return await serve_app(app, listen)

@@ -42,6 +42,11 @@ class PathInfo:
     loss: float  # fraction of recent probes unanswered
     active: bool  # packets go on it now
     error: str | None = None
+    #: QUIC packets and bytes this path carried each way
+    packets_sent: int = 0
+    bytes_sent: int = 0
+    packets_received: int = 0
+    bytes_received: int = 0
 
 
 class MultiPath(PacketPath):
@@ -69,6 +74,8 @@ class MultiPath(PacketPath):
         self._generations: dict[PacketPath, int] = {}
         self.closed = False
         self.switches = 0
+        #: per path: QUIC packets and bytes sent, packets and bytes received
+        self.counts = [[0, 0, 0, 0] for _ in urls]
         #: paths packets went on since the session last resent what was in flight
         self._used: set[int] = set(self.sched.active)
         #: the node id this session dials (for events before it is authenticated)
@@ -113,8 +120,15 @@ class MultiPath(PacketPath):
         return "; ".join(x for x in found if x) or None
 
     def send_packets(self, packets: list[bytes]) -> None:
-        for path in self._active_paths():
+        size = 0
+        for i in self.sched.active:
+            path = self.paths[i]
+            if path is None:
+                continue
             if path.writable:
+                counts = self.counts[i]
+                counts[0] += len(packets)
+                counts[1] += (size := size or sum(map(len, packets)))
                 path.send_packets(packets)
             else:
                 self.packets_dropped += len(packets)
@@ -153,6 +167,9 @@ class MultiPath(PacketPath):
             packets = rest
             if not packets:
                 return
+        counts = self.counts[i]
+        counts[2] += len(packets)
+        counts[3] += sum(map(len, packets))
         self._sink.packets_received(packets, self)
 
     def path_writable(self, path: PacketPath) -> None:
@@ -221,5 +238,7 @@ class MultiPath(PacketPath):
                 loss=st.loss,
                 active=i in active and path is not None,
                 error=self.errors[i] or (path.last_error if path is not None else None),
+                packets_sent=self.counts[i][0], bytes_sent=self.counts[i][1],
+                packets_received=self.counts[i][2], bytes_received=self.counts[i][3],
             ))
         return out

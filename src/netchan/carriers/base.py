@@ -19,8 +19,9 @@ session above never notices anything but some lost packets.
 from __future__ import annotations
 
 import abc
+import socket
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigurationError
@@ -122,16 +123,68 @@ class PacketPath(abc.ABC):
     async def wait_closed(self) -> None:
         """Until a closed path has let go of what it held (sockets, tasks)."""
 
+    def origin(self) -> tuple[str, Any] | None:
+        """For a path a listener made: (that listener's URL, the remote
+        address), by which another process holding the same socket can
+        answer; None for other paths."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
 
 
 class Listener(abc.ABC):
+    """A listening socket of a carrier.
+
+    For a restart without a lost session (see ``netchan.ops.restart``), a
+    listener can give its socket to another process (:meth:`handover`), stop
+    taking new connections while what it has goes on (:meth:`stop_accepting`),
+    and, for datagram carriers, pause and resume reading (:meth:`hold`,
+    :meth:`release`) and take datagrams another process read for it
+    (:meth:`inject`).  A carrier's ``listen`` takes ``?fd=N`` to listen on an
+    inherited socket (a predecessor's, or systemd's) and ``held=1`` to start
+    held."""
+
     #: the URL actually bound (with the real port when port 0 was asked for)
     url: str
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...
+
+    def handover(self) -> int | None:
+        """The listening socket's file descriptor (still this listener's), for
+        another process to take over (None: it cannot be)."""
+        return None
+
+    def stop_accepting(self) -> None:
+        """Take no new connections; those open go on."""
+
+    def hold(self) -> None:
+        """Stop reading the socket (another process reads it)."""
+
+    def release(self) -> None:
+        """Read the socket again."""
+
+    def inject(self, address: Any, packets: list[bytes]) -> None:
+        """Packets from ``address`` that another process read from this socket."""
+        raise NotImplementedError(f"{type(self).__name__} takes no datagrams from elsewhere")
+
+
+def inherited_socket(url: CarrierURL, kind: int) -> socket.socket | None:
+    """The socket ``?fd=N`` names (of type ``kind``), or None if the URL names none."""
+    raw = url.params.get("fd")
+    if raw is None:
+        return None
+    try:
+        sock = socket.socket(fileno=int(raw))
+    except (ValueError, OSError) as exc:
+        raise ConfigurationError(f"{url}: fd={raw!r} is not an open socket ({exc})") from None
+    if sock.type != kind:
+        sock.detach()
+        raise ConfigurationError(f"{url}: fd={raw} is not a {'datagram' if kind == socket.SOCK_DGRAM else 'stream'} "
+                                 "socket")
+    sock.setblocking(False)
+    return sock
 
 
 class Carrier(abc.ABC):

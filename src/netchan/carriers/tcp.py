@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 
-from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, register_carrier
+from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, inherited_socket, register_carrier
 
 __all__ = ["TcpCarrier", "DEFAULT_PACKET_SIZE", "MAGIC"]
 
@@ -306,6 +306,15 @@ class _TcpListener(Listener):
             path.use(conn)  # nothing to protect: take it at once
         return path
 
+    def handover(self) -> int | None:
+        if self._server is None or not self._server.sockets:
+            return None
+        return self._server.sockets[0].fileno()
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()  # the listening socket only: connections go on
+
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -429,10 +438,14 @@ class TcpCarrier(Carrier):
     async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener:
         listener = _TcpListener(sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)))
         loop = asyncio.get_running_loop()
+        inherited = inherited_socket(url, socket.SOCK_STREAM)
         try:
-            server = await loop.create_server(
-                lambda: _ServerConn(listener), url.host or None, url.port or 0, reuse_address=True
-            )
+            if inherited is not None:
+                server = await loop.create_server(lambda: _ServerConn(listener), sock=inherited)
+            else:
+                server = await loop.create_server(
+                    lambda: _ServerConn(listener), url.host or None, url.port or 0, reuse_address=True
+                )
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {url}: {exc.strerror}") from None
         listener._server = server

@@ -19,8 +19,18 @@ import socket
 import struct
 import sys
 from collections import deque
+from typing import Any
 
-from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, parse_url, register_carrier
+from .base import (
+    Carrier,
+    CarrierURL,
+    Listener,
+    PacketPath,
+    PacketSink,
+    inherited_socket,
+    parse_url,
+    register_carrier,
+)
 
 __all__ = ["UdpCarrier", "DEFAULT_PACKET_SIZE", "punch"]
 
@@ -65,7 +75,7 @@ def _open_socket(family: int) -> socket.socket:
 class _Socket:
     """A non-blocking UDP socket with batched reads and a small send queue."""
 
-    def __init__(self, sock: socket.socket, on_batch, on_writable) -> None:
+    def __init__(self, sock: socket.socket, on_batch, on_writable, reading: bool = True) -> None:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self._on_batch = on_batch
@@ -81,7 +91,19 @@ class _Socket:
                 self.gro = True
             except OSError:
                 pass
-        self.loop.add_reader(sock.fileno(), self._read_ready)
+        self.reading = False
+        if reading:
+            self.resume()
+
+    def pause(self) -> None:
+        if self.reading and not self._closed:
+            self.loop.remove_reader(self.sock.fileno())
+        self.reading = False
+
+    def resume(self) -> None:
+        if not self.reading and not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._read_ready)
+            self.reading = True
 
     def _read_ready(self) -> None:
         batch: list[tuple[bytes, tuple]] = []
@@ -225,6 +247,9 @@ class _UdpReplyPath(PacketPath):
     def send_packets(self, packets: list[bytes]) -> None:
         self._listener.sock.send_many(packets, self.addr)
 
+    def origin(self) -> tuple[str, tuple]:
+        return self._listener.url, self.addr
+
 
 class _UdpSharedPath(PacketPath):
     """A path dialed from a listener's socket (``?from=PORT``): it sends from
@@ -250,14 +275,15 @@ class _UdpSharedPath(PacketPath):
 
 
 class _UdpListener(Listener):
-    def __init__(self, sock: socket.socket, sink: PacketSink, packet_size: int, carrier: UdpCarrier) -> None:
+    def __init__(self, sock: socket.socket, sink: PacketSink, packet_size: int, carrier: UdpCarrier,
+                 held: bool = False) -> None:
         self._sink = sink
         self._packet_size = packet_size
         self._paths: dict[tuple, _UdpReplyPath] = {}
         #: paths dialed from this socket, by the address they dialed
         self._dialed: dict[tuple, _UdpSharedPath] = {}
         self.family = sock.family
-        self.sock = _Socket(sock, self._on_batch, self._on_writable)
+        self.sock = _Socket(sock, self._on_batch, self._on_writable, reading=not held)
         host, port = sock.getsockname()[:2]
         self.port = port
         self.url = f"udp://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -308,6 +334,18 @@ class _UdpListener(Listener):
             del self._carrier._listeners[self.port]
         self.sock.close()
 
+    def handover(self) -> int:
+        return self.sock.sock.fileno()
+
+    def hold(self) -> None:
+        self.sock.pause()
+
+    def release(self) -> None:
+        self.sock.resume()
+
+    def inject(self, address: Any, packets: list[bytes]) -> None:
+        self._deliver(packets, tuple(address))
+
 
 class _UdpDialPath(PacketPath):
     def __init__(self, url: CarrierURL, sink: PacketSink, packet_size: int) -> None:
@@ -355,6 +393,11 @@ class UdpCarrier(Carrier):
         return found
 
     async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener:
+        packet_size = int(url.number("packet_size", DEFAULT_PACKET_SIZE))
+        held = url.params.get("held") == "1"
+        inherited = inherited_socket(url, socket.SOCK_DGRAM)
+        if inherited is not None:
+            return _UdpListener(inherited, sink, packet_size, self, held=held)
         family, addr = _resolve(url, passive=True)
         sock = _open_socket(family)
         if family == socket.AF_INET6:
@@ -367,7 +410,7 @@ class UdpCarrier(Carrier):
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno, f"cannot listen on {url}: {exc.strerror}") from None
-        return _UdpListener(sock, sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)), self)
+        return _UdpListener(sock, sink, packet_size, self, held=held)
 
     async def dial(self, url: CarrierURL, sink: PacketSink) -> PacketPath:
         if not url.port:

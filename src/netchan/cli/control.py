@@ -68,12 +68,14 @@ async def serve_control(node: Node, path: str | None = None, extra: Command | No
         server = await asyncio.start_unix_server(answer, path)
     finally:
         os.umask(old)
+    ours = os.stat(path).st_ino
     try:
         yield path
     finally:
         server.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            if os.stat(path).st_ino == ours:  # not a successor's, bound at the same path since
+                os.unlink(path)
 
 
 def find_socket(args: Any) -> str:

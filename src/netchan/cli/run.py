@@ -7,14 +7,28 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from ..errors import ConfigurationError
 from ..ops.config import Config, ConfigError, load_config
+from ..ops.restart import (
+    Inherited,
+    Link,
+    RestartError,
+    drain,
+    follow_predecessor,
+    manifest,
+    receive_inheritance,
+    sd_notify,
+    socket_activation,
+    start_successor,
+)
 from ..ops.runtime import Runtime
 from ..ops.status import node_status
+from ..ops.web import WebServer
 from .control import ask, find_socket, serve_control
 from .runner import stop_on_signals
 
@@ -54,56 +68,135 @@ async def _run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.config}: good ({len(config.pipeline)} pipelines, {len(config.peers)} peers)")
         return 0
+    inherited: Inherited | None = None
+    predecessor: Link | None = None
+    if args.inherit is not None:
+        inherited, predecessor = receive_inheritance(args.inherit)
+    else:
+        inherited = socket_activation(config.listen)
     setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
-    async with Runtime(config) as runtime:
-        node = runtime.node
-        print(f"node {node.node_id}", flush=True)
-        for url in node.addresses:
-            print(f"listening on {url}", flush=True)
+    async with Runtime(config, inherited) as runtime:
+        return await _serve(args, config, runtime, inherited, predecessor)
+
+
+async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inherited: Inherited | None,
+                 predecessor: Link | None) -> int:
+    node = runtime.node
+    print(f"node {node.node_id}", flush=True)
+    print(f"pid {os.getpid()}" + (f", taking over from pid {inherited.predecessor}"
+                                  if inherited and inherited.predecessor else ""), flush=True)
+    for url in node.addresses:
+        print(f"listening on {url}", flush=True)
+    _print_pipelines(runtime)
+    lock = asyncio.Lock()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    predecessor_done = asyncio.Event()
+    if predecessor is None:
+        predecessor_done.set()
+    else:
+        node.spawn(follow_predecessor(predecessor, node.inject, lambda: node.hold_listeners(False),
+                                      predecessor_done), "following the old process")
+    successor: list[int] = []
+
+    async def reload() -> dict[str, Any]:
+        async with lock:
+            try:
+                new = load_config(args.config)
+                done = await runtime.reload(new)
+            except ConfigurationError as exc:
+                log.error("reload refused: %s", exc)
+                return {"error": str(exc)}
         _print_pipelines(runtime)
-        lock = asyncio.Lock()
+        return {"reloaded": done}
 
-        async def reload() -> dict[str, Any]:
-            async with lock:
-                try:
-                    new = load_config(args.config)
-                    done = await runtime.reload(new)
-                except ConfigurationError as exc:
-                    log.error("reload refused: %s", exc)
-                    return {"error": str(exc)}
-            _print_pipelines(runtime)
-            return {"reloaded": done}
+    async def status() -> dict[str, Any]:
+        return runtime.status()
 
-        async def status() -> dict[str, Any]:
-            return runtime.status()
+    servers: dict[str, WebServer] = {}
+    token: str | None = None
+    if config.metrics:
+        from ..ops.metrics import serve_metrics
 
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: runtime.node.spawn(reload(), "reload"))
-        servers = []
-        if config.metrics:
-            from ..ops.metrics import serve_metrics
+        servers["metrics"] = await serve_metrics(runtime, config.metrics, runtime.inherited_socket("web", "metrics"))
+        print(f"metrics on http://{servers['metrics'].address}/metrics", flush=True)
+    dashboard = args.dashboard or config.dashboard
+    if dashboard:
+        from ..ops.dashboard import serve_dashboard
 
-            servers.append(await serve_metrics(runtime, config.metrics))
-            print(f"metrics on http://{servers[-1].address}/metrics", flush=True)
-        dashboard = args.dashboard or config.dashboard
-        if dashboard:
-            from ..ops.dashboard import serve_dashboard
+        def view() -> dict[str, Any]:
+            return {**node_status(node), **runtime.status()}
 
-            def view() -> dict[str, Any]:
-                return {**node_status(node), **runtime.status()}
+        server, token = await serve_dashboard(view, dashboard, config.dashboard_token or (
+            inherited.dashboard_token if inherited else None), runtime.inherited_socket("web", "dashboard"))
+        servers["dashboard"] = server
+        print(f"dashboard on http://{server.address}/" + (f"?token={token}" if token else ""), flush=True)
+    if inherited is not None:
+        inherited.close_unused()
 
-            server, token = await serve_dashboard(view, dashboard, config.dashboard_token)
-            servers.append(server)
-            print(f"dashboard on http://{server.address}/" + (f"?token={token}" if token else ""), flush=True)
-        try:
-            async with serve_control(node, config.control, status, {"reload": reload}) as control:
-                print(f"control socket {control} (netchan status, netchan reload)", flush=True)
-                with stop_on_signals() as stop:
-                    await stop.wait()
-        finally:
-            loop.remove_signal_handler(signal.SIGHUP)
-            for server in servers:
-                await server.aclose()
+    async def restart() -> dict[str, Any]:
+        async with lock:
+            if successor:
+                return {"error": f"pid {successor[0]} has taken over already"}
+            sockets = runtime.handover()
+            sockets["web"] = {name: server.handover() for name, server in servers.items()}
+            bound = node.handover()
+            configured = config.listen if len(config.listen) == len(bound) else [url for url, _ in bound]
+            message, fds = manifest([(c, url, fd) for c, (url, fd) in zip(configured, bound)], sockets, token)
+            argv = [sys.executable, "-m", "netchan", "run", os.path.abspath(args.config)]
+            for flag, value in (("--log-format", args.log_format), ("--log-level", args.log_level),
+                                ("--dashboard", args.dashboard)):
+                if value:
+                    argv += [flag, value]
+            try:
+                pid, link = await start_successor(argv, message, fds)
+            except RestartError as exc:
+                log.error("restart failed: %s", exc)
+                return {"error": str(exc)}
+            successor.append(pid)
+            node.drain(link.send_packets)  # at once: every new session is the successor's
+        node.spawn(hand_over(pid, link), "handing over")
+        return {"restarted": {"pid": pid, "old": os.getpid()}}
+
+    async def hand_over(pid: int, link: Link) -> None:
+        print(f"pid {pid} took over; pid {os.getpid()} drains", flush=True)
+        await runtime.stop_accepting()
+        for server in servers.values():
+            await server.aclose()
+        servers.clear()
+        ok = await drain(lambda: len(node.inbound), lambda: runtime.open_connections, node.close_idle_inbound,
+                         predecessor_done, config.drain_timeout,
+                         lambda said: print(f"pid {os.getpid()} {said}", flush=True))
+        node.hold_listeners()  # the successor reads them from now on
+        link.send_json({"type": "read"})
+        print(f"pid {os.getpid()} " + ("drained" if ok else f"stops after {config.drain_timeout:g} s of draining, "
+                                       f"{len(node.inbound)} sessions left"), flush=True)
+        stop.set()
+
+    def on_signal(action: Callable[[], Awaitable[Any]], name: str) -> Callable[[], None]:
+        def handler() -> None:
+            runtime.node.spawn(action(), name)
+
+        return handler
+
+    loop.add_signal_handler(signal.SIGHUP, on_signal(reload, "reload"))
+    loop.add_signal_handler(signal.SIGUSR2, on_signal(restart, "restart"))
+    try:
+        async with serve_control(node, config.control, status, {"reload": reload, "restart": restart}) as control:
+            print(f"control socket {control} (netchan status, netchan reload, netchan restart)", flush=True)
+            if predecessor is not None:
+                predecessor.send_json({"type": "ready", "pid": os.getpid()})
+                sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
+            else:
+                sd_notify("READY=1")
+            with stop_on_signals() as interrupted:
+                await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(interrupted.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGHUP, signal.SIGUSR2):
+            loop.remove_signal_handler(sig)
+        for server in servers.values():
+            await server.aclose()
     return 0
 
 
@@ -113,6 +206,16 @@ def _print_pipelines(runtime: Runtime) -> None:
         status = p.status()
         print(f"pipeline {p.name}: {p.left}{' at ' + p.address if p.address else ''} -> "
               f"{' -> '.join(status['through'])} -> {p.right}", flush=True)
+
+
+async def _restart(args: argparse.Namespace) -> int:
+    answer = await ask(find_socket(args), "restart", timeout=60)
+    if "error" in answer:
+        print(f"netchan restart: {answer['error']}", file=sys.stderr)
+        return 1
+    done = answer["restarted"]
+    print(f"pid {done['pid']} took over; pid {done['old']} serves its sessions until they end, then exits")
+    return 0
 
 
 async def _reload(args: argparse.Namespace) -> int:
@@ -138,6 +241,13 @@ def add_parsers(sub: Any, run: Callable[..., int]) -> None:
     p.add_argument("--dashboard", metavar="HOST:PORT", help="serve the live web page here (instead of the "
                                                            "file's dashboard; a token is asked for off loopback)")
     p.set_defaults(func=lambda a: run(_run(a)))
+
+    p.add_argument("--inherit", type=int, metavar="FD", help=argparse.SUPPRESS)  # a restart's handover
+
+    p = sub.add_parser("restart", help="replace a node started by netchan run by a new process, no session lost")
+    p.add_argument("node", nargs="?", help="its node id (or the start of it), if several run here")
+    p.add_argument("--control", metavar="PATH", help="its control socket")
+    p.set_defaults(func=lambda a: run(_restart(a)))
 
     p = sub.add_parser("reload", help="have a node started by netchan run read its config file again")
     p.add_argument("node", nargs="?", help="its node id (or the start of it), if several run here")

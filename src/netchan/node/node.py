@@ -817,6 +817,8 @@ class Node:
         self._gates: list[Callable[[str], bool | None]] = []
         self._refusals_logged: dict[str, float] = {}
         self.counters = NodeCounters()
+        #: while draining: where packets of sessions this node does not have go
+        self._successor: Callable[[str, Any, list[bytes]], None] | None = None
         self._frame_handlers: dict[int, FrameHandler] = {}
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
@@ -1224,11 +1226,66 @@ class Node:
                 self.frames_received(batch, owner.peer if owner is not None else None, path)
                 continue
             if session is None:
+                if self._successor is not None and (origin := path.origin()) is not None:
+                    # draining: a session this process does not have is its successor's
+                    self._successor(origin[0], origin[1], batch)
+                    continue
                 session = self._accept_session(batch[0], path)
                 if session is None:
                     self.packets_dropped += 1
                     continue
             session.packets_received(batch, path)
+
+    # -- handing over to another process (see netchan.ops.restart) --------------------
+
+    def handover(self) -> list[tuple[str, int]]:
+        """(URL, file descriptor) of each listening socket that another process can take over."""
+        found = []
+        for listener in self._listeners:
+            fd = listener.handover()
+            if fd is not None:
+                found.append((listener.url, fd))
+        return found
+
+    def drain(self, successor: Callable[[str, Any, list[bytes]], None]) -> None:
+        """Another process took over the listening sockets: accept no new
+        connection or session from now on; packets of sessions this node does
+        not have go to ``successor(listener URL, address, packets)``; the
+        sessions it has go on."""
+        self._successor = successor
+        for listener in self._listeners:
+            listener.stop_accepting()
+
+    def hold_listeners(self, hold: bool = True) -> None:
+        """Stop (or start again) reading the datagram listeners' sockets."""
+        for listener in self._listeners:
+            if hold:
+                listener.hold()
+            else:
+                listener.release()
+
+    def inject(self, listener_url: str, address: Any, packets: list[bytes]) -> bool:
+        """Packets another process read from our listener ``listener_url``'s socket."""
+        for listener in self._listeners:
+            if listener.url == listener_url:
+                listener.inject(address, packets)
+                return True
+        return False
+
+    @property
+    def inbound(self) -> list[Peer]:
+        """Peers whose session they dialed (to this node's listeners)."""
+        return [s.peer for s in self._sessions
+                if not s.dialed and s.peer is not None and not s.core.closed]
+
+    def close_idle_inbound(self) -> int:
+        """Close the sessions peers dialed that have no stream open (they dial
+        again: to whoever listens now); how many."""
+        idle = [s for s in self._sessions if not s.dialed and not s.core.closed and not s.streams
+                and s.peer is not None]
+        for session in idle:
+            session.close(ClosedError("this node is restarting: dial again"))
+        return len(idle)
 
     def _answer_probe(self, packet: bytes, path: PacketPath) -> None:
         """Answer a path probe on the path it came by (see ProbeBudget)."""

@@ -133,6 +133,8 @@ class Config(_Strict):
     #: ``host:port`` for the live web page (a token is asked for unless on loopback)
     dashboard: str | None = None
     dashboard_token: str | None = None
+    #: seconds an old process serves its sessions after a restart, at most
+    drain_timeout: float = 300.0
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     peers: dict[str, PeerConfig] = {}

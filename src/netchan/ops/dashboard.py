@@ -39,9 +39,10 @@ def needs_token(listen: str) -> bool:
         return True
 
 
-async def serve_dashboard(status: Callable[[], dict[str, Any]], listen: str,
-                          token: str | None = None) -> tuple[WebServer, str | None]:
-    """Serve the page on ``listen``; (the server, the token it asks for, if any)."""
+async def serve_dashboard(status: Callable[[], dict[str, Any]], listen: str, token: str | None = None,
+                          sock: Any = None) -> tuple[WebServer, str | None]:
+    """Serve the page on ``listen`` (or the socket ``sock``); (the server, the
+    token it asks for, if any)."""
     from aiohttp import web
 
     if token is None and needs_token(listen):
@@ -87,4 +88,4 @@ async def serve_dashboard(status: Callable[[], dict[str, Any]], listen: str,
     app.router.add_get("/", page)
     app.router.add_get("/status", snapshot)
     app.router.add_get("/events", events)
-    return await serve_app(app, listen), token
+    return await serve_app(app, listen, sock), token

@@ -117,8 +117,8 @@ def _channels(node: Any) -> Iterator[Metric]:
     yield from (depth, capacity, senders, receivers, items)
 
 
-async def serve_metrics(runtime: Runtime, listen: str) -> WebServer:
-    """Serve ``/metrics`` on ``listen`` (``host:port``) until closed."""
+async def serve_metrics(runtime: Runtime, listen: str, sock: Any = None) -> WebServer:
+    """Serve ``/metrics`` on ``listen`` (``host:port``, or the socket ``sock``) until closed."""
     from aiohttp import web
 
     registry = CollectorRegistry()
@@ -129,4 +129,4 @@ async def serve_metrics(runtime: Runtime, listen: str) -> WebServer:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    return await serve_app(app, listen)
+    return await serve_app(app, listen, sock)

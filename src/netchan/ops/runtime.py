@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import socket
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -37,6 +38,9 @@ from ..tunnels.pump import Counters, reset_tcp
 from ..tunnels.rules import ExitRules, parse_hostport
 from ..tunnels.service import Socks5, parse_remote_bind
 from .config import Config, FailoverStep, ModuleConfig, PeerStep, PipelineConfig, module_of
+
+if TYPE_CHECKING:
+    from .restart import Inherited
 
 __all__ = ["Runtime", "Pipeline", "Hop", "RESTART_KEYS"]
 
@@ -246,7 +250,8 @@ class Pipeline:
         left = self.conf.left
         if left.listen is not None:
             bind, port = parse_hostport(left.listen, default_host="127.0.0.1")
-            self._front = await _Forward(self).start(bind or "127.0.0.1", int(port))
+            sock = self.runtime.inherited_socket("pipelines", self.name)
+            self._front = await _Forward(self).start(bind or "127.0.0.1", int(port), sock)
             self.address = format_address(*self._front.address)
         elif left.socks5 is not None:
             front = await self.runtime.socks_front(left.socks5, left.users)
@@ -277,6 +282,18 @@ class Pipeline:
                 log.warning("pipeline %s: %s; trying again in 5 s", self.name, exc or "timed out")
                 await asyncio.sleep(5)
 
+    def handover(self) -> int | None:
+        """The TCP listener's file descriptor (a left.listen pipeline), for a successor."""
+        return self._front.handover() if isinstance(self._front, _Forward) else None
+
+    async def stop_accepting(self) -> None:
+        """No new connections; those open go on.  A UDP socket or a listener at
+        the peer is closed (the successor makes its own once it is free)."""
+        if isinstance(self._front, _Forward):
+            self._front.stop_accepting()
+        elif self.conf.left.socks5 is None:
+            await self.aclose()
+
     async def aclose(self) -> None:
         if self._starting is not None:
             self._starting.cancel()
@@ -304,10 +321,13 @@ def _fingerprint(config: Config, conf: PipelineConfig) -> bytes:
 class Runtime:
     """The node a config describes, its tunnels and pipelines."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, inherited: Inherited | None = None) -> None:
         self.config = config
+        #: the sockets a predecessor handed over (see netchan.ops.restart)
+        self.inherited = inherited
         allow = ANY if any(a.lower() == "any" for a in config.allow) else config.allow
-        self.node = Node(Identity.load(config.identity), listen=config.listen, allow=allow, engine=config.engine)
+        listen = inherited.listen_urls(config.listen) if inherited is not None else config.listen
+        self.node = Node(Identity.load(config.identity), listen=listen, allow=allow, engine=config.engine)
         self.node.serve("echo", echo_service)
         self.tunnels = Tunnels.of(self.node)
         self._set_rules(config)
@@ -352,13 +372,35 @@ class Runtime:
             hop = self._hops[key] = Hop(self, step, before)
         return hop
 
+    def inherited_socket(self, kind: str, name: str) -> socket.socket | None:
+        """The listening socket a predecessor handed over for ``kind`` ``name``, once."""
+        return self.inherited.take(kind, name) if self.inherited is not None else None
+
+    def handover(self) -> dict[str, dict[str, int]]:
+        """The file descriptors of the pipelines' listeners, by kind and name."""
+        pipelines = {name: fd for name, p in self.pipelines.items() if (fd := p.handover()) is not None}
+        socks = {listen: fd for listen, front in self._socks.items() if (fd := front.handover()) is not None}
+        return {"pipelines": pipelines, "socks": socks}
+
+    async def stop_accepting(self) -> None:
+        """A successor took the listeners: no new connections, those open go on."""
+        for pipeline in list(self.pipelines.values()):
+            await pipeline.stop_accepting()
+        for front in self._socks.values():
+            front.stop_accepting()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections the pipelines and the tunnels (exits for peers) carry now."""
+        return sum(p.counters.open for p in self.pipelines.values()) + self.tunnels.counters.open
+
     async def socks_front(self, listen: str, users: dict[str, str]) -> _SharedSocks:
         front = self._socks.get(listen)
         if front is None:
             bind, port = parse_hostport(listen, default_host="127.0.0.1")
             front = _SharedSocks(self)
             front.users = dict(users)
-            await front.start(bind or "127.0.0.1", int(port))
+            await front.start(bind or "127.0.0.1", int(port), self.inherited_socket("socks", listen))
             self._socks[listen] = front
         elif users and front.users != users:
             raise ConfigurationError(f"SOCKS5 {listen}: pipelines sharing it give different users")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import TYPE_CHECKING, Any, Coroutine, Self
 
 from .pump import Counters
@@ -29,9 +30,22 @@ class Front:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[:2]
 
-    async def start(self, bind: str, port: int) -> Self:
-        self.server = await asyncio.start_server(self._on_client, bind, port, reuse_address=True)
+    async def start(self, bind: str, port: int, sock: socket.socket | None = None) -> Self:
+        """Listen on ``bind:port``, or on ``sock`` (a listening socket handed over)."""
+        if sock is not None:
+            self.server = await asyncio.start_server(self._on_client, sock=sock)
+        else:
+            self.server = await asyncio.start_server(self._on_client, bind, port, reuse_address=True)
         return self
+
+    def handover(self) -> int | None:
+        """The listening socket's file descriptor, for a successor process."""
+        return self.server.sockets[0].fileno() if self.server is not None and self.server.sockets else None
+
+    def stop_accepting(self) -> None:
+        """No new connections (a successor took the socket); those open go on."""
+        if self.server is not None:
+            self.server.close()
 
     def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.spawn(self.handle(reader, writer))

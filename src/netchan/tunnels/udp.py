@@ -240,9 +240,12 @@ class UdpForward(Front):
         assert self.transport is not None
         return self.transport.get_extra_info("sockname")[:2]
 
-    async def start(self, bind: str, port: int) -> UdpForward:
+    async def start(self, bind: str, port: int, sock: socket.socket | None = None) -> UdpForward:
         loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(lambda: _Front(self), local_addr=(bind, port))
+        if sock is not None:
+            self.transport, _ = await loop.create_datagram_endpoint(lambda: _Front(self), sock=sock)
+        else:
+            self.transport, _ = await loop.create_datagram_endpoint(lambda: _Front(self), local_addr=(bind, port))
         self._reaper = asyncio.ensure_future(self._reap())
         return self
 

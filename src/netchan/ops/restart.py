@@ -1,0 +1,321 @@
+"""Restarting a running node without losing a session (``netchan restart``,
+SIGUSR2).
+
+A QUIC session's state lives in the process that has it and cannot be moved
+to another, so the old process keeps its sessions until they end while a new
+one takes every new connection:
+
+1. The old process starts the new one (same command line, plus ``--inherit
+   FD``) and sends it, over a UNIX socket with SCM_RIGHTS, every listening
+   socket: the node's udp and tcp listeners, the pipelines' listeners, the
+   metrics and dashboard ports.  The sockets stay open throughout, so a
+   connection is never refused.
+2. The new process listens on them, its udp listeners held (not reading),
+   and says it is ready.  From then on the old one accepts nothing: the tcp
+   listeners are the new one's; the old one keeps reading the udp sockets and
+   passes each packet of a session it does not have (a new one, or one being
+   redialed) to the new one over the same UNIX socket; the new one answers
+   from its own copy of the socket.
+3. The old process closes the sessions peers dialed that have no stream open
+   (their peers dial again at once, and reach the new process); the others,
+   and its pipelines' open connections, go on until they end or until the
+   drain timeout.  Then it tells the new one to read the udp sockets itself,
+   and exits.
+
+Restarted again while its predecessor still drains, a process hands over
+the same way, and passes on what its predecessor passes it; it finishes only
+after its predecessor has.  A tcp carrier connection cut while its session
+drains reaches the new process, which does not have that session: the peer
+dials a new one after the failover gap.
+
+Under systemd (``Type=notify``, ``NotifyAccess=all``) the new process says
+``MAINPID`` and ``READY=1``.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from ..errors import ConfigurationError, NetchanError
+
+__all__ = ["Inherited", "Link", "receive_inheritance", "socket_activation", "start_successor", "drain", "sd_notify", "RestartError",
+           "DRAIN_TIMEOUT"]
+
+log = logging.getLogger("netchan.restart")
+
+#: how long an old process serves its sessions at most, by default
+DRAIN_TIMEOUT = 300.0
+#: how long a new process may take to say it is ready
+READY_TIMEOUT = 30.0
+_JSON, _PACKETS = b"J", b"P"
+_MAX_FDS = 250
+_packets = msgspec.msgpack.Encoder()
+_unpack = msgspec.msgpack.Decoder(tuple[str, list[Any], list[bytes]])
+
+
+class RestartError(NetchanError):
+    """The new process did not take over (the old one goes on as before)."""
+
+
+@dataclass
+class Inherited:
+    """What a predecessor handed over: its listening sockets, by what they are."""
+
+    #: the node's listeners: (the URL as configured, the URL bound, fd)
+    node: list[tuple[str, str, int]] = field(default_factory=list)
+    #: kind ("pipelines", "socks", "web") -> name -> fd
+    sockets: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: what the predecessor's dashboard asked for
+    dashboard_token: str | None = None
+    predecessor: int = 0
+    #: udp listeners start held (a predecessor reads them until it is done)
+    held: bool = True
+
+    def listen_urls(self, configured: list[str]) -> list[str]:
+        """The node's listen URLs, on the inherited sockets where there is one
+        (udp ones held until the predecessor stops reading)."""
+        by_config = {c: (bound, fd) for c, bound, fd in self.node}
+        urls = []
+        for url in configured:
+            if url not in by_config:
+                urls.append(url)  # new in the config: bound afresh
+                continue
+            bound, fd = by_config[url]
+            parts = urlsplit(bound)
+            params = dict(parse_qsl(urlsplit(url).query))
+            params["fd"] = str(fd)
+            if parts.scheme in ("udp", "quic") and self.held:
+                params["held"] = "1"
+            urls.append(urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(params), "")))
+        return urls
+
+    def take(self, kind: str, name: str) -> socket.socket | None:
+        fd = self.sockets.get(kind, {}).pop(name, None)
+        return socket.socket(fileno=fd) if fd is not None else None
+
+    def close_unused(self) -> None:
+        """Close what no part of the new configuration took."""
+        for names in self.sockets.values():
+            for fd in names.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            names.clear()
+
+
+class Link:
+    """The UNIX socket between a process and its successor (SOCK_SEQPACKET:
+    one message a send): JSON messages, and packets passed on."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.dropped = 0
+
+    def send_json(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = _JSON + json.dumps(message).encode()
+        if fds:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            self.sock.send(data)
+
+    def send_packets(self, listener: str, address: Any, packets: list[bytes]) -> None:
+        """Pass on packets read from ``listener`` (a full socket drops them, as UDP would)."""
+        try:
+            self.sock.send(_PACKETS + _packets.encode((listener, list(address), packets)))
+        except (BlockingIOError, OSError):
+            self.dropped += len(packets)
+
+    async def receive(self) -> tuple[str, Any]:
+        """("json", message), ("packets", (listener, address, packets)) or ("end", None)."""
+        loop = asyncio.get_running_loop()
+        data = await loop.sock_recv(self.sock, 1 << 20)
+        if not data:
+            return "end", None
+        if data[:1] == _JSON:
+            return "json", json.loads(data[1:])
+        return "packets", _unpack.decode(data[1:])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def socket_activation(configured: list[str]) -> Inherited | None:
+    """The sockets systemd passed (``LISTEN_FDS``, socket activation), matched
+    to the configured listen URLs by carrier and port; None if it passed none."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for the processes we start
+    sockets = []
+    for fd in range(3, 3 + count):
+        sock = socket.socket(fileno=fd)
+        sockets.append((sock.type, sock.getsockname()[:2], fd))
+        sock.detach()
+    inherited = Inherited(held=False)
+    for url in configured:
+        parts = urlsplit(url)
+        kind = socket.SOCK_DGRAM if parts.scheme in ("udp", "quic") else socket.SOCK_STREAM
+        for i, (type_, (host, port), fd) in enumerate(sockets):
+            if type_ == kind and port == parts.port and (parts.hostname in (None, "", "0.0.0.0", "::")
+                                                         or parts.hostname == host):
+                shown = f"[{host}]" if ":" in host else host
+                inherited.node.append((url, f"{parts.scheme}://{shown}:{port}", fd))
+                del sockets[i]
+                break
+    for _type, (host, port), fd in sockets:
+        log.warning("systemd passed a socket on %s:%s that no listen URL names; closed", host, port)
+        os.close(fd)
+    return inherited
+
+
+def receive_inheritance(fd: int, timeout: float = 10.0) -> tuple[Inherited, Link]:
+    """In a new process: what the predecessor hands over on ``fd`` (before the event loop runs)."""
+    sock = socket.socket(fileno=fd)
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if not ready:
+        raise ConfigurationError(f"--inherit {fd}: nothing handed over within {timeout:g} s")
+    data, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+    if data[:1] != _JSON:
+        raise ConfigurationError(f"--inherit {fd}: not a netchan handover")
+    manifest = json.loads(data[1:])
+    inherited = Inherited(
+        node=[(c, b, fds[i]) for c, b, i in manifest["node"]],
+        sockets={kind: {name: fds[i] for name, i in names.items()} for kind, names in manifest["sockets"].items()},
+        dashboard_token=manifest.get("dashboard_token"), predecessor=manifest["pid"])
+    return inherited, Link(sock)
+
+
+def manifest(node_fds: list[tuple[str, str, int]], sockets: dict[str, dict[str, int]],
+             dashboard_token: str | None) -> tuple[dict[str, Any], list[int]]:
+    """What to send a successor, and the file descriptors that go with it."""
+    fds: list[int] = []
+
+    def index(fd: int) -> int:
+        fds.append(fd)
+        return len(fds) - 1
+
+    message = {"type": "handover", "pid": os.getpid(), "dashboard_token": dashboard_token,
+               "node": [(c, b, index(fd)) for c, b, fd in node_fds],
+               "sockets": {kind: {name: index(fd) for name, fd in names.items()} for kind, names in sockets.items()}}
+    if len(fds) > _MAX_FDS:
+        raise RestartError(f"{len(fds)} listening sockets: at most {_MAX_FDS} can be handed over")
+    return message, fds
+
+
+async def start_successor(argv: list[str], message: dict[str, Any], fds: list[int],
+                          timeout: float = READY_TIMEOUT) -> tuple[int, Link]:
+    """Start ``argv`` with ``--inherit FD``, hand it ``fds``, and wait until it is ready: (its pid, the link)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = Link(ours)
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, "--inherit", str(theirs.fileno()),
+                                                    pass_fds=[theirs.fileno()])
+    except OSError as exc:
+        link.close()
+        raise RestartError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+    finally:
+        theirs.close()
+    try:
+        link.send_json(message, fds)
+        waited = asyncio.ensure_future(link.receive())
+        ended = asyncio.ensure_future(proc.wait())
+        done, _ = await asyncio.wait([waited, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if waited in done:
+            kind, said = waited.result()
+            if kind == "json" and said.get("type") == "ready":
+                ended.cancel()
+                return proc.pid, link
+        why = (f"exited with status {proc.returncode}" if proc.returncode is not None
+               else f"not ready within {timeout:g} s")
+        for task in (waited, ended):
+            task.cancel()
+        raise RestartError(f"the new process (pid {proc.pid}) {why}")
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        link.close()
+        raise
+
+
+async def follow_predecessor(link: Link, inject: Callable[[str, Any, list[bytes]], bool],
+                             release: Callable[[], None], done: asyncio.Event) -> None:
+    """In a new process: take the packets the predecessor passes on; when it
+    says so (or is gone), read the udp sockets ourselves."""
+    try:
+        while True:
+            kind, said = await link.receive()
+            if kind == "packets":
+                listener, address, packets = said
+                inject(listener, tuple(address), packets)
+            elif kind == "end" or (kind == "json" and said.get("type") == "read"):
+                break
+    except OSError as exc:
+        log.warning("the link to the old process: %s", exc)
+    finally:
+        release()
+        done.set()
+        link.close()
+
+
+async def drain(sessions: Callable[[], int], connections: Callable[[], int], close_idle: Callable[[], int],
+                predecessor_done: asyncio.Event, timeout: float = DRAIN_TIMEOUT,
+                report: Callable[[str], Awaitable[None] | None] | None = None) -> bool:
+    """Wait until no session peers dialed and no connection is left (closing
+    idle sessions as they become idle) and the predecessor, if any, is done;
+    or ``timeout``.  True if everything ended in time."""
+    deadline = time.monotonic() + timeout
+    closed = close_idle()
+    last = ""
+    while time.monotonic() < deadline:
+        n_sessions, n_connections = sessions(), connections()
+        if n_sessions == 0 and n_connections == 0 and predecessor_done.is_set():
+            return True
+        said = f"draining: {n_sessions} sessions, {n_connections} connections"
+        if report is not None and said != last:
+            result = report(said + (f" ({closed} idle sessions closed)" if closed else ""))
+            if result is not None:
+                await result
+            last = said
+        await asyncio.sleep(0.2)
+        closed += close_idle()
+    return False
+
+
+def sd_notify(text: str) -> bool:
+    """Tell systemd (``$NOTIFY_SOCKET``) ``text``, e.g. ``READY=1``; False without systemd."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return False
+    address = "\0" + where[1:] if where.startswith("@") else where
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(text.encode(), address)
+        except OSError as exc:
+            print(f"netchan: cannot notify systemd at {where}: {exc}", file=sys.stderr)
+            return False
+    return True

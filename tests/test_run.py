@@ -5,6 +5,7 @@ the file, line and key; the metrics endpoint."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -13,11 +14,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
 import netchan
 from netchan.ops.config import ConfigError, parse_config
+from netchan.tools.chaos import UdpChaos
 
 from .helpers import echo_connection
 from .test_tunnel_cli import _lines_until, _stop
@@ -352,8 +355,15 @@ async def _browser():
                     result = await call("Runtime.evaluate", expression=expression, returnByValue=True)
                     return result["result"].get("value")
 
+                async def screenshot(path):
+                    result = await call("Page.captureScreenshot", format="png")
+                    path.write_bytes(base64.b64decode(result["data"]))
+
                 async def open_page(url):
+                    await call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
+                               mobile=False)
                     await call("Page.navigate", url=url)
+                    evaluate.screenshot = screenshot
                     return evaluate
 
                 yield open_page
@@ -373,9 +383,14 @@ async def test_the_dashboard_in_a_real_browser_shows_both_peers_and_their_paths(
             netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as two:
         for node in (one, two):
             netchan.tunnels.Tunnels.of(node).allow_exit(f"127.0.0.1:{echo_port}")
+        host, port = one.addresses[0].removeprefix("udp://").rsplit(":", 1)
+        chaos = UdpChaos((host, int(port)))  # one's udp path goes through it, to be blackholed
+        await chaos.start()
+        one_urls = [chaos.url, one.addresses[1]]
         config = tmp_path / "node.toml"
         config.write_text('identity = "me.key"\ndashboard = "127.0.0.1:0"\ndashboard_token = "open-sesame"\n'
-                          + _peer("one", one) + _peer("two", two) + _echo_pipeline("by-one", ["one"], echo_port)
+                          + _peer("one", one).replace(json.dumps(one.addresses), json.dumps(one_urls))
+                          + _peer("two", two) + _echo_pipeline("by-one", ["one"], echo_port)
                           + _echo_pipeline("by-two", ["two"], echo_port))
         async with _netchan("run", str(config), "--log-level", "warning") as run:
             lines = await _lines_until(run, r"^control socket ")
@@ -413,10 +428,24 @@ async def test_the_dashboard_in_a_real_browser_shows_both_peers_and_their_paths(
                         await asyncio.sleep(0.2)
 
                 await asyncio.wait_for(updated(), 10)
+                # a path blackholed: the page shows it down within the failover gap
+                chaos.blackhole = True
+                row = f'tr[data-path="{chaos.url}"]'
+
+                async def down():
+                    while await evaluate(f"document.querySelector('{row}')?.className") != "down":
+                        await asyncio.sleep(0.2)
+
+                await asyncio.wait_for(down(), 10)
+                artifacts = Path(os.environ.get("NETCHAN_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+                artifacts.mkdir(exist_ok=True)
+                await evaluate.screenshot(artifacts / "dashboard.png")
+                assert (artifacts / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             for writer in writers:
                 writer.close()
+        await chaos.aclose()
     assert f'data-peer="{one.node_id}"' in dom and f'data-peer="{two.node_id}"' in dom, dom[-3000:]
-    for url in (*one.addresses, two.addresses[0]):
+    for url in (*one_urls, two.addresses[0]):
         assert f'data-path="{url}"' in dom, (url, re.findall(r'data-path="[^"]*"', dom))
     assert first.startswith("listening on")
     assert 'data-pipeline="by-one"' in dom and 'data-pipeline="by-two"' in dom
@@ -429,3 +458,52 @@ def test_the_dashboard_asks_for_a_token_off_loopback(listen, token):
     from netchan.ops.dashboard import needs_token
 
     assert needs_token(listen) is token
+
+
+_OTHER_USER = """import os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+try:
+    socket.socket(socket.AF_UNIX).connect(sys.argv[1])
+except PermissionError:
+    print("refused")
+else:
+    print("connected")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to try the control socket as another user")
+async def test_the_control_socket_refuses_other_users(tmp_path):
+    netchan.Identity.generate().save(tmp_path / "me.key")
+    (tmp_path / "node.toml").write_text('identity = "me.key"\nlisten = ["udp://127.0.0.1:0"]\n')
+    runtime_dir = Path(tempfile.mkdtemp(prefix="nc-run-", dir="/tmp"))  # short: UNIX socket paths are short
+    os.chmod(runtime_dir, 0o755)  # others may walk to it: only the socket's own modes stand in the way
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "netchan", "run", str(tmp_path / "node.toml"),
+                                                env=env, stdout=asyncio.subprocess.PIPE)
+    try:
+        lines = await _lines_until(proc, r"^control socket ")
+        path = re.search(r"^control socket (\S+)", lines[-1]).group(1)
+        assert path.startswith(str(runtime_dir))
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+        os.chmod(os.path.dirname(path), 0o755)  # even with its directory opened up, the socket refuses
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", _OTHER_USER, path],
+                                       capture_output=True, text=True, timeout=30)
+        assert done.stdout.strip() == "refused", done.stderr
+        # its owner gets an answer
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "netchan", "status", "--json",
+                                                        "--control", path], capture_output=True, text=True,
+                                       timeout=30)
+        assert done.returncode == 0 and json.loads(done.stdout)["addresses"], done.stderr
+    finally:
+        await _stop(proc)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_a_control_socket_path_too_long_is_one_clear_line(tmp_path):
+    netchan.Identity.generate().save(tmp_path / "me.key")
+    (tmp_path / "node.toml").write_text(f'identity = "me.key"\ncontrol = "{tmp_path / ("x" * 120)}.sock"\n')
+    done = subprocess.run([sys.executable, "-m", "netchan", "run", str(tmp_path / "node.toml")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "too long for a UNIX socket" in done.stderr and "Traceback" not in done.stderr

@@ -28,6 +28,9 @@ def control_dir() -> str:
     return os.path.join(base, "netchan") if os.environ.get("XDG_RUNTIME_DIR") else base
 
 
+#: sun_path holds 108 bytes on Linux, the last one a NUL
+_MAX_UNIX_PATH = 107
+
 Command = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -43,6 +46,10 @@ async def serve_control(node: Node, path: str | None = None, extra: Command | No
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
         path = os.path.join(directory, f"{node.node_id}.sock")
+    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+        raise ConfigurationError(f"control socket {path}: the path is too long for a UNIX socket "
+                                 f"({len(os.fsencode(path))} bytes, at most {_MAX_UNIX_PATH}): give a shorter one "
+                                 "(--control, or control in the config file)")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # one left by a node that did not end cleanly
 

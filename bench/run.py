@@ -14,6 +14,9 @@
 7. The coordinator: one stream through its relay and over the punched direct
    path beside a plain direct session; connect_peer to first byte and to the
    direct path.
+8. Operations: the longest stall of a stream and of a work queue around
+   netchan restart beside a plain restart; throughput with metrics scraped
+   beside none.
 
 ``--baseline REF`` measures the netchan message rates of git revision REF
 too, alternating with this tree's, and prints them side by side.
@@ -33,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import coordinator  # noqa: E402
+import ops  # noqa: E402
 import deadpeer  # noqa: E402
 import tunnel  # noqa: E402
 import vpn  # noqa: E402
@@ -58,7 +62,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller transfers")
-    p.add_argument("--only", choices=["bulk", "messages", "resilience", "deadpeer", "tunnel", "vpn", "coordinator"], help="run one part")
+    p.add_argument("--only", choices=["bulk", "messages", "resilience", "deadpeer", "tunnel", "vpn", "coordinator", "ops"], help="run one part")
     p.add_argument("--baseline", metavar="REF", help="a git revision whose message rates to show beside")
     a = p.parse_args()
     if a.only in (None, "bulk"):
@@ -89,6 +93,10 @@ def main() -> int:
         if a.only is None:
             print()
         _uvloop_run(coordinator.run_all(a.runs, a.quick))
+    if a.only in (None, "ops"):
+        if a.only is None:
+            print()
+        _uvloop_run(ops.run_all(a.runs, a.quick))
     return 0
 
 

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 
+import pytest
+
 import netchan
 
 from .helpers import echo
@@ -122,3 +124,27 @@ async def test_replayed_packets_from_elsewhere_do_not_redirect_replies(ids, engi
             assert await _roundtrip(stream, msg) == msg
         assert relay.replayed > 20
         assert relay.attacker_heard == 0  # no reply ever went to the replayer
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("late", [0.2, 1.2])
+def test_a_dial_started_before_the_server_listens_connects_once_it_does(loop, late):
+    # the first Initial meets a closed port (ICMP port unreachable on the connected
+    # socket): under uvloop that error once stopped the socket being watched at all
+    runner = pytest.importorskip("uvloop").run if loop == "uvloop" else asyncio.run
+    ident = netchan.Identity.generate()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"udp://127.0.0.1:{s.getsockname()[1]}"
+
+    async def main():
+        async with netchan.Node() as client:
+            dial = asyncio.ensure_future(client.connect(url, ident.node_id, timeout=15))
+            await asyncio.sleep(late)
+            async with netchan.Node(ident, listen=[url], allow=netchan.ANY):
+                peer = await asyncio.wait_for(dial, 15)
+                async with await peer.open_stream("netchan.ping") as stream:
+                    await stream.send(b"x" * 16)
+                    assert await asyncio.wait_for(stream.receive_exactly(16), 5) == b"x" * 16
+
+    runner(asyncio.wait_for(main(), 30))

@@ -105,6 +105,19 @@ class _Socket:
             self.loop.add_reader(self.sock.fileno(), self._read_ready)
             self.reading = True
 
+    def _rearm(self) -> None:
+        """Watch the socket again after an error it reported: uvloop stops
+        watching a descriptor whose poll saw an error (an ICMP port unreachable
+        on a connected socket, say), and the datagrams that come later, such as
+        the answer of a server that has come up since, would never be read."""
+        if self.reading and not self._closed:
+            self.loop.call_soon(self._watch_again)
+
+    def _watch_again(self) -> None:
+        if self.reading and not self._closed:
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.add_reader(self.sock.fileno(), self._read_ready)
+
     def _read_ready(self) -> None:
         batch: list[tuple[bytes, tuple]] = []
         if self.gro:
@@ -115,6 +128,7 @@ class _Socket:
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
+                    self._rearm()
                     break  # ICMP errors and the like: see below
                 size = 0
                 for level, kind, value in ancdata:
@@ -138,6 +152,7 @@ class _Socket:
                 except OSError:
                     # ICMP errors (port unreachable...) surface here: ignore them,
                     # the session's keepalives judge whether the path works
+                    self._rearm()
                     break
         if batch:
             self._on_batch(batch)

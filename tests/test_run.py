@@ -188,6 +188,10 @@ right = {{ connect = "10.0.0.5:80" }}
      "peer 'gw' has no tcp URL"),
     (("urls = [", "urls = 5 #"), 7, "peers.gw.urls", "expected array, got int"),
     (('name = "web"', 'name = "web'), 10, "", "not TOML"),
+    (('exit = ["10.0.0.0/8:*"]\n', 'exit = ["10.0.0.0/8:*"]\n[vpn]\nsubnet = ["10.77.0.0/33"]\n'), 5, "vpn.subnet[0]",
+     "is not a network"),
+    (('left = { listen = "127.0.0.1:8080" }', 'left = { tun = ["10.1.0.0/16"], device = "x", listen = "1" }'), 11,
+     "pipeline[0].left", "not listen and tun"),
 ])
 def test_a_bad_config_is_one_line_with_file_line_and_key(tmp_path, change, line, key, reason):
     netchan.Identity.generate().save(tmp_path / "node.key")

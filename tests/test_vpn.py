@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -658,3 +659,39 @@ async def test_a_route_the_server_does_not_offer_ends_connect_with_the_reason():
         with pytest.raises(AssertionError, match=r"does not route 192\.168\.0\.0/16"):
             await start_vpn(net, "qh3", "udp", client_routes=("192.168.0.0/16",))
         assert "netchan" not in sh(*net.run(net.c, "ip", "-o", "link")).stdout
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+async def test_a_vpn_hub_and_a_tun_pipeline_from_config_files():
+    async with namespaces() as net:
+        files = {}
+        for who in ("server", "client"):
+            files[who] = f"/tmp/{net.c}-{who}"
+            netchan.Identity.generate().save(files[who] + ".key", overwrite=True)
+        server_id = netchan.Identity.load(files["server"] + ".key").node_id
+        with open(files["server"] + ".toml", "w") as f:
+            f.write(f'identity = "{files["server"]}.key"\nlisten = ["udp://172.30.1.1:7000"]\nallow = ["any"]\n'
+                    f'control = "{files["server"]}.sock"\n'
+                    '[vpn]\nsubnet = ["10.77.0.0/24"]\nroutes = ["10.99.0.0/24"]\nnat = true\n')
+        with open(files["client"] + ".toml", "w") as f:
+            f.write(f'identity = "{files["client"]}.key"\ncontrol = "{files["client"]}.sock"\n'
+                    f'[peers.hub]\nid = "{server_id}"\nurls = ["udp://172.30.1.1:7000"]\n'
+                    '[[pipeline]]\nname = "lan"\nleft = { tun = ["10.99.0.0/24"] }\nthrough = ["hub"]\n')
+        server = await net.start(net.s, "run", files["server"] + ".toml")
+        lines = await read_until(server, "control socket")
+        assert any(line.startswith("VPN on netchan") and "10.77.0.1/24" in line for line in lines), lines
+        client = await net.start(net.c, "run", files["client"] + ".toml", "--log-level", "info")
+        await read_until(client, "control socket")
+
+        async def reachable():
+            while (await ping(net, net.c, "-c", "1", "10.99.0.2")).returncode != 0:
+                await asyncio.sleep(0.2)
+
+        await asyncio.wait_for(reachable(), 30)  # through the client's TUN device, the hub, NAT
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "netchan", "status", "--json",
+                                                        "--control", files["client"] + ".sock"],
+                                       capture_output=True, text=True, timeout=30)
+        pipeline = json.loads(done.stdout)["pipelines"][0]
+        assert pipeline["name"] == "lan" and "10.77.0.2/24" in pipeline["address"], pipeline
+        assert pipeline["datagrams"] > 0 and pipeline["bytes_out"] > 0

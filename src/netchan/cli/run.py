@@ -87,6 +87,9 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
                                   if inherited and inherited.predecessor else ""), flush=True)
     for url in node.addresses:
         print(f"listening on {url}", flush=True)
+    if runtime.vpn is not None:
+        print(f"VPN on {runtime.vpn.device.name}: {', '.join(map(str, runtime.vpn.gateways))}"
+              + "".join(f", routing {net}" for net in runtime.vpn.routes), flush=True)
     _print_pipelines(runtime)
     lock = asyncio.Lock()
     loop = asyncio.get_running_loop()

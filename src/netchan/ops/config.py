@@ -39,6 +39,7 @@ An example::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -53,7 +54,7 @@ from ..identity import Identity, check_node_id
 from ..tunnels.rules import ExitRule, parse_hostport
 from ..tunnels.service import parse_remote_bind
 
-__all__ = ["ConfigError", "Config", "PeerConfig", "PipelineConfig", "Left", "Right", "load_config",
+__all__ = ["ConfigError", "Config", "PeerConfig", "PipelineConfig", "VpnConfig", "Left", "Right", "load_config",
            "parse_config", "MODULES", "register_module", "ModuleConfig", "PeerStep", "FailoverStep"]
 
 
@@ -95,6 +96,10 @@ class Left(_Strict):
     users: dict[str, str] = {}
     #: the (one) peer listens on ``[bind:]port`` for us; connections come here
     remote: str | None = None
+    #: networks routed into the VPN of the last peer (a TUN device here; Linux, CAP_NET_ADMIN)
+    tun: list[str] | None = None
+    #: the TUN device's name (``%d``: a free number)
+    device: str | None = None
 
 
 class Right(_Strict):
@@ -102,6 +107,16 @@ class Right(_Strict):
 
     connect: str | None = None
     service: str | None = None
+
+
+class VpnConfig(_Strict):
+    """This node as the hub of a VPN (``netchan vpn serve``): its addresses,
+    the networks members may reach through it, NAT for them."""
+
+    subnet: list[str]
+    routes: list[str] = []
+    nat: bool = False
+    device: str = "netchan%d"
 
 
 class PipelineConfig(_Strict):
@@ -138,6 +153,7 @@ class Config(_Strict):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     peers: dict[str, PeerConfig] = {}
+    vpn: VpnConfig | None = None
     pipeline: list[PipelineConfig] = []
     #: filled in by load_config: the file and its directory
     file: str = ""
@@ -346,6 +362,11 @@ class _Checker:
         for key in ("metrics", "dashboard"):
             if getattr(c, key) is not None:
                 self.one(key, getattr(c, key), _port_of)
+        if c.vpn is not None:
+            if not c.vpn.subnet:
+                raise self.fail("vpn.subnet", "give the VPN's addresses, e.g. [\"10.77.0.0/24\"]")
+            self.each("vpn.subnet", c.vpn.subnet, _network)
+            self.each("vpn.routes", c.vpn.routes, _network)
         for name, peer in c.peers.items():
             key = f"peers.{name}"
             try:
@@ -365,12 +386,17 @@ class _Checker:
             names.add(pipe.name)
 
     def pipeline(self, key: str, pipe: PipelineConfig) -> None:
-        sides = [k for k in ("listen", "udp", "socks5", "remote") if getattr(pipe.left, k) is not None]
+        sides = [k for k in ("listen", "udp", "socks5", "remote", "tun") if getattr(pipe.left, k) is not None]
         if len(sides) != 1:
-            raise self.fail(f"{key}.left", "one of listen, udp, socks5 or remote" +
+            raise self.fail(f"{key}.left", "one of listen, udp, socks5, remote or tun" +
                             (f", not {' and '.join(sides)}" if sides else ""))
         side = sides[0]
-        self.one(f"{key}.left.{side}", getattr(pipe.left, side), _port_of)
+        if side == "tun":
+            self.each(f"{key}.left.tun", pipe.left.tun or [], _network)
+        else:
+            self.one(f"{key}.left.{side}", getattr(pipe.left, side), _port_of)
+        if pipe.left.device is not None and side != "tun":
+            raise self.fail(f"{key}.left.device", "a device is for left.tun")
         if not pipe.through:
             raise self.fail(f"{key}.through", "name at least one peer to cross")
         steps: list[ModuleConfig] = []
@@ -398,9 +424,11 @@ class _Checker:
         if side == "remote" and len(steps) != 1:
             raise self.fail(f"{key}.through", "left.remote listens at one peer: name one")
         right = pipe.right
-        if side == "socks5":
+        if side in ("socks5", "tun"):
             if right.connect is not None or right.service is not None:
-                raise self.fail(f"{key}.right", "a SOCKS5 pipeline goes where its clients ask: no right side")
+                what = ("a SOCKS5 pipeline goes where its clients ask" if side == "socks5"
+                        else "a tun pipeline's packets go where they are addressed")
+                raise self.fail(f"{key}.right", f"{what}: no right side")
         else:
             if (right.connect is None) == (right.service is None):
                 raise self.fail(f"{key}.right", "connect = \"HOST:PORT\" or service = \"NAME\"")
@@ -411,6 +439,14 @@ class _Checker:
         if pipe.match and side != "socks5":
             raise self.fail(f"{key}.match", "match rules choose among pipelines sharing a SOCKS5 front end")
         self.each(f"{key}.match", pipe.match, ExitRule.parse)
+
+
+def _network(text: str) -> None:
+    """``text`` is an IP network (ConfigurationError if not)."""
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigurationError(f"{text!r} is not a network: {exc}") from None
 
 
 def _port_of(text: str) -> int:

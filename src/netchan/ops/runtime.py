@@ -49,7 +49,7 @@ log = logging.getLogger("netchan.run")
 #: how long a connection waits for the session its pipeline needs
 DIAL_TIMEOUT = 10.0
 #: what a reload cannot change in a running process
-RESTART_KEYS = ("identity", "listen", "engine", "member")
+RESTART_KEYS = ("identity", "listen", "engine", "member", "vpn")
 
 
 class Hop:
@@ -238,13 +238,18 @@ class Pipeline:
 
     @property
     def left(self) -> str:
-        side = next(k for k in ("listen", "udp", "socks5", "remote") if getattr(self.conf.left, k) is not None)
-        return f"{side} {getattr(self.conf.left, side)}"
+        side = next(k for k in ("listen", "udp", "socks5", "remote", "tun") if getattr(self.conf.left, k) is not None)
+        value = getattr(self.conf.left, side)
+        return f"{side} {', '.join(value) if isinstance(value, list) else value}"
 
     @property
     def right(self) -> str:
         r = self.conf.right
-        return r.connect if r.connect is not None else f"service {r.service}" if r.service else "(SOCKS5 client's)"
+        if r.connect is not None:
+            return r.connect
+        if r.service:
+            return f"service {r.service}"
+        return "(where addressed)" if self.conf.left.tun is not None else "(SOCKS5 client's)"
 
     async def start(self) -> None:
         left = self.conf.left
@@ -258,16 +263,26 @@ class Pipeline:
             front.pipelines.append((ExitRules(self.conf.match), self))
             self.address = format_address(*front.address)
         else:
-            # the peer's side of a UDP forward or of a remote listener needs the session first
+            # a UDP forward, a listener at the peer or a VPN device needs the session first
             self._starting = asyncio.ensure_future(self._start_with_peer())
 
     async def _start_with_peer(self) -> None:
         left, right = self.conf.left, self.conf.right
-        assert right.connect is not None
         tunnels = self.runtime.tunnels
         while True:
             try:
                 peer = await self.route.peer()
+                if left.tun is not None:
+                    from ..tunnels.vpn import DEVICE, VpnClient
+
+                    vpn = VpnClient(self.runtime.node, peer, routes=left.tun, device=left.device or DEVICE)
+                    self._front = await vpn.start()
+                    self.counters = vpn.counters
+                    assert vpn.device is not None
+                    self.address = f"{vpn.device.name} {', '.join(map(str, vpn.addresses))}"
+                    log.info("pipeline %s: VPN on %s, routes %s", self.name, self.address, ", ".join(left.tun))
+                    return
+                assert right.connect is not None
                 if left.udp is not None:
                     self._front = await tunnels.forward_udp(peer, left.udp, right.connect)
                     self.address = format_address(*self._front.address) + "/udp"
@@ -336,6 +351,8 @@ class Runtime:
         self._hops: dict[bytes, Hop] = {}
         self._socks: dict[str, _SharedSocks] = {}
         self.membership: Any = None
+        #: the VPN this node is the hub of, if the config says so
+        self.vpn: Any = None
 
     def _set_rules(self, config: Config) -> None:
         self.tunnels.exits = ExitRules(config.exit)
@@ -344,6 +361,11 @@ class Runtime:
     async def start(self) -> Runtime:
         await self.node.start()
         try:
+            if self.config.vpn is not None:
+                from ..tunnels.vpn import VpnServer
+
+                v = self.config.vpn
+                self.vpn = await VpnServer(self.node, v.subnet, routes=v.routes, nat=v.nat, device=v.device).start()
             if self.config.member:
                 self.membership = await join_saved(self.node, self.config.identity)
             for conf in self.config.pipeline:
@@ -465,6 +487,8 @@ class Runtime:
         for front in list(self._socks.values()):
             await front.aclose()
         self._socks.clear()
+        if self.vpn is not None:
+            await self.vpn.aclose()
         await self.node.aclose()
 
     async def __aenter__(self) -> Runtime:

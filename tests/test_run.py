@@ -192,6 +192,8 @@ right = {{ connect = "10.0.0.5:80" }}
      "is not a network"),
     (('left = { listen = "127.0.0.1:8080" }', 'left = { tun = ["10.1.0.0/16"], device = "x", listen = "1" }'), 11,
      "pipeline[0].left", "not listen and tun"),
+    (('left = { listen = "127.0.0.1:8080" }', 'left = { channel = "jobs" }'), 11, "pipeline[0].left.channel",
+     "no [[channel]] named 'jobs' here"),
 ])
 def test_a_bad_config_is_one_line_with_file_line_and_key(tmp_path, change, line, key, reason):
     netchan.Identity.generate().save(tmp_path / "node.key")
@@ -511,3 +513,34 @@ def test_a_control_socket_path_too_long_is_one_clear_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "netchan", "run", str(tmp_path / "node.toml")],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "too long for a UNIX socket" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("chain", [["sink"], ["gw", "sink"]])
+async def test_a_channel_pipeline_carries_every_item_in_order_to_a_peers_channel(tmp_path, chain):
+    me, producer = netchan.Identity.generate(), netchan.Identity.generate()
+    me.save(tmp_path / "me.key")
+    async with netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as sink, \
+            netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as gw, netchan.Node(producer) as sender:
+        done = sink.channel("done", capacity=4)
+        netchan.tunnels.Tunnels.of(gw).allow_exit(sink.addresses[0].removeprefix("udp://"))
+        config = tmp_path / "node.toml"
+        config.write_text(f'identity = "me.key"\nlisten = ["udp://127.0.0.1:0"]\nallow = ["{producer.node_id}"]\n'
+                          '[[channel]]\nname = "jobs"\ncapacity = 16\n' + _peer("sink", sink) + _peer("gw", gw)
+                          + f'[[pipeline]]\nname = "out"\nleft = {{ channel = "jobs" }}\nthrough = {json.dumps(chain)}\n'
+                          'right = { channel = "done" }\n')
+        async with _netchan("run", str(config), "--log-level", "warning") as run:
+            lines = await _lines_until(run, r"^control socket ")
+            url = next(line.split()[2] for line in lines if line.startswith("listening on udp"))
+            assert any(line.startswith("pipeline out: channel jobs") for line in lines), lines
+            peer = await sender.connect(url, me.node_id, timeout=10)
+            jobs = await peer.channel("jobs", direction="send")
+            items = [{"job": i, "blob": os.urandom(i % 300)} for i in range(400)]
+
+            async def produce():
+                for item in items:
+                    await jobs.send(item)
+
+            producing = asyncio.ensure_future(produce())
+            got = [await asyncio.wait_for(done.recv(), 20) for _ in items]
+            await producing
+            assert got == items

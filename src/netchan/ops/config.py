@@ -54,7 +54,7 @@ from ..identity import Identity, check_node_id
 from ..tunnels.rules import ExitRule, parse_hostport
 from ..tunnels.service import parse_remote_bind
 
-__all__ = ["ConfigError", "Config", "PeerConfig", "PipelineConfig", "VpnConfig", "Left", "Right", "load_config",
+__all__ = ["ConfigError", "Config", "PeerConfig", "PipelineConfig", "VpnConfig", "ChannelConfig", "LEFT_SIDES", "Left", "Right", "load_config",
            "parse_config", "MODULES", "register_module", "ModuleConfig", "PeerStep", "FailoverStep"]
 
 
@@ -100,6 +100,8 @@ class Left(_Strict):
     tun: list[str] | None = None
     #: the TUN device's name (``%d``: a free number)
     device: str | None = None
+    #: items taken from this node's channel of that name (see [[channel]])
+    channel: str | None = None
 
 
 class Right(_Strict):
@@ -107,6 +109,18 @@ class Right(_Strict):
 
     connect: str | None = None
     service: str | None = None
+    #: the last peer's channel of that name (for left.channel)
+    channel: str | None = None
+
+
+class ChannelConfig(_Strict):
+    """A channel this node owns (peers it admits may send and receive)."""
+
+    name: str
+    capacity: int = 0
+    #: node ids that may send / receive (default: every peer admitted)
+    allow_send: list[str] | None = None
+    allow_recv: list[str] | None = None
 
 
 class VpnConfig(_Strict):
@@ -154,6 +168,7 @@ class Config(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     peers: dict[str, PeerConfig] = {}
     vpn: VpnConfig | None = None
+    channel: list[ChannelConfig] = []
     pipeline: list[PipelineConfig] = []
     #: filled in by load_config: the file and its directory
     file: str = ""
@@ -378,6 +393,17 @@ class _Checker:
                 raise self.fail(key, "give its urls, or member = true to reach it through the coordinator")
             if peer.member and not c.member:
                 raise self.fail(f"{key}.member", "this node is no member: set member = true at the top")
+        channels: set[str] = set()
+        for i, chan in enumerate(c.channel):
+            if not chan.name:
+                raise self.fail(f"channel[{i}].name", "a channel needs a name")
+            if chan.name in channels:
+                raise self.fail(f"channel[{i}].name", f"{chan.name!r} names another channel too")
+            if chan.capacity < 0:
+                raise self.fail(f"channel[{i}].capacity", "a capacity is 0 or more")
+            for who in ("allow_send", "allow_recv"):
+                self.each(f"channel[{i}].{who}", getattr(chan, who) or [], check_node_id)
+            channels.add(chan.name)
         names: set[str] = set()
         for i, pipe in enumerate(c.pipeline):
             self.pipeline(f"pipeline[{i}]", pipe)
@@ -386,13 +412,18 @@ class _Checker:
             names.add(pipe.name)
 
     def pipeline(self, key: str, pipe: PipelineConfig) -> None:
-        sides = [k for k in ("listen", "udp", "socks5", "remote", "tun") if getattr(pipe.left, k) is not None]
+        sides = [k for k in LEFT_SIDES if getattr(pipe.left, k) is not None]
         if len(sides) != 1:
-            raise self.fail(f"{key}.left", "one of listen, udp, socks5, remote or tun" +
+            raise self.fail(f"{key}.left", "one of listen, udp, socks5, remote, tun or channel" +
                             (f", not {' and '.join(sides)}" if sides else ""))
         side = sides[0]
         if side == "tun":
             self.each(f"{key}.left.tun", pipe.left.tun or [], _network)
+        elif side == "channel":
+            if pipe.left.channel not in {ch.name for ch in self.config.channel}:
+                raise self.fail(f"{key}.left.channel", f"no [[channel]] named {pipe.left.channel!r} here")
+            if pipe.right.channel is None or pipe.right.connect is not None or pipe.right.service is not None:
+                raise self.fail(f"{key}.right", "a channel goes to a channel: right = { channel = \"NAME\" }")
         else:
             self.one(f"{key}.left.{side}", getattr(pipe.left, side), _port_of)
         if pipe.left.device is not None and side != "tun":
@@ -424,7 +455,11 @@ class _Checker:
         if side == "remote" and len(steps) != 1:
             raise self.fail(f"{key}.through", "left.remote listens at one peer: name one")
         right = pipe.right
-        if side in ("socks5", "tun"):
+        if side != "channel" and right.channel is not None:
+            raise self.fail(f"{key}.right.channel", "a channel takes items from left.channel")
+        if side == "channel":
+            pass
+        elif side in ("socks5", "tun"):
             if right.connect is not None or right.service is not None:
                 what = ("a SOCKS5 pipeline goes where its clients ask" if side == "socks5"
                         else "a tun pipeline's packets go where they are addressed")
@@ -439,6 +474,10 @@ class _Checker:
         if pipe.match and side != "socks5":
             raise self.fail(f"{key}.match", "match rules choose among pipelines sharing a SOCKS5 front end")
         self.each(f"{key}.match", pipe.match, ExitRule.parse)
+
+
+#: what a pipeline's traffic can come from
+LEFT_SIDES = ("listen", "udp", "socks5", "remote", "tun", "channel")
 
 
 def _network(text: str) -> None:

@@ -20,6 +20,7 @@ stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ import msgspec
 
 from ..carriers.base import parse_url
 from ..coordinator.saved import join_saved
-from ..errors import ConfigurationError, NetchanError
+from ..errors import ConfigurationError, EndOfChannel, NetchanError
 from ..identity import Identity
 from ..node.node import ANY, Node, Peer, echo_service
 from ..tunnels import Tunnels
@@ -37,7 +38,7 @@ from ..tunnels.protocol import Open, format_address
 from ..tunnels.pump import Counters, reset_tcp
 from ..tunnels.rules import ExitRules, parse_hostport
 from ..tunnels.service import Socks5, parse_remote_bind
-from .config import Config, FailoverStep, ModuleConfig, PeerStep, PipelineConfig, module_of
+from .config import LEFT_SIDES, Config, FailoverStep, ModuleConfig, PeerStep, PipelineConfig, module_of
 
 if TYPE_CHECKING:
     from .restart import Inherited
@@ -49,7 +50,7 @@ log = logging.getLogger("netchan.run")
 #: how long a connection waits for the session its pipeline needs
 DIAL_TIMEOUT = 10.0
 #: what a reload cannot change in a running process
-RESTART_KEYS = ("identity", "listen", "engine", "member", "vpn")
+RESTART_KEYS = ("identity", "listen", "engine", "member", "vpn", "channel")
 
 
 class Hop:
@@ -238,7 +239,7 @@ class Pipeline:
 
     @property
     def left(self) -> str:
-        side = next(k for k in ("listen", "udp", "socks5", "remote", "tun") if getattr(self.conf.left, k) is not None)
+        side = next(k for k in LEFT_SIDES if getattr(self.conf.left, k) is not None)
         value = getattr(self.conf.left, side)
         return f"{side} {', '.join(value) if isinstance(value, list) else value}"
 
@@ -249,6 +250,8 @@ class Pipeline:
             return r.connect
         if r.service:
             return f"service {r.service}"
+        if r.channel:
+            return f"channel {r.channel}"
         return "(where addressed)" if self.conf.left.tun is not None else "(SOCKS5 client's)"
 
     async def start(self) -> None:
@@ -262,9 +265,40 @@ class Pipeline:
             front = await self.runtime.socks_front(left.socks5, left.users)
             front.pipelines.append((ExitRules(self.conf.match), self))
             self.address = format_address(*front.address)
+        elif left.channel is not None:
+            self._starting = asyncio.ensure_future(self._bridge(self.runtime.channels[left.channel]))
+            self.address = f"channel {left.channel}"
         else:
             # a UDP forward, a listener at the peer or a VPN device needs the session first
             self._starting = asyncio.ensure_future(self._start_with_peer())
+
+    async def _bridge(self, local: Any) -> None:
+        """Each item of our channel to the last peer's channel, in order, one
+        at a time: an item leaves our channel only once the owner there has it
+        (on a failure, or if the pipeline stops, it goes back to the head)."""
+        name = self.conf.right.channel
+        assert name is not None
+        while True:
+            try:
+                peer = await self.route.peer()
+                remote = await peer.channel(name, direction="send")
+                log.info("pipeline %s: channel %s -> %s at %s", self.name, local.name, name, peer.node_id)
+                self.counters.open = 1
+                try:
+                    while True:
+                        async with local.process() as item:
+                            await remote.send(item)
+                        self.counters.datagrams += 1
+                finally:
+                    self.counters.open = 0
+                    with contextlib.suppress(NetchanError):
+                        await remote.aclose()
+            except EndOfChannel:
+                return  # our channel was closed and has nothing left
+            except (NetchanError, asyncio.TimeoutError, OSError) as exc:
+                self.counters.failure(type(exc).__name__)
+                log.warning("pipeline %s: %s; trying again in 1 s", self.name, exc or "timed out")
+                await asyncio.sleep(1)
 
     async def _start_with_peer(self) -> None:
         left, right = self.conf.left, self.conf.right
@@ -353,6 +387,8 @@ class Runtime:
         self.membership: Any = None
         #: the VPN this node is the hub of, if the config says so
         self.vpn: Any = None
+        #: the channels the config has this node own, by name
+        self.channels: dict[str, Any] = {}
 
     def _set_rules(self, config: Config) -> None:
         self.tunnels.exits = ExitRules(config.exit)
@@ -366,6 +402,9 @@ class Runtime:
 
                 v = self.config.vpn
                 self.vpn = await VpnServer(self.node, v.subnet, routes=v.routes, nat=v.nat, device=v.device).start()
+            for chan in self.config.channel:
+                self.channels[chan.name] = self.node.channel(chan.name, chan.capacity, allow_send=chan.allow_send,
+                                                             allow_recv=chan.allow_recv)
             if self.config.member:
                 self.membership = await join_saved(self.node, self.config.identity)
             for conf in self.config.pipeline:
@@ -413,8 +452,11 @@ class Runtime:
 
     @property
     def open_connections(self) -> int:
-        """Connections the pipelines and the tunnels (exits for peers) carry now."""
-        return sum(p.counters.open for p in self.pipelines.values()) + self.tunnels.counters.open
+        """Connections the pipelines and the tunnels (exits for peers) carry now,
+        and items waiting in the channels this node owns."""
+        waiting = sum(ch.statistics()["buffered"] + ch.statistics()["in_process"] for ch in self.channels.values())
+        connections = sum(p.counters.open for p in self.pipelines.values() if p.conf.left.channel is None)
+        return connections + self.tunnels.counters.open + waiting
 
     async def socks_front(self, listen: str, users: dict[str, str]) -> _SharedSocks:
         front = self._socks.get(listen)

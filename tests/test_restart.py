@@ -1,7 +1,8 @@
 """``netchan restart``: a node started by ``netchan run`` replaced by a new
-process three times while a client streams through it and a work queue runs
-over a pipeline through it: every byte and every item arrives, and the
-listening ports never refuse a connection."""
+process three times while a client streams through it, a work queue it owns
+is fed and emptied, and another work queue runs over a pipeline through it:
+every byte and every item arrives, and the listening ports never refuse a
+connection."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ async def _work(worker, boss_id, url, items):
 
 
 async def test_three_restarts_under_load_lose_no_byte_no_item_and_refuse_no_connection(tmp_path):
-    me, boss, worker_id = netchan.Identity.generate(), netchan.Identity.generate(), netchan.Identity.generate()
+    me, boss, worker_id, taker_id = (netchan.Identity.generate() for _ in range(4))
     netchan.Identity.generate().save(tmp_path / "server.key")
     server_id = netchan.Identity.load(tmp_path / "server.key").node_id
     echo = await asyncio.start_server(echo_connection, "127.0.0.1", 0)
@@ -119,13 +120,13 @@ async def test_three_restarts_under_load_lose_no_byte_no_item_and_refuse_no_conn
     # (which crosses the gateway to the boss's tcp port)
     async with netchan.Node(boss, listen=["tcp://127.0.0.1:0"], allow=[worker_id.node_id]) as boss_node, \
             netchan.Node(listen=["udp://127.0.0.1:0"], allow=netchan.ANY) as gateway, \
-            netchan.Node(me) as client, netchan.Node(worker_id) as worker:
+            netchan.Node(me) as client, netchan.Node(worker_id) as worker, netchan.Node(taker_id) as taker:
         jobs = boss_node.channel("jobs", capacity=8)
         boss_port = int(boss_node.addresses[0].rsplit(":", 1)[1])
         Tunnels.of(gateway).allow_exit(f"127.0.0.1:{boss_port}")
         config = (f'identity = "server.key"\nlisten = ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"]\n'
-                  f'allow = ["{me.node_id}"]\nexit = ["127.0.0.1:{echo_port}"]\ndrain_timeout = 120\n'
-                  + _peer("gateway", gateway) + _echo_pipeline("to-boss", ["gateway"], boss_port))
+                  f'allow = ["{me.node_id}", "{taker_id.node_id}"]\nexit = ["127.0.0.1:{echo_port}"]\n'
+                  'drain_timeout = 120\n[[channel]]\nname = "work"\ncapacity = 8\n' + _peer("gateway", gateway) + _echo_pipeline("to-boss", ["gateway"], boss_port))
         async with _server(tmp_path, config) as (proc, pids):
             lines = await _lines_until(proc, r"^control socket ")
             udp = next(line.split()[2] for line in lines if line.startswith("listening on udp"))
@@ -148,6 +149,24 @@ async def test_three_restarts_under_load_lose_no_byte_no_item_and_refuse_no_conn
                     await asyncio.sleep(0.01)
 
             feeding = asyncio.ensure_future(feed())
+            # and a work queue the server owns: the client puts work in, the taker takes it out
+            put = await peer.channel("work", direction="send")
+            take = await (await taker.connect(udp, server_id, timeout=10)).channel("work", direction="recv")
+            taken: list = []
+            put_count = 0
+
+            async def put_work():
+                nonlocal put_count
+                while not restarted.is_set() or put_count < 50:
+                    await put.send({"work": put_count})
+                    put_count += 1
+                    await asyncio.sleep(0.01)
+
+            async def take_work():
+                while True:
+                    taken.append(await take.recv())
+
+            putting, taking = asyncio.ensure_future(put_work()), asyncio.ensure_future(take_work())
             refused: list = []
             stop = asyncio.Event()
             knocks = [asyncio.ensure_future(_knock(port, refused, stop)) for port in (tcp_port, pipeline_port)]
@@ -169,15 +188,21 @@ async def test_three_restarts_under_load_lose_no_byte_no_item_and_refuse_no_conn
             await asyncio.wait_for(feeding, 30)
             await wait_for_condition(lambda: len(items) >= fed, timeout=30)
             assert items == [{"job": i} for i in range(fed)]
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+            await asyncio.wait_for(putting, 30)
+            await wait_for_condition(lambda: len(taken) >= put_count, timeout=30)
+            assert taken == [{"work": i} for i in range(put_count)]
+            for task in (work, taking):
+                task.cancel()
+            await asyncio.gather(work, taking, return_exceptions=True)
             stop.set()
             opened = await asyncio.gather(*knocks)
             assert refused == [] and all(opened), (refused, opened)
             assert len(pids) == 4
             # the load over, each old process drains (the worker's connection through the
-            # pipeline held the first one) and exits, oldest first
+            # pipeline and the work queue's handles held the first one) and exits, oldest first
             await worker.aclose()
+            await taker.aclose()
+            await put.aclose()
             said = []
             for _ in range(3):
                 said += await _lines_until(proc, r"pid \d+ drained", n_max=200, timeout=30)

@@ -284,3 +284,32 @@ async def _gone(pids, timeout=10.0):
                 os.kill(pid, signal.SIGKILL)
                 break
             await asyncio.sleep(0.05)
+
+
+async def test_a_restart_after_the_config_moved_a_pipeline_listens_where_it_says_now(tmp_path):
+    netchan.Identity.generate().save(tmp_path / "server.key")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    async with netchan.Node(listen=["udp://127.0.0.1:0"], allow=netchan.ANY) as gateway:
+        def config(port):
+            return ('identity = "server.key"\n' + _peer("gateway", gateway)
+                    + _echo_pipeline("web", ["gateway"], 9).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+
+        async with _server(tmp_path, config(ports[0])) as (proc, pids):
+            lines = await _lines_until(proc, r"^control socket ")
+            assert f"pipeline web: listen 127.0.0.1:{ports[0]} at 127.0.0.1:{ports[0]}" in "\n".join(lines)
+            control = re.search(r"^control socket (\S+)", lines[-1]).group(1)
+            (tmp_path / "server.toml").write_text(config(ports[1]))
+            done = await asyncio.to_thread(_restart, control)
+            assert done.returncode == 0, done.stderr
+            pids.add(int(re.search(r"pid (\d+) took over", done.stdout).group(1)))
+            lines = await _lines_until(proc, r"^pipeline web: ")
+            assert lines[-1].startswith(f"pipeline web: listen 127.0.0.1:{ports[1]} at 127.0.0.1:{ports[1]}"), lines
+            # the old port is let go once the old process has drained (nothing held it)
+            await _lines_until(proc, r"drained")
+            await wait_for_condition(lambda: proc.returncode is not None, timeout=10)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", ports[0]))

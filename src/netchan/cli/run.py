@@ -121,7 +121,8 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
     if config.metrics:
         from ..ops.metrics import serve_metrics
 
-        servers["metrics"] = await serve_metrics(runtime, config.metrics, runtime.inherited_socket("web", "metrics"))
+        inherited_metrics = runtime.inherited_socket("web", "metrics", config.metrics)
+        servers["metrics"] = await serve_metrics(runtime, config.metrics, inherited_metrics)
         print(f"metrics on http://{servers['metrics'].address}/metrics", flush=True)
     dashboard = args.dashboard or config.dashboard
     if dashboard:
@@ -131,7 +132,7 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
             return {**node_status(node), **runtime.status()}
 
         server, token = await serve_dashboard(view, dashboard, config.dashboard_token or (
-            inherited.dashboard_token if inherited else None), runtime.inherited_socket("web", "dashboard"))
+            inherited.dashboard_token if inherited else None), runtime.inherited_socket("web", "dashboard", dashboard))
         servers["dashboard"] = server
         print(f"dashboard on http://{server.address}/" + (f"?token={token}" if token else ""), flush=True)
     if inherited is not None:

@@ -103,9 +103,23 @@ class Inherited:
             urls.append(urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(params), "")))
         return urls
 
-    def take(self, kind: str, name: str) -> socket.socket | None:
+    def take(self, kind: str, name: str, listen: str) -> socket.socket | None:
+        """The socket handed over for ``kind`` ``name`` if it is bound where
+        ``listen`` (``[host:]port``, the config as it is now) says; None
+        otherwise (the caller binds afresh; the socket is closed)."""
         fd = self.sockets.get(kind, {}).pop(name, None)
-        return socket.socket(fileno=fd) if fd is not None else None
+        if fd is None:
+            return None
+        sock = socket.socket(fileno=fd)
+        host, _, port = listen.rpartition(":")
+        bound_host, bound_port = sock.getsockname()[:2]
+        if (port != "0" and port != str(bound_port)) or (host.strip("[]") not in ("", bound_host, "*")
+                                                         and not (host == "localhost" and bound_host == "127.0.0.1")):
+            log.info("%s %s: the config moved it from %s:%s to %s; bound afresh", kind, name, bound_host,
+                     bound_port, listen)
+            sock.close()
+            return None
+        return sock
 
     def close_unused(self) -> None:
         """Close what no part of the new configuration took."""

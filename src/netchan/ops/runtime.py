@@ -258,7 +258,7 @@ class Pipeline:
         left = self.conf.left
         if left.listen is not None:
             bind, port = parse_hostport(left.listen, default_host="127.0.0.1")
-            sock = self.runtime.inherited_socket("pipelines", self.name)
+            sock = self.runtime.inherited_socket("pipelines", self.name, left.listen)
             self._front = await _Forward(self).start(bind or "127.0.0.1", int(port), sock)
             self.address = format_address(*self._front.address)
         elif left.socks5 is not None:
@@ -433,9 +433,10 @@ class Runtime:
             hop = self._hops[key] = Hop(self, step, before)
         return hop
 
-    def inherited_socket(self, kind: str, name: str) -> socket.socket | None:
-        """The listening socket a predecessor handed over for ``kind`` ``name``, once."""
-        return self.inherited.take(kind, name) if self.inherited is not None else None
+    def inherited_socket(self, kind: str, name: str, listen: str) -> socket.socket | None:
+        """The listening socket a predecessor handed over for ``kind`` ``name``,
+        once, if it is where ``listen`` (``[host:]port``) says."""
+        return self.inherited.take(kind, name, listen) if self.inherited is not None else None
 
     def handover(self) -> dict[str, dict[str, int]]:
         """The file descriptors of the pipelines' listeners, by kind and name."""
@@ -464,7 +465,7 @@ class Runtime:
             bind, port = parse_hostport(listen, default_host="127.0.0.1")
             front = _SharedSocks(self)
             front.users = dict(users)
-            await front.start(bind or "127.0.0.1", int(port), self.inherited_socket("socks", listen))
+            await front.start(bind or "127.0.0.1", int(port), self.inherited_socket("socks", listen, listen))
             self._socks[listen] = front
         elif users and front.users != users:
             raise ConfigurationError(f"SOCKS5 {listen}: pipelines sharing it give different users")

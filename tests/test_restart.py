@@ -313,3 +313,31 @@ async def test_a_restart_after_the_config_moved_a_pipeline_listens_where_it_says
             await wait_for_condition(lambda: proc.returncode is not None, timeout=10)
             with socket.socket() as s:
                 s.bind(("127.0.0.1", ports[0]))
+
+
+async def test_if_the_new_process_dies_the_old_one_takes_udp_sessions_again(tmp_path):
+    netchan.Identity.generate().save(tmp_path / "server.key")
+    server_id = netchan.Identity.load(tmp_path / "server.key").node_id
+    async with _server(tmp_path, 'identity = "server.key"\nlisten = ["udp://127.0.0.1:0"]\nallow = ["any"]\n'
+                       ) as (proc, pids):
+        lines = await _lines_until(proc, r"^control socket ")
+        udp = next(line.split()[2] for line in lines if line.startswith("listening on udp"))
+        control = re.search(r"^control socket (\S+)", lines[-1]).group(1)
+        async with netchan.Node() as client:
+            held = await client.connect(udp, server_id, timeout=10)
+            stream = await held.open_stream("echo")  # keeps the old process draining
+            done = await asyncio.to_thread(_restart, control)
+            assert done.returncode == 0, done.stderr
+            pid = int(re.search(r"pid (\d+) took over", done.stdout).group(1))
+            pids.add(pid)
+            os.kill(pid, signal.SIGKILL)
+            await _lines_until(proc, rf"^pid {pid} ended; pid {proc.pid} goes on")
+            async with netchan.Node() as newcomer:
+                fresh = await newcomer.connect(udp, server_id, timeout=10, reconnect=False)
+                async with await fresh.open_stream("echo") as s:
+                    await s.send(b"old one")
+                    await s.send_eof()
+                    assert await asyncio.wait_for(s.receive_exactly(7), 10) == b"old one"
+            await stream.send(b"held")
+            assert await asyncio.wait_for(stream.receive_exactly(4), 10) == b"held"
+            await stream.aclose()

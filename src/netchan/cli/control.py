@@ -150,10 +150,16 @@ async def ask(path: str, request: str, timeout: float = 30) -> dict[str, Any]:
     try:
         writer.write(request.encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+        except asyncio.TimeoutError:
+            raise ConfigurationError(f"the node at {path} did not answer {request!r} within {timeout:g} s") from None
         if not line:
             raise ConfigurationError(f"the node at {path} closed its control socket")
-        answer: dict[str, Any] = json.loads(line)
+        try:
+            answer: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise ConfigurationError(f"the node at {path} answered something that is not JSON") from None
         return answer
     finally:
         writer.close()

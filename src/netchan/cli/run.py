@@ -134,7 +134,10 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
         server, token = await serve_dashboard(view, dashboard, config.dashboard_token or (
             inherited.dashboard_token if inherited else None), runtime.inherited_socket("web", "dashboard", dashboard))
         servers["dashboard"] = server
-        print(f"dashboard on http://{server.address}/" + (f"?token={token}" if token else ""), flush=True)
+        generated = token is not None and token != config.dashboard_token and not (
+            inherited and token == inherited.dashboard_token)
+        print(f"dashboard on http://{server.address}/" + (f"?token={token}" if generated else "")
+              + (" (token: dashboard_token)" if token and not generated else ""), flush=True)
     if inherited is not None:
         inherited.close_unused()
 
@@ -168,11 +171,29 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
         for server in servers.values():
             await server.aclose()
         servers.clear()
-        ok = await drain(lambda: len(node.inbound), lambda: runtime.open_connections, node.close_idle_inbound,
-                         predecessor_done, config.drain_timeout,
-                         lambda said: print(f"pid {os.getpid()} {said}", flush=True))
+        lost = asyncio.ensure_future(_until_gone(link))
+        draining = asyncio.ensure_future(drain(
+            lambda: len(node.inbound), lambda: runtime.open_connections, node.close_idle_inbound, predecessor_done,
+            config.drain_timeout, lambda said: print(f"pid {os.getpid()} {said}", flush=True)))
+        await asyncio.wait([lost, draining], return_when=asyncio.FIRST_COMPLETED)
+        if lost.done():
+            # the new process is gone: the udp sockets are ours alone again (the
+            # tcp listeners were let go: a supervisor's restart, or a new netchan
+            # restart, brings them back)
+            draining.cancel()
+            node.drain(None)
+            successor.clear()
+            log.error("the new process (pid %s) ended while pid %s drained: this one goes on serving udp; "
+                      "its tcp listeners are closed until the next restart", pid, os.getpid())
+            print(f"pid {pid} ended; pid {os.getpid()} goes on (udp only)", flush=True)
+            return
+        lost.cancel()
+        ok = draining.result()
         node.hold_listeners()  # the successor reads them from now on
-        link.send_json({"type": "read"})
+        try:
+            link.send_json({"type": "read"})
+        except OSError as exc:
+            log.error("cannot tell the new process (pid %s) to read: %s", pid, exc)
         print(f"pid {os.getpid()} " + ("drained" if ok else f"stops after {config.drain_timeout:g} s of draining, "
                                        f"{len(node.inbound)} sessions left"), flush=True)
         stop.set()
@@ -202,6 +223,17 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
         for server in servers.values():
             await server.aclose()
     return 0
+
+
+async def _until_gone(link: Link) -> None:
+    """Until the process at the other end of ``link`` closes it (exits)."""
+    while True:
+        try:
+            kind, _ = await link.receive()
+        except OSError:
+            return
+        if kind == "end":
+            return
 
 
 def _print_pipelines(runtime: Runtime) -> None:

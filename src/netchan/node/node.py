@@ -1247,14 +1247,16 @@ class Node:
                 found.append((listener.url, fd))
         return found
 
-    def drain(self, successor: Callable[[str, Any, list[bytes]], None]) -> None:
+    def drain(self, successor: Callable[[str, Any, list[bytes]], None] | None) -> None:
         """Another process took over the listening sockets: accept no new
         connection or session from now on; packets of sessions this node does
         not have go to ``successor(listener URL, address, packets)``; the
-        sessions it has go on."""
+        sessions it has go on.  ``None``: the successor is gone, this node
+        accepts sessions on its datagram listeners again."""
         self._successor = successor
-        for listener in self._listeners:
-            listener.stop_accepting()
+        if successor is not None:
+            for listener in self._listeners:
+                listener.stop_accepting()
 
     def hold_listeners(self, hold: bool = True) -> None:
         """Stop (or start again) reading the datagram listeners' sockets."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ class Inherited:
     predecessor: int = 0
     #: udp listeners start held (a predecessor reads them until it is done)
     held: bool = True
+    _taken_node: set[int] = field(default_factory=set)
 
     def listen_urls(self, configured: list[str]) -> list[str]:
         """The node's listen URLs, on the inherited sockets where there is one
@@ -95,6 +97,7 @@ class Inherited:
                 urls.append(url)  # new in the config: bound afresh
                 continue
             bound, fd = by_config[url]
+            self._taken_node.add(fd)
             parts = urlsplit(bound)
             params = dict(parse_qsl(urlsplit(url).query))
             params["fd"] = str(fd)
@@ -112,9 +115,9 @@ class Inherited:
             return None
         sock = socket.socket(fileno=fd)
         host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"  # as the listeners read it
         bound_host, bound_port = sock.getsockname()[:2]
-        if (port != "0" and port != str(bound_port)) or (host.strip("[]") not in ("", bound_host, "*")
-                                                         and not (host == "localhost" and bound_host == "127.0.0.1")):
+        if (port != "0" and port != str(bound_port)) or not _same_host(host, bound_host):
             log.info("%s %s: the config moved it from %s:%s to %s; bound afresh", kind, name, bound_host,
                      bound_port, listen)
             sock.close()
@@ -123,11 +126,31 @@ class Inherited:
 
     def close_unused(self) -> None:
         """Close what no part of the new configuration took."""
+        for _configured, _bound, fd in self.node:
+            if fd not in self._taken_node:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.node = [n for n in self.node if n[2] in self._taken_node]
         for names in self.sockets.values():
             for fd in names.values():
                 with contextlib.suppress(OSError):
                     os.close(fd)
             names.clear()
+
+
+def _same_host(configured: str, bound: str) -> bool:
+    """Whether a socket bound to ``bound`` is where ``configured`` (an address or a name) says."""
+    if configured in ("*", bound):
+        return True
+    try:
+        return ipaddress.ip_address(configured) == ipaddress.ip_address(bound.split("%", 1)[0])
+    except ValueError:
+        pass  # a name: what it resolves to
+    try:
+        infos = socket.getaddrinfo(configured, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return any(info[4][0] == bound for info in infos)
 
 
 class Link:

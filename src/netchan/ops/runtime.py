@@ -50,7 +50,8 @@ log = logging.getLogger("netchan.run")
 #: how long a connection waits for the session its pipeline needs
 DIAL_TIMEOUT = 10.0
 #: what a reload cannot change in a running process
-RESTART_KEYS = ("identity", "listen", "engine", "member", "vpn", "channel")
+RESTART_KEYS = ("identity", "listen", "engine", "member", "vpn", "channel", "metrics", "dashboard",
+                "dashboard_token", "control", "log_format", "log_level", "drain_timeout")
 
 
 class Hop:
@@ -259,11 +260,17 @@ class Pipeline:
         if left.listen is not None:
             bind, port = parse_hostport(left.listen, default_host="127.0.0.1")
             sock = self.runtime.inherited_socket("pipelines", self.name, left.listen)
-            self._front = await _Forward(self).start(bind or "127.0.0.1", int(port), sock)
+            try:
+                self._front = await _Forward(self).start(bind or "127.0.0.1", int(port), sock)
+            except OSError as exc:
+                raise ConfigurationError(f"pipeline {self.name}: cannot listen on {left.listen}: "
+                                         f"{exc.strerror or exc}") from None
             self.address = format_address(*self._front.address)
         elif left.socks5 is not None:
             front = await self.runtime.socks_front(left.socks5, left.users)
             front.pipelines.append((ExitRules(self.conf.match), self))
+            order = [p.name for p in self.runtime.config.pipeline]  # the first match wins, in the file's order
+            front.pipelines.sort(key=lambda rp: order.index(rp[1].name) if rp[1].name in order else len(order))
             self.address = format_address(*front.address)
         elif left.channel is not None:
             self._starting = asyncio.ensure_future(self._bridge(self.runtime.channels[left.channel]))
@@ -340,8 +347,15 @@ class Pipeline:
         the peer is closed (the successor makes its own once it is free)."""
         if isinstance(self._front, _Forward):
             self._front.stop_accepting()
-        elif self.conf.left.socks5 is None:
-            await self.aclose()
+        elif self.conf.left.socks5 is None and self.conf.left.channel is None:
+            await self.aclose()  # (a channel's bridge goes on: it empties our channel)
+
+    @property
+    def handling(self) -> int:
+        """Connections this pipeline handles now, those still being set up included."""
+        if isinstance(self._front, _Forward):
+            return self._front.handling
+        return self.counters.open if self.conf.left.channel is None else 0
 
     async def aclose(self) -> None:
         if self._starting is not None:
@@ -456,8 +470,9 @@ class Runtime:
         """Connections the pipelines and the tunnels (exits for peers) carry now,
         and items waiting in the channels this node owns."""
         waiting = sum(ch.statistics()["buffered"] + ch.statistics()["in_process"] for ch in self.channels.values())
-        connections = sum(p.counters.open for p in self.pipelines.values() if p.conf.left.channel is None)
-        return connections + self.tunnels.counters.open + waiting
+        connections = sum(p.handling for p in self.pipelines.values())
+        socks = sum(front.handling for front in self._socks.values())
+        return connections + socks + self.tunnels.counters.open + waiting
 
     async def socks_front(self, listen: str, users: dict[str, str]) -> _SharedSocks:
         front = self._socks.get(listen)
@@ -465,7 +480,10 @@ class Runtime:
             bind, port = parse_hostport(listen, default_host="127.0.0.1")
             front = _SharedSocks(self)
             front.users = dict(users)
-            await front.start(bind or "127.0.0.1", int(port), self.inherited_socket("socks", listen, listen))
+            try:
+                await front.start(bind or "127.0.0.1", int(port), self.inherited_socket("socks", listen, listen))
+            except OSError as exc:
+                raise ConfigurationError(f"SOCKS5 {listen}: cannot listen: {exc.strerror or exc}") from None
             self._socks[listen] = front
         elif users and front.users != users:
             raise ConfigurationError(f"SOCKS5 {listen}: pipelines sharing it give different users")

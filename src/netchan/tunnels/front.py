@@ -38,6 +38,11 @@ class Front:
             self.server = await asyncio.start_server(self._on_client, bind, port, reuse_address=True)
         return self
 
+    @property
+    def handling(self) -> int:
+        """Connections being handled now (from accept to close, set-up included)."""
+        return len(self._tasks)
+
     def handover(self) -> int | None:
         """The listening socket's file descriptor, for a successor process."""
         return self.server.sockets[0].fileno() if self.server is not None and self.server.sockets else None

@@ -544,3 +544,43 @@ async def test_a_channel_pipeline_carries_every_item_in_order_to_a_peers_channel
             got = [await asyncio.wait_for(done.recv(), 20) for _ in items]
             await producing
             assert got == items
+
+
+@needs_curl
+async def test_socks5_pipelines_sharing_a_front_end_choose_by_destination(tmp_path):
+    me = netchan.Identity.generate()
+    me.save(tmp_path / "me.key")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with http_file(tmp_path / "one", 1 << 20) as (http_one, digest_one), \
+            http_file(tmp_path / "two", 2 << 20) as (http_two, digest_two):
+        async with netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as a, \
+                netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as b:
+            netchan.tunnels.Tunnels.of(a).allow_exit(f"127.0.0.1:{http_one}")
+            netchan.tunnels.Tunnels.of(b).allow_exit(f"127.0.0.1:{http_two}")
+            control = Path(tempfile.mkdtemp(prefix="nc-", dir="/tmp")) / "c.sock"
+            config = tmp_path / "node.toml"
+            config.write_text(
+                f'identity = "me.key"\ncontrol = "{control}"\n' + _peer("a", a) + _peer("b", b)
+                + '[[pipeline]]\nname = "to-a"\nleft = { socks5 = "127.0.0.1:0" }\nthrough = ["a"]\n'
+                f'match = ["127.0.0.1:{http_one}"]\n'
+                + '[[pipeline]]\nname = "rest"\nleft = { socks5 = "127.0.0.1:0" }\nthrough = ["b"]\n')
+            try:
+                async with _netchan("run", str(config), "--log-level", "warning") as run:
+                    lines = await _lines_until(run, r"^control socket ")
+                    socks = {m.group(1): m.group(2) for line in lines
+                             if (m := re.match(r"pipeline (\S+): socks5 \S+ at (\S+) ->", line))}
+                    assert socks["to-a"] == socks["rest"]  # one front end
+                    proxy = ["--proxy", f"socks5h://{socks['rest']}"]
+                    code, got, _, err = await sha256_of_download([*proxy, f"http://127.0.0.1:{http_one}/blob"])
+                    assert code == 0 and got == digest_one, err  # matched: through a
+                    code, got, _, err = await sha256_of_download([*proxy, f"http://127.0.0.1:{http_two}/blob"])
+                    assert code == 0 and got == digest_two, err  # the rest: through b
+                    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "netchan", "status",
+                                                                    "--json", "--control", str(control)],
+                                                   capture_output=True, text=True, timeout=30)
+                    counted = {p["name"]: p for p in json.loads(done.stdout)["pipelines"]}
+                    assert counted["to-a"]["opened"] == 1 and counted["to-a"]["bytes_in"] >= 1 << 20
+                    assert counted["rest"]["opened"] == 1 and counted["rest"]["bytes_in"] >= 2 << 20
+            finally:
+                shutil.rmtree(control.parent, ignore_errors=True)

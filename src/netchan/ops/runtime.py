@@ -213,16 +213,16 @@ class _SharedSocks(Socks5):
         super().__init__(runtime.tunnels, None)  # type: ignore[arg-type]
         self.pipelines: list[tuple[ExitRules, Pipeline]] = []
 
-    async def peer_for(self, request: Open) -> Peer | None:
+    async def route(self, request: Open) -> tuple[Peer | None, list[Counters]]:
         for rules, pipeline in self.pipelines:
             if not rules or rules.allows_name(request.host, request.port):
                 try:
-                    return await pipeline.route.peer()
+                    return await pipeline.route.peer(), [self.counters, pipeline.counters]
                 except (NetchanError, asyncio.TimeoutError) as exc:
                     log.info("pipeline %s: %s", pipeline.name, exc or "timed out")
                     pipeline.counters.failure("unreachable")
-                    return None
-        return None
+                    return None, [self.counters]
+        return None, [self.counters]
 
 
 class Pipeline:

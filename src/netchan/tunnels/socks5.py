@@ -22,6 +22,7 @@ from .udp import Flow
 
 if TYPE_CHECKING:
     from ..node.node import Peer
+    from .pump import Counters
     from .service import Tunnels
 
 __all__ = ["Socks5"]
@@ -50,10 +51,11 @@ class Socks5(Front):
     def target(self) -> str:
         return "SOCKS5"
 
-    async def peer_for(self, request: Open) -> Peer | None:
+    async def route(self, request: Open) -> tuple[Peer | None, list[Counters]]:
         """The peer a CONNECT to ``request`` goes through (None: refused, not
-        allowed by the rules); ``peer`` here, others choose per destination."""
-        return self.peer
+        allowed by the rules) and the counters that count it; ``peer`` here,
+        others choose per destination."""
+        return self.peer, [self.counters]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -73,7 +75,7 @@ class Socks5(Front):
                 return
             await self._associate(reader, writer)
             return
-        peer = await self.peer_for(request)
+        peer, counters = await self.route(request)
         if peer is None:
             self.counters.failure(NOT_ALLOWED)
             log.info("SOCKS5 client %s: no route to %s", writer.get_extra_info("peername"),
@@ -81,13 +83,13 @@ class Socks5(Front):
             writer.write(_reply(SOCKS_REPLY[NOT_ALLOWED]))
             await _drain_and_close(writer)
             return
-        stream = await self.tunnels.try_open(peer, request, [self.counters])
+        stream = await self.tunnels.try_open(peer, request, counters)
         if isinstance(stream, str):
             writer.write(_reply(SOCKS_REPLY.get(stream, GENERAL_FAILURE)))
             await _drain_and_close(writer)
             return
         writer.write(_reply(SUCCEEDED))
-        await self.tunnels.relay(stream, reader, writer, [self.counters, self.tunnels.counters])
+        await self.tunnels.relay(stream, reader, writer, [*counters, self.tunnels.counters])
 
     async def _handshake(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> Open | _Associate | None:

@@ -99,14 +99,25 @@ def _pipelines(lines):
     return found
 
 
-@needs_curl
-async def test_two_pipelines_one_through_a_second_peer_reloaded_with_one_changed(tmp_path):
+def _my_key(tmp_path):
     me = netchan.Identity.generate()
     me.save(tmp_path / "me.key")
+    return me
+
+
+@contextlib.contextmanager
+def _two_files(tmp_path):
+    """Two web servers on loopback, a 1 MiB and a 2 MiB file: ((port, sha256), (port, sha256))."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    with http_file(tmp_path / "one", 1 << 20) as (http_one, digest_one), \
-            http_file(tmp_path / "two", 2 << 20) as (http_two, digest_two):
+    with http_file(tmp_path / "one", 1 << 20) as one, http_file(tmp_path / "two", 2 << 20) as two:
+        yield one, two
+
+
+@needs_curl
+async def test_two_pipelines_one_through_a_second_peer_reloaded_with_one_changed(tmp_path):
+    me = _my_key(tmp_path)
+    with _two_files(tmp_path) as ((http_one, digest_one), (http_two, digest_two)):
         async with _echo_server() as echo_port, \
                 netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as inner:
             # the gateway lets us reach both web servers and the inner node's udp port; the inner
@@ -548,12 +559,8 @@ async def test_a_channel_pipeline_carries_every_item_in_order_to_a_peers_channel
 
 @needs_curl
 async def test_socks5_pipelines_sharing_a_front_end_choose_by_destination(tmp_path):
-    me = netchan.Identity.generate()
-    me.save(tmp_path / "me.key")
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    with http_file(tmp_path / "one", 1 << 20) as (http_one, digest_one), \
-            http_file(tmp_path / "two", 2 << 20) as (http_two, digest_two):
+    me = _my_key(tmp_path)
+    with _two_files(tmp_path) as ((http_one, digest_one), (http_two, digest_two)):
         async with netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as a, \
                 netchan.Node(listen=["udp://127.0.0.1:0"], allow=[me.node_id]) as b:
             netchan.tunnels.Tunnels.of(a).allow_exit(f"127.0.0.1:{http_one}")

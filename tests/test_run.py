@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -591,3 +592,37 @@ async def test_socks5_pipelines_sharing_a_front_end_choose_by_destination(tmp_pa
                     assert counted["rest"]["opened"] == 1 and counted["rest"]["bytes_in"] >= 2 << 20
             finally:
                 shutil.rmtree(control.parent, ignore_errors=True)
+
+
+async def test_a_reload_that_cannot_start_a_changed_pipeline_brings_the_previous_one_back(tmp_path):
+    _my_key(tmp_path)
+    busy = socket.create_server(("127.0.0.1", 0))  # the port the new version asks for, taken
+    taken = busy.getsockname()[1]
+    try:
+        async with _echo_server() as echo_port, netchan.Node(listen=["udp://127.0.0.1:0"], allow=netchan.ANY) as gw:
+            netchan.tunnels.Tunnels.of(gw).allow_exit(f"127.0.0.1:{echo_port}")
+            control = Path(tempfile.mkdtemp(prefix="nc-", dir="/tmp")) / "c.sock"
+            config = tmp_path / "node.toml"
+            text = f'identity = "me.key"\ncontrol = "{control}"\n' + _peer("gw", gw) + _echo_pipeline("echo", ["gw"],
+                                                                                                     echo_port)
+            config.write_text(text)
+            try:
+                async with _netchan("run", str(config), "--log-level", "error") as run:
+                    where = _pipelines(await _lines_until(run, r"^control socket "))["echo"]
+                    config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{taken}"'))
+                    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "netchan", "reload",
+                                                                    "--control", str(control)],
+                                                   capture_output=True, text=True, timeout=30)
+                    assert done.returncode == 1, done.stdout
+                    assert f"cannot listen on 127.0.0.1:{taken}" in done.stderr, done.stderr
+                    assert "the previous configuration runs again" in done.stderr
+                    back = _pipelines(await _lines_until(run, r"^pipeline echo: "))["echo"]
+                    reader, writer = await asyncio.open_connection(*back.rsplit(":", 1))
+                    writer.write(b"still echoing")
+                    assert await asyncio.wait_for(reader.readexactly(13), 10) == b"still echoing"
+                    writer.close()
+                    assert where  # (port 0: the pipeline came back on a port of its own)
+            finally:
+                shutil.rmtree(control.parent, ignore_errors=True)
+    finally:
+        busy.close()

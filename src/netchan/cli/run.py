@@ -26,7 +26,7 @@ from ..ops.restart import (
     socket_activation,
     start_successor,
 )
-from ..ops.runtime import Runtime
+from ..ops.runtime import RolledBack, Runtime
 from ..ops.status import node_status
 from ..ops.web import WebServer
 from .control import ask, find_socket, serve_control
@@ -109,6 +109,8 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
                 done = await runtime.reload(new)
             except ConfigurationError as exc:
                 log.error("reload refused: %s", exc)
+                if isinstance(exc, RolledBack):
+                    _print_pipelines(runtime)  # where they listen again
                 return {"error": str(exc)}
         _print_pipelines(runtime)
         return {"reloaded": done}

@@ -43,7 +43,7 @@ from .config import LEFT_SIDES, Config, FailoverStep, ModuleConfig, PeerStep, Pi
 if TYPE_CHECKING:
     from .restart import Inherited
 
-__all__ = ["Runtime", "Pipeline", "Hop", "RESTART_KEYS"]
+__all__ = ["Runtime", "Pipeline", "Hop", "RESTART_KEYS", "RolledBack"]
 
 log = logging.getLogger("netchan.run")
 
@@ -52,6 +52,11 @@ DIAL_TIMEOUT = 10.0
 #: what a reload cannot change in a running process
 RESTART_KEYS = ("identity", "listen", "engine", "member", "vpn", "channel", "metrics", "dashboard",
                 "dashboard_token", "control", "log_format", "log_level", "drain_timeout")
+
+
+class RolledBack(ConfigurationError):
+    """A reload that could not be applied: the previous configuration runs again
+    (pipelines it had stopped were started again, maybe on other ports if theirs were 0)."""
 
 
 class Hop:
@@ -498,7 +503,7 @@ class Runtime:
             del self._socks[listen]
             await front.aclose()
 
-    async def reload(self, config: Config) -> dict[str, list[str]]:
+    async def reload(self, config: Config, rolling_back: bool = False) -> dict[str, list[str]]:
         """Apply ``config``: rules at once; pipelines changed, added or removed
         (with the sessions no pipeline needs any more); the others untouched.
         ConfigurationError for what needs a restart."""
@@ -523,14 +528,25 @@ class Runtime:
             if id(hop) not in kept_hops:
                 del self._hops[hop_key]
                 await hop.aclose()
-        for conf in config.pipeline:
-            if conf.name not in self.pipelines:
-                await self._start(conf)
-                if conf.name not in done["restarted"]:
-                    done["started"].append(conf.name)
-            elif conf.name not in done["restarted"]:
-                done["kept"].append(conf.name)
-        del old
+        try:
+            for conf in config.pipeline:
+                if conf.name not in self.pipelines:
+                    await self._start(conf)
+                    if conf.name not in done["restarted"]:
+                        done["started"].append(conf.name)
+                elif conf.name not in done["restarted"]:
+                    done["kept"].append(conf.name)
+        except (NetchanError, OSError) as exc:
+            if rolling_back:
+                raise
+            # the previous configuration back: what was stopped starts again, what was
+            # started stops; the pipelines this reload did not touch were never stopped
+            log.error("reload failed: %s; going back to the previous configuration", exc)
+            try:
+                await self.reload(old, rolling_back=True)
+            except (NetchanError, OSError) as again:
+                raise ConfigurationError(f"{exc}; and going back failed too: {again}") from None
+            raise RolledBack(f"{exc} (the previous configuration runs again)") from None
         log.info("reloaded: %s", ", ".join(f"{k} {' '.join(v)}" for k, v in done.items() if v) or "nothing")
         return done
 

@@ -626,3 +626,29 @@ async def test_a_reload_that_cannot_start_a_changed_pipeline_brings_the_previous
                 shutil.rmtree(control.parent, ignore_errors=True)
     finally:
         busy.close()
+
+
+def test_errors_point_at_their_line_past_brackets_in_strings_and_in_sub_tables():
+    text = '''identity = "me.key"
+exit = ["10.0.0.0/8:*"]   # [ a comment that opens a bracket
+[peers.gw]
+id = "x[y"
+urls = 5
+[[pipeline]]
+name = "a"
+left = { listen = "1" }
+through = ["gw"]
+right = { connect = "h:1" }
+[[pipeline]]
+name = "b"
+through = ["gw"]
+[pipeline.left]
+listen = "127.0.0.1:1"
+colour = "red"
+'''
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "node.toml")
+    assert (info.value.key, info.value.line) == ("peers.gw.urls", 5), info.value
+    with pytest.raises(ConfigError) as info:
+        parse_config(text.replace("urls = 5", 'urls = ["udp://127.0.0.1:1"]'), "node.toml")
+    assert (info.value.key, info.value.line) == ("pipeline[1].left.colour", 16), info.value

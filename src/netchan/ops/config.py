@@ -297,14 +297,18 @@ class _KeyLines:
     _KEY = re.compile(r'^\s*([A-Za-z0-9_\-."\' ]+?)\s*=')
     _INLINE = re.compile(r'([A-Za-z0-9_\-]+)\s*=')
 
+    _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'')
+
     def __init__(self, text: str) -> None:
         self.lines: dict[str, int] = {}
         table: list[str] = []
         counts: dict[str, int] = {}
-        depth = 0  # inside a multi-line array or string: not keys
+        depth = 0  # inside a multi-line array: not keys
         for number, line in enumerate(text.splitlines(), 1):
-            if depth == 0 and (m := self._HEADER.match(line)):
-                name = ".".join(p.strip().strip('"\'') for p in m.group(2).split("."))
+            bare = self._STRINGS.sub('""', line).split("#", 1)[0]  # brackets in strings and comments do not count
+            if depth == 0 and (m := self._HEADER.match(bare)):
+                m = self._HEADER.match(line) or m  # quoted keys as written: [peers."a.b"]
+                name = self._table(m.group(2), counts)
                 if m.group(1) == "[[":
                     index = counts[name] = counts.get(name, -1) + 1
                     table = [f"{name}[{index}]"]
@@ -318,11 +322,20 @@ class _KeyLines:
                 self.lines.setdefault(full, number)
                 rest = line[m.end():]
                 if rest.lstrip().startswith("{"):
-                    for sub in self._INLINE.findall(rest):
+                    for sub in self._INLINE.findall(self._STRINGS.sub('""', rest)):
                         self.lines.setdefault(f"{full}.{sub}", number)
-            depth = max(0, depth + line.count("[") - line.count("]")) if not line.lstrip().startswith("#") else depth
-            if depth and self._HEADER.match(line):
-                depth = 0
+            depth = max(0, depth + bare.count("[") - bare.count("]"))
+
+    @staticmethod
+    def _table(header: str, counts: dict[str, int]) -> str:
+        """A header's dotted path, a sub-table of an array of tables under its
+        latest element (``[pipeline.left]`` -> ``pipeline[2].left``)."""
+        parts = [p.strip().strip('"\'') for p in header.split(".")]
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in counts:
+                return f"{prefix}[{counts[prefix]}]." + ".".join(parts[i:])
+        return ".".join(parts)
 
     def find(self, path: str) -> int:
         """The line of ``path``, or of the nearest enclosing key found (1, where

@@ -700,3 +700,12 @@ async def test_a_paused_consumer_holds_chunks_and_their_credit_until_resumed(mem
             assert isinstance(error, netchan.EndOfStream)
             assert b"".join(got) == data
             await stream.aclose()
+
+
+async def test_a_single_path_shows_the_sessions_round_trip(listen_url, ids, engine):
+    async with echo_session(listen_url, ids, engine=engine) as (_, _, peer):
+        async with await peer.open_stream("echo") as s:
+            await s.send(b"ping")
+            assert await asyncio.wait_for(s.receive_exactly(4), 10) == b"ping"
+        (path,) = peer.paths
+        assert path.rtt is not None and 0 < path.rtt < 1

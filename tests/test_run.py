@@ -556,6 +556,12 @@ async def test_a_channel_pipeline_carries_every_item_in_order_to_a_peers_channel
             got = [await asyncio.wait_for(done.recv(), 20) for _ in items]
             await producing
             assert got == items
+            # netchan status: the channel the node owns, and the items that went through it
+            socket_path = re.search(r"^control socket (\S+)", lines[-1]).group(1)
+            shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "netchan", "status", "--control",
+                                                             socket_path], capture_output=True, text=True, timeout=30)
+            row = next(line for line in shown.stdout.splitlines() if " jobs " in line and "16" in line)
+            assert str(len(items)) in row, shown.stdout
 
 
 @needs_curl

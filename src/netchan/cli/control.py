@@ -117,6 +117,15 @@ def _render(status: dict[str, Any]) -> Any:
             peers.add_row(peer["node_id"] if i == 0 else "", peer["state"] if i == 0 else "", path["url"],
                           path["carrier"], path["state"], rtt, f"{path['loss']:.0%}", "yes" if path["active"] else "")
     parts.append(peers)
+    channels = status.get("channels")
+    if channels:
+        table = Table(title="channels")
+        for column in ("name", "capacity", "buffered", "senders waiting", "receivers waiting", "items in"):
+            table.add_column(column, justify="left" if column == "name" else "right")
+        for c in channels:
+            table.add_row(c["name"], str(c["capacity"]), str(c["buffered"]), str(c["senders_waiting"]),
+                          str(c["receivers_waiting"]), str(c["items_in"]))
+        parts.append(table)
     pipelines = status.get("pipelines")
     if pipelines:
         table = Table(title=f"pipelines ({status.get('config', '')})")

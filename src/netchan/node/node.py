@@ -250,7 +250,8 @@ class Peer:
             label = label.replace(" ", "://", 1)
         sent, sent_bytes, received, received_bytes = self._session.counts
         return [PathInfo(url=label, carrier=carrier, state="down" if self.closed else "up",
-                         rtt=None, loss=0.0, active=not self.closed, error=path.last_error,
+                         rtt=self._session.core.smoothed_rtt,  # the engine's own measure, no probes here
+                         loss=0.0, active=not self.closed, error=path.last_error,
                          packets_sent=sent, bytes_sent=sent_bytes, packets_received=received,
                          bytes_received=received_bytes)]
 

@@ -512,6 +512,11 @@ class SessionCore:
         self._sent[sid] = 0
         return sid
 
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """The QUIC connection's smoothed round trip (seconds), once measured."""
+        return self.engine.smoothed_rtt(self._quic)
+
     def can_open_stream(self) -> bool:
         """False while the peer allows no more concurrent streams."""
         return not self.closed and self.engine.can_open_stream(self._quic)

@@ -100,6 +100,10 @@ class Engine:
         """The largest packet the peer said it takes (its max_udp_payload_size), once known."""
         return None
 
+    def smoothed_rtt(self, conn: Any) -> float | None:
+        """The connection's smoothed round-trip time (seconds), once measured."""
+        return None
+
     def send_backlog(self, conn: Any, stream_id: int) -> int:
         """Bytes of the stream not yet acknowledged or not yet sent (engine-specific)."""
         raise NotImplementedError
@@ -247,6 +251,10 @@ class _Qh3Engine(Engine):
         params = conn._applied_transport_parameters
         return params.max_udp_payload_size if params is not None else None
 
+    def smoothed_rtt(self, conn):
+        core = conn._core
+        return core.smoothed_rtt if core is not None else None
+
     def peer_certificate_der(self, conn):
         cert = conn.get_peercert()
         return None if cert is None else cert.public_bytes()
@@ -324,6 +332,10 @@ class _AioquicEngine(Engine):
 
     def peer_payload_limit(self, conn):
         return conn._max_datagram_size  # lowered to the peer's limit (Connection above)
+
+    def smoothed_rtt(self, conn):
+        loss = conn._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
 
     def peer_certificate_der(self, conn):
         cert = conn.tls._peer_certificate if conn.tls is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import subprocess
 import time
 
 import netchan
@@ -131,3 +132,37 @@ def why_no_netns(*tools: str, packages: str, tun: bool = False) -> str:
         return "cannot make network namespaces (needs CAP_NET_ADMIN)"
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return ""
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command (30 s at most); AssertionError with its stderr if it fails and ``check``."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+class Namespaces:
+    """Network namespaces a test makes and the processes it starts in them;
+    :meth:`destroy` kills the processes and deletes the namespaces."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.namespaces = names
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    def run(self, ns: str, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *args]
+
+    async def spawn(self, ns: str, *argv: str) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(*self.run(ns, *argv), stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    async def destroy(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

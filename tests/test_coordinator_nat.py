@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .helpers import why_no_netns
+from .helpers import Namespaces, sh, why_no_netns
 
 ROLES = str(Path(__file__).with_name("coordinator_roles.py"))
 
@@ -26,24 +25,14 @@ _WHY_NOT = why_no_netns("ip", "nft", packages="iproute2, nftables")
 pytestmark = [pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT), pytest.mark.async_timeout(90)]
 
 
-def sh(*args: str) -> None:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
-
-
-class Internet:
+class Internet(Namespaces):
     """pub (the coordinator at 198.18.0.1), nat1/nat2 (routers whose public
     sides are 198.18.1.2 and 198.18.2.2) and c1/c2 behind them (10.1.0.2, 10.2.0.2)."""
 
     def __init__(self, tag: str) -> None:
         self.tag = tag
         self.pub, self.nat1, self.nat2, self.c1, self.c2 = (f"{tag}{n}" for n in ("p", "n1", "n2", "c1", "c2"))
-        self.procs: list[asyncio.subprocess.Process] = []
-
-    @property
-    def namespaces(self) -> list[str]:
-        return [self.pub, self.nat1, self.nat2, self.c1, self.c2]
+        super().__init__([self.pub, self.nat1, self.nat2, self.c1, self.c2])
 
     def make(self, symmetric: tuple[bool, bool]) -> None:
         for ns in self.namespaces:
@@ -67,19 +56,7 @@ class Internet:
         sh("ip", "netns", "exec", self.pub, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     async def start(self, ns: str, *args: str) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", ns, sys.executable, ROLES, *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        self.procs.append(proc)
-        return proc
-
-    async def destroy(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        return await self.spawn(ns, sys.executable, ROLES, *args)
 
 
 @contextlib.asynccontextmanager

@@ -105,9 +105,23 @@ async def _knock(port, refused, stop):
 async def _work(worker, boss_id, url, items):
     """The worker takes jobs from the boss's queue, reached at ``url``, until cancelled."""
     peer = await worker.connect(url, boss_id, timeout=10)
-    jobs = await peer.channel("jobs", direction="recv")
+    await _take(await peer.channel("jobs", direction="recv"), items)
+
+
+async def _take(channel, items):
+    """Every item of ``channel`` into ``items``, until cancelled."""
     while True:
-        items.append(await jobs.recv())
+        items.append(await channel.recv())
+
+
+async def _feed(channel, key, until, sent):
+    """``{key: n}`` for n = 0, 1, ... into ``channel`` (``sent`` too), one every 10 ms,
+    until ``until`` is set and at least 50 went."""
+    while not until.is_set() or len(sent) < 50:
+        item = {key: len(sent)}
+        await channel.send(item)
+        sent.append(item)
+        await asyncio.sleep(0.01)
 
 
 async def test_three_restarts_under_load_lose_no_byte_no_item_and_refuse_no_connection(tmp_path):
@@ -139,34 +153,15 @@ async def test_three_restarts_under_load_lose_no_byte_no_item_and_refuse_no_conn
             stream = asyncio.ensure_future(_stream_through(peer, echo_port, restarted))
             items: list = []
             work = asyncio.ensure_future(_work(worker, boss.node_id, f"tcp://127.0.0.1:{pipeline_port}", items))
-            fed = 0
-
-            async def feed():
-                nonlocal fed
-                while not restarted.is_set() or fed < 50:
-                    await jobs.send({"job": fed})
-                    fed += 1
-                    await asyncio.sleep(0.01)
-
-            feeding = asyncio.ensure_future(feed())
+            fed: list = []
+            feeding = asyncio.ensure_future(_feed(jobs, "job", restarted, fed))
             # and a work queue the server owns: the client puts work in, the taker takes it out
             put = await peer.channel("work", direction="send")
             take = await (await taker.connect(udp, server_id, timeout=10)).channel("work", direction="recv")
+            put_in: list = []
             taken: list = []
-            put_count = 0
-
-            async def put_work():
-                nonlocal put_count
-                while not restarted.is_set() or put_count < 50:
-                    await put.send({"work": put_count})
-                    put_count += 1
-                    await asyncio.sleep(0.01)
-
-            async def take_work():
-                while True:
-                    taken.append(await take.recv())
-
-            putting, taking = asyncio.ensure_future(put_work()), asyncio.ensure_future(take_work())
+            putting = asyncio.ensure_future(_feed(put, "work", restarted, put_in))
+            taking = asyncio.ensure_future(_take(take, taken))
             refused: list = []
             stop = asyncio.Event()
             knocks = [asyncio.ensure_future(_knock(port, refused, stop)) for port in (tcp_port, pipeline_port)]
@@ -186,11 +181,11 @@ async def test_three_restarts_under_load_lose_no_byte_no_item_and_refuse_no_conn
             sent, got, n, total = await asyncio.wait_for(stream, 60)
             assert n == total and got == sent and total > 3 << 20
             await asyncio.wait_for(feeding, 30)
-            await wait_for_condition(lambda: len(items) >= fed, timeout=30)
-            assert items == [{"job": i} for i in range(fed)]
+            await wait_for_condition(lambda: len(items) >= len(fed), timeout=30)
+            assert items == fed == [{"job": i} for i in range(len(fed))]
             await asyncio.wait_for(putting, 30)
-            await wait_for_condition(lambda: len(taken) >= put_count, timeout=30)
-            assert taken == [{"work": i} for i in range(put_count)]
+            await wait_for_condition(lambda: len(taken) >= len(put_in), timeout=30)
+            assert taken == put_in == [{"work": i} for i in range(len(put_in))]
             for task in (work, taking):
                 task.cancel()
             await asyncio.gather(work, taking, return_exceptions=True)

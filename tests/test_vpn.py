@@ -23,7 +23,7 @@ import netchan
 from netchan.tunnels.ippacket import IPV4_DF, addresses, clamp_mss, fragment_ipv4, too_big
 from netchan.tunnels.vpn import VpnClient, VpnRefused, VpnServer
 
-from .helpers import wait_for_condition, why_no_netns
+from .helpers import Namespaces, sh, wait_for_condition, why_no_netns
 
 # -- packets ---------------------------------------------------------------------------------------
 
@@ -383,20 +383,13 @@ _WHY_NOT = why_no_netns("ip", "ping", "nft", packages="iproute2, iputils-ping, n
 needs_netns = pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT)
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=30)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
-    return done
-
-
-class Net:
+class Net(Namespaces):
     """Three namespaces: a client (c), the VPN server (s) and a host on the
     server's network (lan), the lan link with a 9000-byte MTU."""
 
     def __init__(self, tag: str) -> None:
         self.c, self.s, self.lan = f"{tag}c", f"{tag}s", f"{tag}l"
-        self.procs: list[asyncio.subprocess.Process] = []
+        super().__init__([self.c, self.s, self.lan])
 
     def make(self) -> None:
         for ns in (self.c, self.s, self.lan):
@@ -412,22 +405,8 @@ class Net:
                 sh("ip", "-n", ns, "addr", "add", addr, "dev", dev, *(["nodad"] if ":" in addr else []))
             sh("ip", "-n", ns, "link", "set", dev, "mtu", mtu, "up")
 
-    def run(self, ns: str, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", ns, *args]
-
     async def start(self, ns: str, *args: str) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(*self.run(ns, sys.executable, "-m", "netchan", *args),
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        self.procs.append(proc)
-        return proc
-
-    async def destroy(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        for ns in (self.c, self.s, self.lan):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        return await self.spawn(ns, sys.executable, "-m", "netchan", *args)
 
 
 @contextlib.asynccontextmanager

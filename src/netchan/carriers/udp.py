@@ -114,9 +114,9 @@ class _Socket:
             self.loop.call_soon(self._watch_again)
 
     def _watch_again(self) -> None:
-        if self.reading and not self._closed:
-            self.loop.remove_reader(self.sock.fileno())
-            self.loop.add_reader(self.sock.fileno(), self._read_ready)
+        if self.reading:
+            self.pause()
+            self.resume()
 
     def _read_ready(self) -> None:
         batch: list[tuple[bytes, tuple]] = []

@@ -150,44 +150,46 @@ def _render(status: dict[str, Any]) -> Any:
     return Group(*parts)
 
 
-async def ask(path: str, request: str, timeout: float = 30) -> dict[str, Any]:
-    """One request to the node at control socket ``path``, and its answer."""
+async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
-        reader, writer = await asyncio.open_unix_connection(path)
+        return await asyncio.open_unix_connection(path)
     except OSError as exc:
         raise ConfigurationError(f"cannot reach the node at {path}: {exc.strerror or exc}") from None
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, request: str,
+                    timeout: float) -> dict[str, Any]:
+    """Send ``request`` on a control connection and read its one-line JSON answer."""
+    writer.write(request.encode() + b"\n")
+    await writer.drain()
     try:
-        writer.write(request.encode() + b"\n")
-        await writer.drain()
-        try:
-            line = await asyncio.wait_for(reader.readline(), timeout)
-        except asyncio.TimeoutError:
-            raise ConfigurationError(f"the node at {path} did not answer {request!r} within {timeout:g} s") from None
-        if not line:
-            raise ConfigurationError(f"the node at {path} closed its control socket")
-        try:
-            answer: dict[str, Any] = json.loads(line)
-        except ValueError:
-            raise ConfigurationError(f"the node at {path} answered something that is not JSON") from None
-        return answer
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except asyncio.TimeoutError:
+        raise ConfigurationError(f"the node at {path} did not answer {request!r} within {timeout:g} s") from None
+    if not line:
+        raise ConfigurationError(f"the node at {path} closed its control socket")
+    try:
+        answer: dict[str, Any] = json.loads(line)
+    except ValueError:
+        raise ConfigurationError(f"the node at {path} answered something that is not JSON") from None
+    return answer
+
+
+async def ask(path: str, request: str, timeout: float = 30) -> dict[str, Any]:
+    """One request to the node at control socket ``path``, and its answer."""
+    reader, writer = await _connect(path)
+    try:
+        return await _exchange(reader, writer, path, request, timeout)
     finally:
         writer.close()
 
 
 async def _status(args: Any) -> int:
     path = find_socket(args)
-    try:
-        reader, writer = await asyncio.open_unix_connection(path)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot reach the node at {path}: {exc.strerror or exc}") from None
+    reader, writer = await _connect(path)
 
     async def ask() -> dict[str, Any]:
-        writer.write(b"status\n")
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 5)
-        if not line:
-            raise ConfigurationError(f"the node at {path} closed its control socket")
-        return json.loads(line)
+        return await _exchange(reader, writer, path, "status", 5)
 
     try:
         if args.json:

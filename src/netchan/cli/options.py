@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..identity import Identity
-from ..node.node import ANY, Node
+from ..node.node import Node, allow_list
 
 __all__ = ["add_listening_options", "listening_node", "identity"]
 
@@ -32,5 +32,5 @@ def add_listening_options(p: Any, who: str = "connect", key: str = "a throwaway 
 
 
 def listening_node(args: argparse.Namespace) -> Node:
-    allow = ANY if any(a.lower() == "any" for a in args.allow) else args.allow
+    allow = allow_list(args.allow)
     return Node(identity(args.identity), listen=args.listen, allow=allow, engine=args.engine)

@@ -137,6 +137,20 @@ class _Any:
 #: ``allow=ANY`` admits every peer that proves a key (an explicit opt-in)
 ANY: Any = _Any()
 
+
+def allow_list(written: Iterable[str]) -> Any:
+    """An allow list as the command line and config files write it: node ids,
+    or ``any`` among them for ANY."""
+    written = list(written)
+    return ANY if any(a.lower() == "any" for a in written) else written
+
+
+def _admitted(allow: Any) -> tuple[bool, set[str]]:
+    """(every key?, the node ids) of an ``allow=`` argument."""
+    if allow is ANY:
+        return True, set()
+    return False, {check_node_id(a) for a in ([allow] if isinstance(allow, str) else allow)}
+
 StreamHandler = Callable[["Stream", "Peer"], Awaitable[None]]
 DatagramHandler = Callable[[bytes, "Peer"], Any]
 FrameHandler = Callable[[list[bytes], "Peer | None", PacketPath], None]
@@ -780,14 +794,7 @@ class Node:
         self._listen_urls = [listen] if isinstance(listen, str) else list(listen)
         for url in self._listen_urls:
             carriers.parse_url(url)
-        if allow is ANY:
-            self._allow_any = True
-            self._allowed: set[str] = set()
-        else:
-            if isinstance(allow, str):
-                allow = [allow]
-            self._allow_any = False
-            self._allowed = {check_node_id(a) for a in allow}
+        self._allow_any, self._allowed = _admitted(allow)
         self.engine = get_engine(engine)
         # qh3 counts bytes not yet sent; aioquic counts bytes not yet acknowledged,
         # so it needs room for a window in flight.  A small backlog keeps the
@@ -854,12 +861,7 @@ class Node:
     def set_allowed(self, allow: Iterable[str] | object) -> list[str]:
         """Replace the allow list (``ANY``: every key).  Sessions of peers it no
         longer admits (and no gate does) are closed; their node ids returned."""
-        if allow is ANY:
-            self._allow_any, self._allowed = True, set()
-            return []
-        assert not isinstance(allow, (str, bytes)) and isinstance(allow, Iterable)
-        self._allowed = {check_node_id(a) for a in allow}
-        self._allow_any = False
+        self._allow_any, self._allowed = _admitted(allow)
         dropped = []
         for session in list(self._sessions):
             peer = session.peer

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .status import node_status
+from .status import channel_rows
 from .web import WebServer, serve_app
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def _channels(node: Any) -> Iterator[Metric]:
     receivers = GaugeMetricFamily("netchan_channel_waiting_receivers", "Receivers waiting on a channel",
                                   labels=labels)
     items = CounterMetricFamily("netchan_channel_items", "Items that went into a channel", labels=labels)
-    for row in node_status(node)["channels"]:
+    for row in channel_rows(node):
         name = row["name"]
         depth.add_metric([name], row["buffered"])
         capacity.add_metric([name], row["capacity"])

@@ -31,7 +31,7 @@ from ..carriers.base import parse_url
 from ..coordinator.saved import join_saved
 from ..errors import ConfigurationError, EndOfChannel, NetchanError
 from ..identity import Identity
-from ..node.node import ANY, Node, Peer, echo_service
+from ..node.node import Node, Peer, allow_list, echo_service
 from ..tunnels import Tunnels
 from ..tunnels.front import Front
 from ..tunnels.protocol import Open, format_address
@@ -393,7 +393,7 @@ class Runtime:
         self.config = config
         #: the sockets a predecessor handed over (see netchan.ops.restart)
         self.inherited = inherited
-        allow = ANY if any(a.lower() == "any" for a in config.allow) else config.allow
+        allow = allow_list(config.allow)
         listen = inherited.listen_urls(config.listen) if inherited is not None else config.listen
         self.node = Node(Identity.load(config.identity), listen=listen, allow=allow, engine=config.engine)
         self.node.serve("echo", echo_service)
@@ -474,7 +474,8 @@ class Runtime:
     def open_connections(self) -> int:
         """Connections the pipelines and the tunnels (exits for peers) carry now,
         and items waiting in the channels this node owns."""
-        waiting = sum(ch.statistics()["buffered"] + ch.statistics()["in_process"] for ch in self.channels.values())
+        waiting = sum(stats["buffered"] + stats["in_process"]
+                      for stats in (ch.statistics() for ch in self.channels.values()))
         connections = sum(p.handling for p in self.pipelines.values())
         socks = sum(front.handling for front in self._socks.values())
         return connections + socks + self.tunnels.counters.open + waiting
@@ -513,8 +514,7 @@ class Runtime:
         old = self.config
         self.config = config
         self._set_rules(config)
-        allow = config.allow
-        self.node.set_allowed(ANY if any(a.lower() == "any" for a in allow) else allow)
+        self.node.set_allowed(allow_list(config.allow))
         done: dict[str, list[str]] = {"kept": [], "restarted": [], "started": [], "stopped": []}
         wanted = {p.name: p for p in config.pipeline}
         for name in list(self.pipelines):

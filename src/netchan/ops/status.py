@@ -9,7 +9,7 @@ from typing import Any
 
 from ..node.node import Node
 
-__all__ = ["node_status"]
+__all__ = ["node_status", "channel_rows"]
 
 
 def node_status(node: Node) -> dict[str, Any]:
@@ -19,12 +19,17 @@ def node_status(node: Node) -> dict[str, Any]:
     for peer in node.peers:
         peers.append({"node_id": peer.node_id, "state": peer.state, "failovers": peer.failovers,
                       "paths": [asdict(p) for p in peer.paths]})
-    channels = []
+    return {"node_id": node.node_id, "addresses": node.addresses, "peers": peers, "channels": channel_rows(node),
+            "counters": asdict(node.counters), "time": time.time()}
+
+
+def channel_rows(node: Node) -> list[dict[str, Any]]:
+    """The channels ``node`` owns (not its topics): depth, capacity, who waits, items in."""
+    rows = []
     for name, owned in node.hub.owned_all().items():
         stats = owned.statistics() if hasattr(owned, "statistics") else {}
         if "buffered" in stats:
-            channels.append({"name": name, "capacity": stats["capacity"], "buffered": stats["buffered"],
-                             "senders_waiting": stats["senders_waiting"],
-                             "receivers_waiting": stats["receivers_waiting"], "items_in": stats["items_in"]})
-    return {"node_id": node.node_id, "addresses": node.addresses, "peers": peers, "channels": channels,
-            "counters": asdict(node.counters), "time": time.time()}
+            rows.append({"name": name, "capacity": stats["capacity"], "buffered": stats["buffered"],
+                         "senders_waiting": stats["senders_waiting"],
+                         "receivers_waiting": stats["receivers_waiting"], "items_in": stats["items_in"]})
+    return rows

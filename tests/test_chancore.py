@@ -385,3 +385,44 @@ def test_lost_sender_credit_goes_to_others_and_its_return_never_exceeds_capacity
         core.take_nowait()
         events(core)
     assert not owed, "the returning sender never got credit for what it still owed"
+
+
+@pytest.mark.parametrize("owed, here", [(0, 0), (2, 0), (0, 3), (2, 3)])
+def test_a_buffer_handed_to_another_core_goes_first_once_and_senders_learn_it_arrived(owed, here):
+    old, new = ChannelCore(10), ChannelCore(10)
+    old.attach_sender("a", "origin")
+    old.want("a", 8)
+    events(old)
+    old.items("a", 1, items(8, origin="origin"))
+    if owed:
+        old.demand("w", owed)  # a receiver at the old one holds the first items
+    events(old)
+    new.attach_sender("b", "other")
+    new.want("b", here)
+    events(new)
+    if here:
+        new.items("b", 1, items(here, origin="other"))
+    moved, accepted = old.surrender()
+    assert [it.seq for it in moved] == list(range(owed + 1, 9)) and accepted == {"origin": 8}
+    assert not old.queue and old.owed == owed  # what a receiver holds stays
+    new.adopt(moved, accepted)
+    # the old core's items first, then the new one's, each once
+    assert [it.id for it in new.queue] == [f"origin:{i}" for i in range(owed + 1, 9)] + [
+        f"other:{i}" for i in range(1, here + 1)]
+    # an item a receiver gives back here goes behind the adopted ones' heads, by its own rank
+    new.demand("r", 1)
+    first = next(e for e in events(new) if isinstance(e, Deliver))
+    new.requeue("r", first.dseq)
+    assert new.queue[0].id == first.item.id
+    # the sender reconnecting to the new core sends none of them again
+    old.lost("a")
+    assert new.attach_sender("a2", "origin", next_seq=3) == 8
+
+
+def test_a_rendezvous_channel_hands_nothing_over():
+    core = ChannelCore(0)
+    core.attach_sender("a", "a")
+    core.demand("w", 1)
+    core.want("a", 1)
+    events(core)
+    assert core.surrender() == ([], {})

@@ -19,6 +19,7 @@ import sys
 import pytest
 
 import netchan
+from netchan.tools.chaos import TcpCutter
 from netchan.tunnels import Tunnels
 
 from .helpers import echo_connection, wait_for_condition
@@ -336,3 +337,91 @@ async def test_if_the_new_process_dies_the_old_one_takes_udp_sessions_again(tmp_
             await stream.send(b"held")
             assert await asyncio.wait_for(stream.receive_exactly(4), 10) == b"held"
             await stream.aclose()
+
+
+@pytest.mark.parametrize("engine", ["qh3", "aioquic"])
+@pytest.mark.parametrize("cuts", ["after each restart", "every 0.4 s"])
+async def test_a_tcp_carrier_cut_while_its_session_drains_is_given_back_to_the_old_process(tmp_path, engine, cuts):
+    """The redial of a cut tcp carrier connection reaches the newest process,
+    which does not have the session: it gives the connection back, down a
+    chain of two draining processes, and the session goes on."""
+    me = netchan.Identity.generate()
+    netchan.Identity.generate().save(tmp_path / "server.key")
+    server_id = netchan.Identity.load(tmp_path / "server.key").node_id
+    echo = await asyncio.start_server(echo_connection, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    config = (f'identity = "server.key"\nlisten = ["tcp://127.0.0.1:0"]\nallow = ["{me.node_id}"]\n'
+              f'exit = ["127.0.0.1:{echo_port}"]\nengine = "{engine}"\ndrain_timeout = 60\n')
+    async with _server(tmp_path, config) as (proc, pids), netchan.Node(me, engine=engine) as client:
+        lines = await _lines_until(proc, r"^control socket ")
+        tcp_port = int(next(line for line in lines if line.startswith("listening on tcp")).rsplit(":", 1)[1])
+        control = re.search(r"^control socket (\S+)", lines[-1]).group(1)
+        async with TcpCutter(("127.0.0.1", tcp_port), cut_every=0.4 if cuts.startswith("every") else None,
+                             seed=7) as cutter:
+            peer = await client.connect(cutter.url, server_id, timeout=10)
+            finished = asyncio.Event()
+            stream = asyncio.ensure_future(_stream_through(peer, echo_port, finished))
+            for _ in range(2):
+                done = await asyncio.to_thread(_restart, control)
+                assert done.returncode == 0, done.stderr
+                pids.add(int(re.search(r"pid (\d+) took over", done.stdout).group(1)))
+                # from now on the old process accepts nothing: a redial reaches the new one
+                before = cutter.connections
+                if cutter.cut_every is None:
+                    assert cutter.cut() == 1
+                await wait_for_condition(lambda: cutter.connections > before, timeout=10)
+                async with await peer.open_stream("echo") as s:  # the session answers, where it lives
+                    await s.send(b"still one session")
+                    await s.send_eof()
+                    assert await asyncio.wait_for(s.receive_exactly(17), 15) == b"still one session"
+            assert client.counters.sessions == 1 and client.counters.redials == 0
+            finished.set()
+            sent, got, n, total = await asyncio.wait_for(stream, 60)
+            assert n == total and got == sent and total > 1 << 20
+            assert cutter.cuts >= 2
+    echo.close()
+    await echo.wait_closed()
+
+
+@pytest.mark.parametrize("sender", ["leaves before the restart ends", "stays with the old process"])
+async def test_items_waiting_in_an_owned_channel_move_to_the_new_process(tmp_path, sender):
+    """Items buffered at the old process that nobody there can take any more
+    are handed to the new one, ahead of its own, once each, in order."""
+    me, taker_id = netchan.Identity.generate(), netchan.Identity.generate()
+    netchan.Identity.generate().save(tmp_path / "server.key")
+    server_id = netchan.Identity.load(tmp_path / "server.key").node_id
+    config = (f'identity = "server.key"\nlisten = ["udp://127.0.0.1:0"]\n'
+              f'allow = ["{me.node_id}", "{taker_id.node_id}"]\ndrain_timeout = 60\n'
+              '[[channel]]\nname = "work"\ncapacity = 64\n')
+    async with _server(tmp_path, config) as (proc, pids), netchan.Node(me) as client, \
+            netchan.Node(taker_id) as taker:
+        lines = await _lines_until(proc, r"^control socket ")
+        udp = next(line.split()[2] for line in lines if line.startswith("listening on udp"))
+        control = re.search(r"^control socket (\S+)", lines[-1]).group(1)
+        peer = await client.connect(udp, server_id, timeout=10)
+        put = await peer.channel("work", direction="send")
+        for i in range(30):
+            await put.send({"n": i, "pad": "x" * (i * 1000)})
+        done = await asyncio.to_thread(_restart, control)
+        assert done.returncode == 0, done.stderr
+        pids.add(int(re.search(r"pid (\d+) took over", done.stdout).group(1)))
+        if sender.startswith("leaves"):
+            await put.aclose()  # its session idle, the old process closes it and has nothing left
+            await _lines_until(proc, rf"^pid {proc.pid} drained", timeout=20)
+        # the taker's session reaches the new process, which has the 30 items
+        take = await (await taker.connect(udp, server_id, timeout=10)).channel("work", direction="recv")
+        got = [await asyncio.wait_for(take.recv(), 10) for _ in range(30)]
+        assert [item["n"] for item in got] == list(range(30))
+        if not sender.startswith("leaves"):
+            for i in range(30, 40):  # into the old process still: handed over as they come
+                await put.send({"n": i, "pad": ""})
+            got = [await asyncio.wait_for(take.recv(), 10) for _ in range(10)]
+            assert [item["n"] for item in got] == list(range(30, 40))
+            await put.aclose()
+            await _lines_until(proc, rf"^pid {proc.pid} drained", timeout=20)
+        # the sender comes back (to the new process): nothing is sent twice
+        put = await peer.channel("work", direction="send")
+        await put.send({"n": 99, "pad": ""})
+        assert (await asyncio.wait_for(take.recv(), 10))["n"] == 99
+        await put.aclose()
+        await take.aclose()

@@ -129,6 +129,14 @@ class PacketPath(abc.ABC):
         answer; None for other paths."""
         return None
 
+    def surrender(self) -> tuple[str, socket.socket, bytes] | None:
+        """For a path over a connection a listener accepted that no session
+        here has claimed: stop using the connection and return (that
+        listener's URL, a duplicate of its socket, every byte read from it so
+        far), for another process holding the same listening socket to carry
+        on with (:meth:`Listener.adopt`); None when it cannot be."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
 
@@ -141,7 +149,8 @@ class Listener(abc.ABC):
     taking new connections while what it has goes on (:meth:`stop_accepting`),
     and, for datagram carriers, pause and resume reading (:meth:`hold`,
     :meth:`release`) and take datagrams another process read for it
-    (:meth:`inject`).  A carrier's ``listen`` takes ``?fd=N`` to listen on an
+    (:meth:`inject`); stream carriers take over connections another process
+    accepted and gave up (:meth:`adopt`).  A carrier's ``listen`` takes ``?fd=N`` to listen on an
     inherited socket (a predecessor's, or systemd's) and ``held=1`` to start
     held."""
 
@@ -168,6 +177,13 @@ class Listener(abc.ABC):
     def inject(self, address: Any, packets: list[bytes]) -> None:
         """Packets from ``address`` that another process read from this socket."""
         raise NotImplementedError(f"{type(self).__name__} takes no datagrams from elsewhere")
+
+    def adopt(self, sock: socket.socket, data: bytes) -> None:
+        """Carry on with a connection another process accepted from this
+        listener's socket and gave up (:meth:`PacketPath.surrender`), ``data``
+        being what it had read from it."""
+        sock.close()
+        raise NotImplementedError(f"{type(self).__name__} takes no connections from elsewhere")
 
 
 def inherited_socket(url: CarrierURL, kind: int) -> socket.socket | None:

@@ -9,6 +9,12 @@ the listener sends its replies there.  Packets caught in the dead connection
 are lost; QUIC retransmits them.  While no connection is up the path is not
 writable, so the session holds its packets instead of throwing them away.
 
+A connection that no session has claimed yet can be given up to another
+process listening on the same socket, with every byte read from it (the
+first 256 kB: a restart's new process gives a redial back to the old one,
+see ``netchan.ops.restart``); the other process feeds those bytes to its own
+protocol before it reads the socket.
+
 Stream carriers use large QUIC packets: the cost per packet is what limits
 speed, and TCP already segments for the network.
 """
@@ -16,6 +22,7 @@ speed, and TCP already segments for the network.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -24,6 +31,8 @@ import time
 from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, inherited_socket, register_carrier
 
 __all__ = ["TcpCarrier", "DEFAULT_PACKET_SIZE", "MAGIC"]
+
+log = logging.getLogger("netchan.carriers.tcp")
 
 DEFAULT_PACKET_SIZE = 60000
 MAGIC = b"NCT\x01"
@@ -42,6 +51,9 @@ _MAX_FRAME = 2 + 65535
 _BUFFER_MIN = 16 * 1024  # what an unproven connection reads into (it grows to fit a frame)
 _BUFFER_MAX = 1024 * 1024  # what a proven or dialed connection reads into
 _READ_SIZE = 256 * 1024
+#: what an unproven connection keeps of what it read, to hand it to another
+#: process with the connection (see _TcpReplyPath.surrender)
+_KEEP_MAX = 256 * 1024
 #: a listener accepts at most this many connections at once
 MAX_CONNECTIONS = 1024
 #: a server connection that has carried no authentic packet by then is dropped
@@ -80,6 +92,8 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self._need_preamble = self.preamble > 0
         self._target = _BUFFER_MIN
         self.paused = False
+        #: every byte parsed so far, while the connection may still be handed on
+        self._kept: bytearray | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -123,10 +137,14 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             self._need_preamble = False
             pos += self.preamble
             self._start = pos
-            if not self.on_preamble(bytes(view[pos - self.preamble : pos])):
+            preamble = bytes(view[pos - self.preamble : pos])
+            if self._kept is not None:
+                self._kept += preamble
+            if not self.on_preamble(preamble):
                 return
         buf = self._buf
         packets = []
+        first = pos
         while end - pos >= 2:
             stop = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
             if stop > end:
@@ -134,10 +152,25 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             packets.append(bytes(view[pos + 2 : stop]))
             pos = stop
         self._start = pos
+        if self._kept is not None and pos > first:
+            if len(self._kept) + pos - first > _KEEP_MAX:
+                self._kept = None  # too much to hand on: it stays here
+            else:
+                self._kept += view[first:pos]
         if pos == end:
             self._start = self._end = 0
         if packets:
             self.on_packets(packets)
+
+    def feed(self, data: bytes) -> None:
+        """Take ``data`` as if read from the connection (before any real read)."""
+        view = memoryview(data)
+        while view and self.open:
+            room = self.get_buffer(len(view))
+            n = min(len(room), len(view))
+            room[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
 
     def on_preamble(self, data: bytes) -> bool:
         """Called once with the preamble; return False to stop reading."""
@@ -180,13 +213,14 @@ class _TcpReplyPath(PacketPath):
     when the current connection is gone).  A replayed token redirects nothing.
     """
 
-    def __init__(self, token: bytes, label: str, packet_size: int, sink: PacketSink) -> None:
+    def __init__(self, token: bytes, label: str, packet_size: int, listener: _TcpListener) -> None:
         self.token = token
         self.label = label
         self.packet_size = packet_size
         self.conn: _ServerConn | None = None
         self.delivering: _ServerConn | None = None  # the connection of the current batch
-        self._sink = sink
+        self._listener = listener
+        self._sink = listener._sink
 
     def use(self, conn: _ServerConn) -> None:
         old, self.conn = self.conn, conn
@@ -215,15 +249,37 @@ class _TcpReplyPath(PacketPath):
             return
         conn.write_packets(packets)
 
+    def surrender(self) -> tuple[str, socket.socket, bytes] | None:
+        conn = self.delivering or self.conn
+        if conn is None or conn.proven or conn._kept is None or not conn.open:
+            return None
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            twin = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return None
+        data = bytes(conn._kept) + conn.unread()
+        conn._kept = None
+        # closing our descriptor leaves the connection to the twin: no FIN, no RST
+        conn.transport.abort()
+        if self._listener._paths.get(self.token) is self:
+            del self._listener._paths[self.token]
+        return self._listener.url, twin, data
+
 
 class _ServerConn(_FramedProtocol):
     preamble = _PREAMBLE_LEN
 
-    def __init__(self, listener: _TcpListener) -> None:
+    def __init__(self, listener: _TcpListener, prefix: bytes = b"") -> None:
         super().__init__()
         self._listener = listener
         self.path: _TcpReplyPath | None = None
         self.proven = False
+        self._kept = bytearray()
+        self._prefix = prefix  # what another process read from this connection before us
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -244,6 +300,13 @@ class _ServerConn(_FramedProtocol):
         conns[self] = None
         # a dialer that never proves itself is not kept around
         self._timeout = asyncio.get_running_loop().call_later(UNPROVEN_TIMEOUT, self._unproven)
+        if self._prefix:
+            prefix, self._prefix = self._prefix, b""
+            self.feed(prefix)  # before the first read from the socket
+
+    def unread(self) -> bytes:
+        """What was read from the socket and not parsed yet."""
+        return bytes(self._view[self._start : self._end])
 
     def _unproven(self) -> None:
         if not self.proven and self.transport is not None:
@@ -251,6 +314,7 @@ class _ServerConn(_FramedProtocol):
 
     def prove(self) -> None:
         self.proven = True
+        self._kept = None
         self.enlarge()
         if self._timeout is not None:
             self._timeout.cancel()
@@ -290,6 +354,7 @@ class _TcpListener(Listener):
         self._paths: dict[bytes, _TcpReplyPath] = {}
         self._conns: dict[_ServerConn, None] = {}  # oldest first
         self._server: asyncio.base_events.Server | None = None
+        self._adopting: set[asyncio.Task] = set()
         self.rejected = 0
         self.url = ""
 
@@ -300,7 +365,7 @@ class _TcpListener(Listener):
                 self._paths = {t: p for t, p in self._paths.items() if p.conn is not None}
             peer = conn.transport.get_extra_info("peername") if conn.transport else None
             label = f"tcp {peer[0]}:{peer[1]}" if peer else "tcp"
-            path = self._paths[token] = _TcpReplyPath(token, label, self._packet_size, self._sink)
+            path = self._paths[token] = _TcpReplyPath(token, label, self._packet_size, self)
         current = path.conn
         if current is None or not current.open:
             path.use(conn)  # nothing to protect: take it at once
@@ -314,6 +379,21 @@ class _TcpListener(Listener):
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()  # the listening socket only: connections go on
+
+    def adopt(self, sock: socket.socket, data: bytes) -> None:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def take() -> None:
+            try:
+                await loop.connect_accepted_socket(lambda: _ServerConn(self, data), sock)
+            except OSError as exc:
+                sock.close()
+                log.warning("%s: cannot take over a connection: %s", self.url, exc)
+
+        task = loop.create_task(take(), name=f"netchan {self.url} adopting")
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     async def aclose(self) -> None:
         if self._server is not None:

@@ -593,6 +593,45 @@ class ChannelCore:
             if len(taken) > MAX_TAKEN:
                 del taken[next(iter(taken))]
 
+    # -- handing the buffer to another process (a restart) ---------------------------
+
+    def surrender(self) -> tuple[list[Item], dict[str, int]]:
+        """Give up the items waiting in the buffer, for another process that
+        owns a channel of the same name to serve (:meth:`adopt`): (the items,
+        oldest first; the highest sequence accepted per origin).  Items
+        receivers hold stay until they are acknowledged or come back; a
+        rendezvous channel gives up nothing (its senders wait here)."""
+        if self.capacity == 0 or not self.queue:
+            return [], {}
+        items = list(self.queue)
+        self.queue.clear()
+        self.items_out += len(items)
+        self._grant()
+        self._check_end()
+        return items, dict(self._accepted_upto)
+
+    def adopt(self, items: list[Item], accepted: dict[str, int]) -> None:
+        """Take another process's buffered items (:meth:`surrender`) ahead of
+        the ones here: they came first.  The buffer may hold more than the
+        capacity until receivers take them (no sender gets credit meanwhile).
+        ``accepted`` tells which of its senders' items arrived there, so that
+        a sender reconnecting here does not send them again."""
+        known = self._accepted_upto
+        for origin, upto in accepted.items():
+            if upto > known.get(origin, 0):
+                known[origin] = upto
+                known.move_to_end(origin)
+        for old in list(known)[: max(0, len(known) - MAX_ORIGINS)]:
+            if old not in {s.origin for s in self._senders.values()}:
+                del known[old]
+        for item in reversed(items):
+            item.rank = 0  # older than anything here: returned items go back behind them
+            item.sender = None
+            self.queue.appendleft(item)
+        self.items_in += len(items)
+        if self._demand:
+            self._dispatch()
+
     # -- endpoints going away -------------------------------------------------------
 
     def lost(self, ep: Endpoint) -> None:

@@ -266,6 +266,23 @@ class LocalChannel(Channel):
         self.core.close()
         self._pump()
 
+    @property
+    def takers(self) -> int:
+        """Remote handles that may receive, and local receivers waiting."""
+        return sum(1 for ep in self._endpoints if ep.core.can_recv) + self.core.receivers_waiting
+
+    def surrender(self) -> tuple[list[tuple[str, int, bytes]], dict[str, int]]:
+        """The buffered items, given up for another process (see ChannelCore.surrender)."""
+        items, accepted = self.core.surrender()
+        self._pump()
+        return [(it.origin, it.seq, it.data) for it in items], accepted
+
+    def adopt(self, items: list[tuple[str, int, bytes]], accepted: dict[str, int]) -> None:
+        """Another process's buffered items of this channel, ahead of ours (see ChannelCore.adopt)."""
+        decode = self.codec.decode
+        self.core.adopt([Item(origin, seq, data, decode(data)) for origin, seq, data in items], accepted)
+        self._pump()
+
     def statistics(self) -> dict[str, Any]:
         core = self.core
         return {

@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any, Awaitable, Callable
 
 from ..errors import ConfigurationError
+from ..node.node import Node
 from ..ops.config import Config, ConfigError, load_config
 from ..ops.restart import (
     Inherited,
@@ -98,7 +100,8 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
     if predecessor is None:
         predecessor_done.set()
     else:
-        node.spawn(follow_predecessor(predecessor, node.inject, lambda: node.hold_listeners(False),
+        node.follow(predecessor.send_connection)  # redials of the sessions it drains
+        node.spawn(follow_predecessor(predecessor, node.inject, runtime.adopt_items, lambda: _predecessor_done(node),
                                       predecessor_done), "following the old process")
     successor: list[int] = []
 
@@ -173,10 +176,11 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
         for server in servers.values():
             await server.aclose()
         servers.clear()
-        lost = asyncio.ensure_future(_until_gone(link))
+        lost = asyncio.ensure_future(_until_gone(link, node.adopt))
         draining = asyncio.ensure_future(drain(
             lambda: len(node.inbound), lambda: runtime.open_connections, node.close_idle_inbound, predecessor_done,
-            config.drain_timeout, lambda said: print(f"pid {os.getpid()} {said}", flush=True)))
+            config.drain_timeout, lambda said: print(f"pid {os.getpid()} {said}", flush=True),
+            lambda: runtime.hand_over_items(link.send_items)))
         await asyncio.wait([lost, draining], return_when=asyncio.FIRST_COMPLETED)
         if lost.done():
             # the new process is gone: the udp sockets are ours alone again (the
@@ -191,6 +195,7 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
             return
         lost.cancel()
         ok = draining.result()
+        await runtime.hand_over_items(link.send_items, everything=True)  # what the drain left (its timeout)
         node.hold_listeners()  # the successor reads them from now on
         try:
             link.send_json({"type": "read"})
@@ -227,15 +232,23 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
     return 0
 
 
-async def _until_gone(link: Link) -> None:
-    """Until the process at the other end of ``link`` closes it (exits)."""
+def _predecessor_done(node: Node) -> None:
+    node.follow(None)
+    node.hold_listeners(False)
+
+
+async def _until_gone(link: Link, adopt: Callable[[str, socket.socket, bytes], bool]) -> None:
+    """Until the process at the other end of ``link`` closes it (exits),
+    taking the connections it gives back."""
     while True:
         try:
-            kind, _ = await link.receive()
+            kind, said = await link.receive()
         except OSError:
             return
         if kind == "end":
             return
+        if kind == "connection":
+            adopt(*said)
 
 
 def _print_pipelines(runtime: Runtime) -> None:

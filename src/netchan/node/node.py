@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -827,6 +828,7 @@ class Node:
         self.counters = NodeCounters()
         #: while draining: where packets of sessions this node does not have go
         self._successor: Callable[[str, Any, list[bytes]], None] | None = None
+        self._predecessor: Callable[[str, socket.socket, bytes], None] | None = None
         self._frame_handlers: dict[int, FrameHandler] = {}
         #: the services registered on every node (channels and topics, ...), by name
         self._extensions: dict[str, Extension] = {}
@@ -1235,6 +1237,11 @@ class Node:
                     continue
                 session = self._accept_session(batch[0], path)
                 if session is None:
+                    if (self._predecessor is not None and path not in self._router.by_path
+                            and (given := path.surrender()) is not None):
+                        # a connection redialed for a session the predecessor still has
+                        self._predecessor(*given)
+                        return
                     self.packets_dropped += 1
                     continue
             session.packets_received(batch, path)
@@ -1260,6 +1267,23 @@ class Node:
         if successor is not None:
             for listener in self._listeners:
                 listener.stop_accepting()
+
+    def follow(self, predecessor: Callable[[str, socket.socket, bytes], None] | None) -> None:
+        """A predecessor still drains: connections this node's stream
+        listeners accepted for sessions it does not have go to
+        ``predecessor(listener URL, socket, bytes read from it)``; ``None``:
+        it has finished."""
+        self._predecessor = predecessor
+
+    def adopt(self, listener_url: str, sock: socket.socket, data: bytes) -> bool:
+        """A connection our successor accepted from our listener
+        ``listener_url``'s socket, for a session of ours (see :meth:`follow`)."""
+        for listener in self._listeners:
+            if listener.url == listener_url:
+                listener.adopt(sock, data)
+                return True
+        sock.close()
+        return False
 
     def hold_listeners(self, hold: bool = True) -> None:
         """Stop (or start again) reading the datagram listeners' sockets."""

@@ -19,14 +19,20 @@ one takes every new connection:
 3. The old process closes the sessions peers dialed that have no stream open
    (their peers dial again at once, and reach the new process); the others,
    and its pipelines' open connections, go on until they end or until the
-   drain timeout.  Then it tells the new one to read the udp sockets itself,
-   and exits.
+   drain timeout.  Items waiting in a channel the node owns that nobody at
+   the old process can take any more (no handle there receives) are handed
+   to the new one, ahead of its own, with which of their senders' items
+   arrived (so that none is sent twice); at the end, whatever is left is.
+   Then it tells the new one to read the udp sockets itself, and exits.
+
+A tcp carrier connection cut while its session drains is redialed to the
+new process, which does not have that session: it gives the connection
+back (the socket over SCM_RIGHTS, with every byte it read from it) and the
+old process carries on with it, so the session never notices.
 
 Restarted again while its predecessor still drains, a process hands over
-the same way, and passes on what its predecessor passes it; it finishes only
-after its predecessor has.  A tcp carrier connection cut while its session
-drains reaches the new process, which does not have that session: the peer
-dials a new one after the failover gap.
+the same way, and passes on what its predecessor passes it (packets,
+connections given back); it finishes only after its predecessor has.
 
 Under systemd (``Type=notify``, ``NotifyAccess=all``) the new process says
 ``MAINPID`` and ``READY=1``.
@@ -62,10 +68,14 @@ log = logging.getLogger("netchan.restart")
 DRAIN_TIMEOUT = 300.0
 #: how long a new process may take to say it is ready
 READY_TIMEOUT = 30.0
-_JSON, _PACKETS = b"J", b"P"
+_JSON, _PACKETS, _CONNECTION, _ITEMS = b"J", b"P", b"C", b"I"
 _MAX_FDS = 250
+_MESSAGE_MAX = 4 << 20
+_ITEMS_PER_MESSAGE = 512 << 10  # bytes of items (one larger item goes alone)
 _packets = msgspec.msgpack.Encoder()
 _unpack = msgspec.msgpack.Decoder(tuple[str, list[Any], list[bytes]])
+_unpack_connection = msgspec.msgpack.Decoder(tuple[str, bytes])
+_unpack_items = msgspec.msgpack.Decoder(tuple[str, list[tuple[str, int, bytes]], dict[str, int]])
 
 
 class RestartError(NetchanError):
@@ -178,14 +188,80 @@ class Link:
         except (BlockingIOError, OSError):
             self.dropped += len(packets)
 
-    async def receive(self) -> tuple[str, Any]:
-        """("json", message), ("packets", (listener, address, packets)) or ("end", None)."""
+    def send_connection(self, listener: str, sock: socket.socket, data: bytes) -> None:
+        """Give back a connection accepted from ``listener`` (and what was read
+        from it); our copy of its socket is closed.  If the other end is gone,
+        the connection goes with our copy (its dialer redials)."""
+        try:
+            self.sock.sendmsg([_CONNECTION + _packets.encode((listener, data))],
+                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+        except OSError as exc:
+            log.warning("cannot give a connection back to the old process: %s", exc)
+        finally:
+            sock.close()
+
+    async def send_items(self, channel: str, items: list[tuple[str, int, bytes]], accepted: dict[str, int]) -> int:
+        """Hand over a channel's buffered items ((origin, seq, data), oldest
+        first) and its senders' accepted sequences: how many went (fewer
+        than all if the other end could not take them)."""
         loop = asyncio.get_running_loop()
-        data = await loop.sock_recv(self.sock, 1 << 20)
+        start = 0
+        while True:
+            stop, size = start, 0
+            while stop < len(items) and (stop == start or size + len(items[stop][2]) <= _ITEMS_PER_MESSAGE):
+                size += len(items[stop][2])
+                stop += 1
+            last = stop >= len(items)
+            chunk = _ITEMS + _packets.encode((channel, items[start:stop], accepted if last else {}))
+            try:
+                await loop.sock_sendall(self.sock, chunk)
+            except OSError as exc:
+                log.error("cannot hand channel %r over to the new process: %s", channel, exc)
+                return start
+            if last:
+                return stop
+            start = stop
+
+    async def _receive(self) -> tuple[bytes, list[int]]:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(_MESSAGE_MAX, socket.CMSG_SPACE(4 * 4))
+            except BlockingIOError:
+                ready: asyncio.Future[None] = loop.create_future()
+
+                def readable() -> None:
+                    if not ready.done():
+                        ready.set_result(None)
+
+                loop.add_reader(self.sock.fileno(), readable)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(self.sock.fileno())
+                continue
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            return data, fds
+
+    async def receive(self) -> tuple[str, Any]:
+        """("json", message), ("packets", (listener, address, packets)),
+        ("connection", (listener, socket, bytes read)), ("items", (channel,
+        items, accepted)) or ("end", None)."""
+        data, fds = await self._receive()
+        if data[:1] == _CONNECTION and len(fds) == 1:
+            listener, read = _unpack_connection.decode(data[1:])
+            return "connection", (listener, socket.socket(fileno=fds[0]), read)
+        for fd in fds:  # none expected
+            os.close(fd)
         if not data:
             return "end", None
         if data[:1] == _JSON:
             return "json", json.loads(data[1:])
+        if data[:1] == _ITEMS:
+            return "items", _unpack_items.decode(data[1:])
         return "packets", _unpack.decode(data[1:])
 
     def close(self) -> None:
@@ -300,15 +376,21 @@ async def start_successor(argv: list[str], message: dict[str, Any], fds: list[in
 
 
 async def follow_predecessor(link: Link, inject: Callable[[str, Any, list[bytes]], bool],
+                             adopt_items: Callable[[str, list[tuple[str, int, bytes]], dict[str, int]], None],
                              release: Callable[[], None], done: asyncio.Event) -> None:
-    """In a new process: take the packets the predecessor passes on; when it
-    says so (or is gone), read the udp sockets ourselves."""
+    """In a new process: take the packets the predecessor passes on, and the
+    items of its channels; when it says so (or is gone), read the udp sockets
+    ourselves."""
     try:
         while True:
             kind, said = await link.receive()
             if kind == "packets":
                 listener, address, packets = said
                 inject(listener, tuple(address), packets)
+            elif kind == "items":
+                adopt_items(*said)
+            elif kind == "connection":
+                said[1].close()  # a predecessor gives none
             elif kind == "end" or (kind == "json" and said.get("type") == "read"):
                 break
     except OSError as exc:
@@ -321,14 +403,18 @@ async def follow_predecessor(link: Link, inject: Callable[[str, Any, list[bytes]
 
 async def drain(sessions: Callable[[], int], connections: Callable[[], int], close_idle: Callable[[], int],
                 predecessor_done: asyncio.Event, timeout: float = DRAIN_TIMEOUT,
-                report: Callable[[str], Awaitable[None] | None] | None = None) -> bool:
+                report: Callable[[str], Awaitable[None] | None] | None = None,
+                step: Callable[[], Awaitable[Any]] | None = None) -> bool:
     """Wait until no session peers dialed and no connection is left (closing
-    idle sessions as they become idle) and the predecessor, if any, is done;
-    or ``timeout``.  True if everything ended in time."""
+    idle sessions as they become idle, and awaiting ``step()`` each time)
+    and the predecessor, if any, is done; or ``timeout``.  True if
+    everything ended in time."""
     deadline = time.monotonic() + timeout
     closed = close_idle()
     last = ""
     while time.monotonic() < deadline:
+        if step is not None:
+            await step()
         n_sessions, n_connections = sessions(), connections()
         if n_sessions == 0 and n_connections == 0 and predecessor_done.is_set():
             return True

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import msgspec
 
@@ -479,6 +479,35 @@ class Runtime:
         connections = sum(p.handling for p in self.pipelines.values())
         socks = sum(front.handling for front in self._socks.values())
         return connections + socks + self.tunnels.counters.open + waiting
+
+    async def hand_over_items(self, send: Callable[[str, list[tuple[str, int, bytes]], dict[str, int]],
+                                                   Awaitable[int]], everything: bool = False) -> int:
+        """A restart drains this process: give the successor the items waiting
+        in the channels this node owns that nobody here can take any more
+        (no handle that receives and no receiver waiting), or all of them
+        (``everything``, at the end); how many moved."""
+        moved = 0
+        for name, channel in self.channels.items():
+            if not everything and channel.takers:
+                continue
+            items, accepted = channel.surrender()
+            if not items:
+                continue
+            sent = await send(name, items, accepted)
+            if sent < len(items):
+                channel.adopt(items[sent:], {})  # ours again
+            moved += sent
+            log.info("channel %s: %d items handed over to the new process", name, sent)
+        return moved
+
+    def adopt_items(self, name: str, items: list[tuple[str, int, bytes]], accepted: dict[str, int]) -> None:
+        """The items a predecessor handed over for channel ``name``."""
+        channel = self.channels.get(name)
+        if channel is None:
+            log.error("the old process handed over %d items of channel %r, which the config no longer has: "
+                      "dropped", len(items), name)
+            return
+        channel.adopt(items, accepted)
 
     async def socks_front(self, listen: str, users: dict[str, str]) -> _SharedSocks:
         front = self._socks.get(listen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -104,6 +105,7 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
         node.spawn(follow_predecessor(predecessor, node.inject, runtime.adopt_items, lambda: _predecessor_done(node),
                                       predecessor_done), "following the old process")
     successor: list[int] = []
+    interrupted = asyncio.Event()  # SIGINT or SIGTERM (set below)
 
     async def reload() -> dict[str, Any]:
         async with lock:
@@ -183,6 +185,11 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
             lambda: runtime.hand_over_items(link.send_items)))
         await asyncio.wait([lost, draining], return_when=asyncio.FIRST_COMPLETED)
         if lost.done():
+            with contextlib.suppress(asyncio.TimeoutError):  # were all of us told to stop? (Ctrl-C, a unit's stop)
+                await asyncio.wait_for(interrupted.wait(), 0.5)
+            if interrupted.is_set():
+                draining.cancel()
+                return
             # the new process is gone: the udp sockets are ours alone again (the
             # tcp listeners were let go: a supervisor's restart, or a new netchan
             # restart, brings them back)
@@ -221,9 +228,12 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
                 sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
             else:
                 sd_notify("READY=1")
-            with stop_on_signals() as interrupted:
-                await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(interrupted.wait())],
+            with stop_on_signals() as signalled:
+                signalled_wait = asyncio.ensure_future(signalled.wait())
+                await asyncio.wait([asyncio.ensure_future(stop.wait()), signalled_wait],
                                    return_when=asyncio.FIRST_COMPLETED)
+                if signalled.is_set():
+                    interrupted.set()
     finally:
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)

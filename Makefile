@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench fuzz clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,5 +23,10 @@ bench: $(STAMP)
 		  echo "(install openssh-server, socat and iperf3 to compare tunnels with ssh and the VPN with its link)"; }
 	$(PY) bench/run.py $(if $(BASELINE),--baseline $(BASELINE))
 
+#: each decoder's coverage-guided fuzzer for FUZZ_SECONDS (default 60) seconds
+fuzz: $(STAMP)
+	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) fuzz/run.py --seconds $(or $(FUZZ_SECONDS),60)
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info .fuzz

@@ -36,6 +36,8 @@ __all__ = ["UdpCarrier", "DEFAULT_PACKET_SIZE", "punch"]
 
 #: fits a 1500-byte Ethernet MTU under IPv6 (1500 - 40 - 8)
 DEFAULT_PACKET_SIZE = 1452
+#: remote addresses a listener remembers before it forgets those no session answers on
+MAX_UNPROVEN_PATHS = 4096
 _BATCH = 128
 # Linux generic segmentation offload: one sendmsg carries up to 64 packets of
 # one size (the last may be shorter) and the kernel cuts them apart
@@ -254,6 +256,8 @@ class _UdpReplyPath(PacketPath):
         self.addr = addr
         self.packet_size = packet_size
         self.label = f"udp {addr[0]}:{addr[1]}"
+        #: it carried an authentic packet: a session answers on it
+        self.proven = False
 
     @property
     def writable(self) -> bool:  # type: ignore[override]
@@ -261,6 +265,9 @@ class _UdpReplyPath(PacketPath):
 
     def send_packets(self, packets: list[bytes]) -> None:
         self._listener.sock.send_many(packets, self.addr)
+
+    def confirm(self) -> None:
+        self.proven = True
 
     def origin(self) -> tuple[str, tuple]:
         return self._listener.url, self.addr
@@ -313,8 +320,12 @@ class _UdpListener(Listener):
     def _path(self, addr: tuple) -> _UdpReplyPath:
         path = self._paths.get(addr)
         if path is None:
-            if len(self._paths) > 4096:
-                self._paths.clear()  # a flood of sources: forget them, they are cheap
+            if len(self._paths) > MAX_UNPROVEN_PATHS:
+                # a flood of sources: forget those that never carried an authentic
+                # packet (they cost nothing to make again); sessions keep theirs
+                self._paths = {a: p for a, p in self._paths.items() if p.proven}
+                if len(self._paths) > MAX_UNPROVEN_PATHS // 2:
+                    self._paths.clear()  # old sessions' addresses: made again when heard from
             path = self._paths[addr] = _UdpReplyPath(self, addr, self._packet_size)
         return path
 

@@ -85,6 +85,8 @@ async def _run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inherited: Inherited | None,
                  predecessor: Link | None) -> int:
     node = runtime.node
+    if inherited is not None and inherited.retry_key:
+        node.retry_key = inherited.retry_key
     print(f"node {node.node_id}", flush=True)
     print(f"pid {os.getpid()}" + (f", taking over from pid {inherited.predecessor}"
                                   if inherited and inherited.predecessor else ""), flush=True)
@@ -156,7 +158,8 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
             sockets["web"] = {name: server.handover() for name, server in servers.items()}
             bound = node.handover()
             configured = config.listen if len(config.listen) == len(bound) else [url for url, _ in bound]
-            message, fds = manifest([(c, url, fd) for c, (url, fd) in zip(configured, bound)], sockets, token)
+            message, fds = manifest([(c, url, fd) for c, (url, fd) in zip(configured, bound)], sockets, token,
+                                    node.retry_key)
             argv = [sys.executable, "-m", "netchan", "run", os.path.abspath(args.config)]
             for flag, value in (("--log-format", args.log_format), ("--log-level", args.log_level),
                                 ("--dashboard", args.dashboard)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -53,7 +54,8 @@ from ..session.core import (
 )
 from ..session.engine import Engine, get_engine
 from ..session.multipath import Dial, MultiPath, PathInfo, dial_carrier
-from ..session.router import ProbeBudget, Router, destination_cid, opens_session
+from ..session.retry import RetryTokens, initial_fields
+from ..session.router import CID_LENGTH, ProbeBudget, Router, destination_cid, opens_session
 from ..session.scheduler import MODES, PathDown, PathUp
 from .service import Extension, extensions, register_extension
 from .stream import Stream
@@ -96,6 +98,10 @@ class NodeCounters:
     redials: int = 0
     #: sessions that ended before they were authenticated, by reason
     handshake_failures: dict[str, int] = field(default_factory=dict)
+    #: Initials answered with a Retry (address validation), and Initials
+    #: dropped for a Retry token that was not ours, had expired or was replayed
+    retries: int = 0
+    bad_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ class PeerEvent:
     path: str | None = None
     detail: str | None = None
 _MAX_HALF_OPEN = 256  # server sessions still authenticating, per node
+#: handshakes in progress past which Initials get a Retry first (see Node)
+DEFAULT_VALIDATE_AFTER = 32
 
 
 PING_SERVICE = "netchan.ping"
@@ -790,8 +798,15 @@ class Node:
         handshake_timeout: float = 10.0,
         max_stream_data: int = 16 * 1024 * 1024,
         max_data: int = 64 * 1024 * 1024,
+        validate_after: int | None = DEFAULT_VALIDATE_AFTER,
     ) -> None:
         self.identity = identity if identity is not None else Identity.generate()
+        if validate_after is not None and validate_after < 0:
+            raise ConfigurationError("validate_after must be >= 0 (or None)")
+        #: handshakes in progress past which an Initial from an address not yet
+        #: validated gets a stateless Retry (0: always; None: never)
+        self.validate_after = validate_after
+        self._retry_tokens = RetryTokens()
         self._listen_urls = [listen] if isinstance(listen, str) else list(listen)
         for url in self._listen_urls:
             carriers.parse_url(url)
@@ -1268,6 +1283,15 @@ class Node:
             for listener in self._listeners:
                 listener.stop_accepting()
 
+    @property
+    def retry_key(self) -> bytes:
+        """The key of this node's Retry tokens (a restart hands it on)."""
+        return self._retry_tokens.key
+
+    @retry_key.setter
+    def retry_key(self, key: bytes) -> None:
+        self._retry_tokens = RetryTokens(key=key)
+
     def follow(self, predecessor: Callable[[str, socket.socket, bytes], None] | None) -> None:
         """A predecessor still drains: connections this node's stream
         listeners accepted for sessions it does not have go to
@@ -1334,10 +1358,41 @@ class Node:
         if session is not None:
             session.path_writable(path)
 
+    def _validated(self, packet: bytes, cid: bytes, path: PacketPath) -> tuple[bytes, bytes | None] | None:
+        """Address validation for an Initial that would open a session:
+        (original destination id, the id our Retry chose or None) to go on
+        with, or None when it was answered with a Retry or dropped."""
+        origin = path.origin()  # a datagram's source; a stream carrier's is proven by TCP
+        if origin is None:
+            return cid, None
+        fields = initial_fields(packet)
+        if fields is None:
+            return None
+        _dcid, scid, token = fields
+        address = repr(origin).encode()
+        if token:
+            original = self._retry_tokens.check(address, token, cid)
+            if original is None:
+                self.counters.bad_tokens += 1
+                return None
+            return original, cid
+        if self.validate_after is None or len(self._half_open) < self.validate_after:
+            return cid, None
+        chosen = os.urandom(CID_LENGTH)
+        retry = self.engine.encode_retry(chosen, scid, cid, self._retry_tokens.mint(address, cid, chosen))
+        if path.writable:
+            path.send_packets([retry])
+        self.counters.retries += 1
+        return None
+
     def _accept_session(self, packet: bytes, path: PacketPath) -> _Session | None:
         cid = destination_cid(packet)
         if cid is None or not opens_session(packet, cid):
             return None
+        validated = self._validated(packet, cid, path)
+        if validated is None:
+            return None
+        original, retry_cid = validated
         if len(self._half_open) >= _MAX_HALF_OPEN:
             # evict the oldest session still authenticating rather than refuse
             # newcomers: a flood of Initials then cannot lock everyone out
@@ -1352,7 +1407,8 @@ class Node:
             now=asyncio.get_running_loop().time(),
             config=replace(self.config, packet_size=path.packet_size),
             allow=self._admits,
-            original_destination_connection_id=cid,
+            original_destination_connection_id=original,
+            retry_source_connection_id=retry_cid,
         )
         self._sessions[session] = None
         self._half_open[session] = None

@@ -44,7 +44,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -164,6 +164,9 @@ class Config(_Strict):
     dashboard_token: str | None = None
     #: seconds an old process serves its sessions after a restart, at most
     drain_timeout: float = 300.0
+    #: handshakes in progress past which Initials get a stateless Retry first
+    #: (0: always validate addresses; -1: never)
+    validate_after: Annotated[int, msgspec.Meta(ge=-1)] = 32
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     peers: dict[str, PeerConfig] = {}

@@ -66,6 +66,10 @@ class NodeCollector(Collector):
         counters = node.counters
         yield CounterMetricFamily("netchan_sessions", "Sessions authenticated", value=counters.sessions)
         yield CounterMetricFamily("netchan_redials", "Lost sessions dialed again", value=counters.redials)
+        yield CounterMetricFamily("netchan_retries", "Initials answered with a Retry (address validation)",
+                                  value=counters.retries)
+        yield CounterMetricFamily("netchan_bad_retry_tokens", "Initials dropped for a Retry token not ours or expired",
+                                  value=counters.bad_tokens)
         failures = CounterMetricFamily("netchan_handshake_failures",
                                        "Sessions that ended before they were authenticated", labels=["reason"])
         for reason, n in counters.handshake_failures.items():

@@ -92,6 +92,8 @@ class Inherited:
     sockets: dict[str, dict[str, int]] = field(default_factory=dict)
     #: what the predecessor's dashboard asked for
     dashboard_token: str | None = None
+    #: the key of the predecessor's Retry tokens (a client answering its Retry reaches us)
+    retry_key: bytes | None = None
     predecessor: int = 0
     #: udp listeners start held (a predecessor reads them until it is done)
     held: bool = True
@@ -318,12 +320,13 @@ def receive_inheritance(fd: int, timeout: float = 10.0) -> tuple[Inherited, Link
     inherited = Inherited(
         node=[(c, b, fds[i]) for c, b, i in manifest["node"]],
         sockets={kind: {name: fds[i] for name, i in names.items()} for kind, names in manifest["sockets"].items()},
-        dashboard_token=manifest.get("dashboard_token"), predecessor=manifest["pid"])
+        dashboard_token=manifest.get("dashboard_token"), predecessor=manifest["pid"],
+        retry_key=bytes.fromhex(manifest["retry_key"]) if manifest.get("retry_key") else None)
     return inherited, Link(sock)
 
 
 def manifest(node_fds: list[tuple[str, str, int]], sockets: dict[str, dict[str, int]],
-             dashboard_token: str | None) -> tuple[dict[str, Any], list[int]]:
+             dashboard_token: str | None, retry_key: bytes | None = None) -> tuple[dict[str, Any], list[int]]:
     """What to send a successor, and the file descriptors that go with it."""
     fds: list[int] = []
 
@@ -332,6 +335,7 @@ def manifest(node_fds: list[tuple[str, str, int]], sockets: dict[str, dict[str, 
         return len(fds) - 1
 
     message = {"type": "handover", "pid": os.getpid(), "dashboard_token": dashboard_token,
+               "retry_key": retry_key.hex() if retry_key else None,
                "node": [(c, b, index(fd)) for c, b, fd in node_fds],
                "sockets": {kind: {name: index(fd) for name, fd in names.items()} for kind, names in sockets.items()}}
     if len(fds) > _MAX_FDS:

@@ -395,7 +395,8 @@ class Runtime:
         self.inherited = inherited
         allow = allow_list(config.allow)
         listen = inherited.listen_urls(config.listen) if inherited is not None else config.listen
-        self.node = Node(Identity.load(config.identity), listen=listen, allow=allow, engine=config.engine)
+        self.node = Node(Identity.load(config.identity), listen=listen, allow=allow, engine=config.engine,
+                         validate_after=None if config.validate_after < 0 else config.validate_after)
         self.node.serve("echo", echo_service)
         self.tunnels = Tunnels.of(self.node)
         self._set_rules(config)
@@ -544,6 +545,7 @@ class Runtime:
         self.config = config
         self._set_rules(config)
         self.node.set_allowed(allow_list(config.allow))
+        self.node.validate_after = None if config.validate_after < 0 else config.validate_after
         done: dict[str, list[str]] = {"kept": [], "restarted": [], "started": [], "stopped": []}
         wanted = {p.name: p for p in config.pipeline}
         for name in list(self.pipelines):

@@ -284,6 +284,7 @@ class SessionCore:
         expected_peer: str | None = None,
         allow: Callable[[str], bool] | None = None,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
     ) -> None:
         if is_client and not expected_peer:
             raise errors.ConfigurationError("a client session must know the peer's node id")
@@ -309,6 +310,7 @@ class SessionCore:
             max_data=config.max_data,
             max_stream_data=config.max_stream_data,
             original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
         self.packet_size = min(config.packet_size, engine.max_packet_size)
         self._auth_frames = ControlFrames()

@@ -41,6 +41,7 @@ class Engine:
 
     _config_cls: Any
     _conn_cls: Any
+    _encode_retry: Any
 
     def __init__(self) -> None:
         self._credentials_cache: weakref.WeakKeyDictionary[Identity, tuple[Any, Any]] = (
@@ -57,8 +58,10 @@ class Engine:
         max_data: int,
         max_stream_data: int,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
     ) -> Any:
-        """A new QUIC connection; a server needs the DCID of the client's first packet."""
+        """A new QUIC connection; a server needs the DCID of the client's first
+        packet (and, after a Retry, the id that Retry chose)."""
         cert, key = self._credentials(identity)
         config = self._config_cls(
             is_client=is_client,
@@ -77,7 +80,13 @@ class Engine:
         return self._conn_cls(
             configuration=config,
             original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
+
+    def encode_retry(self, source_cid: bytes, destination_cid: bytes, original_destination_cid: bytes,
+                     token: bytes) -> bytes:
+        """A QUIC v1 Retry packet (with its integrity tag)."""
+        return bytes(self._encode_retry(1, source_cid, destination_cid, original_destination_cid, token))
 
     def _credentials(self, identity: Identity) -> tuple[Any, Any]:
         # a certificate costs about a millisecond to make: once per identity
@@ -173,6 +182,9 @@ class _Qh3Engine(Engine):
         self.events = events
         self._config_cls = QuicConfiguration
         self._tls = tls
+        from qh3.quic.packet import encode_quic_retry
+
+        self._encode_retry = encode_quic_retry
 
         class Bridge(QuicTlsBridge):
             # qh3's client always announces max_udp_payload_size=1472, which
@@ -326,6 +338,9 @@ class _AioquicEngine(Engine):
         self.events = events
         self._config_cls = QuicConfiguration
         self._conn_cls = Connection
+        from aioquic.quic.packet import encode_quic_retry
+
+        self._encode_retry = encode_quic_retry
 
     def _make_credentials(self, identity):
         return identity.certificate(), identity.private_key

@@ -94,7 +94,7 @@ def read_now(data: bytes, decoder: Any, limit: int) -> Any:
     raise AssertionError("read_message waited on bytes already there")
 
 
-def refs(owner: str, name: str, kind: str, direction: str, addresses: list[str]) -> Any:
+def refs(owner: str, name: str, kind: str, direction: str, addresses: list[str], seal: bytes) -> Any:
     """A reference resolver that makes a marker of each channel reference."""
     return ("ref", owner, name)
 

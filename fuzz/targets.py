@@ -125,6 +125,9 @@ TARGETS = {"tcp": tcp_framing, "control": control, "frames": channel_frames, "it
 
 
 def main() -> None:
+    from run import TARGETS as NAMES  # the runner's list, kept in step
+
+    assert sorted(TARGETS) == NAMES, "fuzz/run.py lists other targets"
     name = sys.argv[1]
     target = TARGETS[name]
     atheris.Setup([sys.argv[0], *sys.argv[2:]], target)

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "src" / "netchan"
 LAYERS = {
     "errors": 0,
     "identity": 0,
+    "logs": 0,
     "carriers": 1,
     "session": 2,
     "node": 3,

@@ -28,6 +28,7 @@ import socket
 import struct
 import time
 
+from ..errors import ConfigurationError
 from .base import Carrier, CarrierURL, Listener, PacketPath, PacketSink, inherited_socket, register_carrier
 
 __all__ = ["TcpCarrier", "DEFAULT_PACKET_SIZE", "MAGIC"]
@@ -54,9 +55,11 @@ _READ_SIZE = 256 * 1024
 #: what an unproven connection keeps of what it read, to hand it to another
 #: process with the connection (see _TcpReplyPath.surrender)
 _KEEP_MAX = 256 * 1024
-#: a listener accepts at most this many connections at once
+#: a listener holds at most this many connections at once (``?max_connections=``);
+#: past it, a newcomer replaces the oldest that carried no authentic packet
 MAX_CONNECTIONS = 1024
-#: a server connection that has carried no authentic packet by then is dropped
+#: a server connection that has carried no authentic packet by then is
+#: dropped (``?unproven_timeout=``, seconds)
 UNPROVEN_TIMEOUT = 15.0
 #: how long a dialed connection may stay silent before it is presumed dead
 DEFAULT_DEAD_AFTER = 3.5
@@ -284,7 +287,7 @@ class _ServerConn(_FramedProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         conns = self._listener._conns
-        if len(conns) >= MAX_CONNECTIONS:
+        if len(conns) >= self._listener.max_connections:
             # make room by dropping the oldest connection that proved nothing,
             # so idle sockets cannot lock out redials of real sessions
             victim = next((c for c in conns if not c.proven), None)
@@ -299,7 +302,7 @@ class _ServerConn(_FramedProtocol):
                 victim.transport.abort()
         conns[self] = None
         # a dialer that never proves itself is not kept around
-        self._timeout = asyncio.get_running_loop().call_later(UNPROVEN_TIMEOUT, self._unproven)
+        self._timeout = asyncio.get_running_loop().call_later(self._listener.unproven_timeout, self._unproven)
         if self._prefix:
             prefix, self._prefix = self._prefix, b""
             self.feed(prefix)  # before the first read from the socket
@@ -348,9 +351,12 @@ class _ServerConn(_FramedProtocol):
 
 
 class _TcpListener(Listener):
-    def __init__(self, sink: PacketSink, packet_size: int) -> None:
+    def __init__(self, sink: PacketSink, packet_size: int, max_connections: int = MAX_CONNECTIONS,
+                 unproven_timeout: float = UNPROVEN_TIMEOUT) -> None:
         self._sink = sink
         self._packet_size = packet_size
+        self.max_connections = max_connections
+        self.unproven_timeout = unproven_timeout
         self._paths: dict[bytes, _TcpReplyPath] = {}
         self._conns: dict[_ServerConn, None] = {}  # oldest first
         self._server: asyncio.base_events.Server | None = None
@@ -516,7 +522,12 @@ class TcpCarrier(Carrier):
     stream_based = True
 
     async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener:
-        listener = _TcpListener(sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)))
+        max_connections = int(url.number("max_connections", MAX_CONNECTIONS))
+        unproven_timeout = url.number("unproven_timeout", UNPROVEN_TIMEOUT)
+        if max_connections < 1 or unproven_timeout <= 0:
+            raise ConfigurationError(f"{url}: max_connections must be at least 1 and unproven_timeout above 0")
+        listener = _TcpListener(sink, int(url.number("packet_size", DEFAULT_PACKET_SIZE)), max_connections,
+                                unproven_timeout)
         loop = asyncio.get_running_loop()
         inherited = inherited_socket(url, socket.SOCK_STREAM)
         try:

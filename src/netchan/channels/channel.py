@@ -23,7 +23,7 @@ import random
 from typing import Any, AsyncIterator, Iterable
 
 from ..errors import BrokenError, ConfigurationError, DirectionError, EndOfChannel, Timeout, WouldBlock
-from .codec import Sendable
+from .codec import Reference, Sendable
 from .core import Item
 from .handle import CANCELLED, COMMITTED, DONE, WAITING, WITHDRAWING
 
@@ -186,7 +186,7 @@ class Channel(Sendable, Receiver):
     async def _ready(self) -> None:
         """Until the handle can be used (a remote handle opens here)."""
 
-    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+    def _reference(self) -> Reference:
         raise NotImplementedError
 
     def _check(self, direction: str) -> None:
@@ -532,9 +532,9 @@ class ChannelView(Channel):
     def _target(self) -> Channel:
         return self._t
 
-    def _reference(self) -> tuple[str, str, str, str, list[str]]:
-        owner, name, kind, _direction, addresses = self._t._reference()
-        return (owner, name, kind, self.direction, addresses)
+    def _reference(self) -> Reference:
+        owner, name, kind, _direction, addresses, seal = self._t._reference()
+        return (owner, name, kind, self.direction, addresses, seal)
 
     async def _ready(self) -> None:
         await self._t._ready()

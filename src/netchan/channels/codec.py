@@ -34,22 +34,28 @@ DEFAULT_MAX_MESSAGE = 1024 * 1024
 
 
 
+#: what a channel reference says: (owner, name, kind, direction, the owner's
+#: addresses, its seal); the seal is the owner's MAC of the kind and the name,
+#: so that no peer can refer to a channel of a node that never gave it out
+Reference = tuple[str, str, str, str, list[str], bytes]
+
+
 class Sendable:
     """What may travel inside an item: a handle sent as a reference that the
     receiving node turns into a handle of its own (channels subclass it)."""
 
     __slots__ = ()
 
-    def _reference(self) -> tuple[str, str, str, str, list[str]]:
-        """(owner, name, kind, direction, addresses) of what this handle reaches."""
+    def _reference(self) -> Reference:
+        """(owner, name, kind, direction, addresses, seal) of what this handle reaches."""
         raise NotImplementedError
 
 
-#: (owner, name, kind, direction, addresses) -> a handle on this node
-RefResolver = Callable[[str, str, str, str, list[str]], Sendable]
+#: (owner, name, kind, direction, addresses, seal) -> a handle on this node
+RefResolver = Callable[[str, str, str, str, list[str], bytes], Sendable]
 
 _ref_encoder = msgspec.msgpack.Encoder()
-_ref_decoder = msgspec.msgpack.Decoder(tuple[str, str, str, str, list[str]])
+_ref_decoder = msgspec.msgpack.Decoder(Reference)
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -78,8 +84,7 @@ class Codec:
             raise RemoteProtocolError(f"unknown extension {code} in an item")
         if self._resolver is None:
             raise RemoteProtocolError("channel references cannot be received here")
-        owner, name, kind, direction, addresses = _ref_decoder.decode(data)
-        return self._resolver(owner, name, kind, direction, addresses)
+        return self._resolver(*_ref_decoder.decode(data))
 
     def encode(self, value: Any) -> bytes:
         """Bytes of ``value``; MessageTooLarge over the limit, TypeError if not encodable."""

@@ -185,6 +185,8 @@ class Hello(msgspec.Struct):
     next_seq: Seq | None = None
     window: Count | None = None
     buffer: Count | None = None
+    #: a handle made from a reference shows its seal (checked by the owner)
+    seal: Annotated[bytes, msgspec.Meta(max_length=32)] | None = None
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -199,6 +201,8 @@ class Reply(msgspec.Struct, omit_defaults=True):
     schema: str | None = None
     max_message: Annotated[int, msgspec.Meta(gt=0)] | None = None
     accepted: Seq | None = None
+    #: the owner's seal, for references to the channel this handle sends on
+    seal: bytes | None = None
 
 
 def handshake(obj: Any, type_: type[H]) -> H:

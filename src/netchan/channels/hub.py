@@ -7,10 +7,14 @@ the node closes."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from cryptography.hazmat.primitives import serialization
 
 from ..errors import (
     BrokenError,
@@ -28,8 +32,8 @@ from ..identity import check_node_id, node_id_set
 from ..node.service import register_extension
 from . import frames as w
 from .channel import Channel, ChannelView, Operation, SelectGroup
-from .codec import DEFAULT_MAX_MESSAGE, make_codec
-from .local import LocalChannel
+from .codec import DEFAULT_MAX_MESSAGE, Reference, make_codec
+from .local import LocalChannel, broken
 from .remote import SERVICE, RemoteChannel
 from .wire import HANDSHAKE_TIMEOUT, Wire, read_one
 
@@ -48,6 +52,9 @@ class ChannelHub:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._owned: dict[str, Any] = {}  # name -> LocalChannel | Topic
+        #: the key of this node's seals on references (stable across restarts)
+        self._ref_key = hashlib.sha256(b"netchan channel references\0" + node.identity.private_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())).digest()
         #: handles made from references in items, one per (owner, name, kind,
         #: direction); weak, so references that pass through leave nothing behind
         self._refs: weakref.WeakValueDictionary[tuple[str, str, str, str], Channel] = \
@@ -149,7 +156,11 @@ class ChannelHub:
 
     # -- handles to channels elsewhere ----------------------------------------------
 
-    def resolve(self, owner: str, name: str, kind: str, direction: str, addresses: list[str]) -> Any:
+    def seal(self, kind: str, name: str) -> bytes:
+        """This node's seal on references to its ``kind`` ``name``."""
+        return hmac.new(self._ref_key, f"{kind}\0{name}".encode(), hashlib.sha256).digest()[:16]
+
+    def resolve(self, owner: str, name: str, kind: str, direction: str, addresses: list[str], seal: bytes) -> Any:
         """The handle a channel reference received in an item stands for."""
         check_node_id(owner)
         if direction not in ("both", "send", "recv"):
@@ -157,6 +168,8 @@ class ChannelHub:
         if kind != "channel":
             raise RemoteProtocolError(f"unknown kind {kind!r} in a reference")
         if owner == self.node.node_id:
+            if not hmac.compare_digest(seal, self.seal(kind, name)):
+                raise RemoteProtocolError(f"a reference to channel {name!r} that this node never gave out")
             chan = self._owned.get(name)
             if not isinstance(chan, LocalChannel):
                 chan = _Missing(self, name)
@@ -164,7 +177,8 @@ class ChannelHub:
         key = (owner, name, kind, direction)
         handle = self._refs.get(key)
         if handle is None or (isinstance(handle, RemoteChannel) and handle.defunct):
-            handle = RemoteChannel(self, owner, name, direction=direction, addresses=addresses, from_ref=True)
+            handle = RemoteChannel(self, owner, name, direction=direction, addresses=addresses, from_ref=True,
+                                   seal=seal)
             self._refs[key] = handle
         return handle
 
@@ -199,6 +213,8 @@ class ChannelHub:
             hello = w.handshake(await read_one(wire, HANDSHAKE_TIMEOUT), w.Hello)
             obj = self._owned.get(hello.name)
             kind = hello.kind
+            if hello.seal is not None and not hmac.compare_digest(hello.seal, self.seal(kind, hello.name)):
+                raise RemoteProtocolError(f"a handle opened from a forged reference to {kind} {hello.name!r}")
             try:
                 if obj is None or obj.kind != kind:
                     raise ServiceNotFound(f"node {self.node.node_id} has no {kind} {hello.name!r}")
@@ -214,7 +230,7 @@ class ChannelHub:
         except (EndOfStream, BrokenError, ClosedError):
             pass
         except ProtocolError as exc:
-            log.warning("channel service: %s from %s", exc, peer.node_id)
+            broken.warning(("channel", peer.node_id), "channel service: %s from %s", exc, peer.node_id)
             wire.send(w.Reply(ok=False, code=exc.code, reason=str(exc)))
             wire.finish()
         finally:
@@ -265,8 +281,9 @@ class _Missing(Channel):
         self.name = name
         self.capacity = 0
 
-    def _reference(self) -> tuple[str, str, str, str, list[str]]:
-        return (self._hub.node.node_id, self.name, "channel", "both", self._hub.node.addresses)
+    def _reference(self) -> Reference:
+        return (self._hub.node.node_id, self.name, "channel", "both", self._hub.node.addresses,
+                self._hub.seal("channel", self.name))
 
     async def _ready(self) -> None:
         raise ServiceNotFound(f"this node has no channel {self.name!r} any more")

@@ -9,9 +9,10 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ClosedError, EndOfChannel, NetchanError, ProtocolError, TakenBack
+from ..logs import RateLimited
 from . import frames as w
 from .channel import CANCELLED, COMMITTED, DONE, WAITING, WITHDRAWING, Channel, Operation, SelectGroup
-from .codec import Codec
+from .codec import Codec, Reference
 from .core import (
     Accepted,
     ChannelCore,
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["LocalChannel"]
 
 log = logging.getLogger("netchan.channels")
+#: protocol breaks, by peer, at a bounded rate
+broken = RateLimited(log)
 
 
 class LocalChannel(Channel):
@@ -65,9 +68,9 @@ class LocalChannel(Channel):
     def __repr__(self) -> str:
         return f"<LocalChannel {self.name!r} capacity={self.capacity} on {self._hub.node.node_id[:8]}>"
 
-    def _reference(self) -> tuple[str, str, str, str, list[str]]:
+    def _reference(self) -> Reference:
         node = self._hub.node
-        return (node.node_id, self.name, "channel", "both", node.addresses)
+        return (node.node_id, self.name, "channel", "both", node.addresses, self._hub.seal("channel", self.name))
 
     @property
     def closed(self) -> bool:
@@ -314,6 +317,7 @@ class LocalChannel(Channel):
         # ``accepted``: this sender's items up to there arrived before (a handle
         # that reopens drops those copies instead of sending them again)
         wire.send(w.Reply(ok=True, dir=sorted(directions), capacity=self.capacity, codec=self.codec.name,
+                          seal=self._hub.seal("channel", self.name),
                           schema=self.codec.schema, max_message=self.codec.max_message, accepted=accepted))
         self._pump()
         ended: asyncio.Future[NetchanError] = asyncio.get_running_loop().create_future()
@@ -354,7 +358,8 @@ class LocalChannel(Channel):
             core.lost(ep)
             self._pump()
         if isinstance(error, ProtocolError):
-            log.warning("channel %r: handle from %s broke the protocol: %s", self.name, peer.node_id, error)
+            broken.warning(("channel", peer.node_id), "channel %r: handle from %s broke the protocol: %s", self.name,
+                           peer.node_id, error)
             wire.send(w.Fail(error.code, str(error)))
             wire.finish()
 

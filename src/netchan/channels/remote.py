@@ -24,7 +24,7 @@ from ..errors import (
 )
 from . import frames as w
 from .channel import DONE, Channel, Operation, SelectGroup
-from .codec import DEFAULT_MAX_MESSAGE, make_codec
+from .codec import DEFAULT_MAX_MESSAGE, Reference, make_codec
 from .handle import Finished, HandleCore, LetGo, Progress
 from .wire import HANDSHAKE_TIMEOUT, REFUSALS, Wire, open_handle, wake_all
 
@@ -70,6 +70,7 @@ class RemoteChannel(Channel):
         peer: Peer | None = None,
         max_message: int = DEFAULT_MAX_MESSAGE,
         from_ref: bool = False,
+        seal: bytes = b"",
     ) -> None:
         if direction not in ("both", "send", "recv"):
             raise ConfigurationError("direction must be 'both', 'send' or 'recv'")
@@ -82,6 +83,9 @@ class RemoteChannel(Channel):
         self._max_message = max_message  # ours; items we send obey the owner's too
         self._explicit_codec = codec is not None or type is not None
         self._addresses = list(addresses)
+        #: the owner's seal (from the reference, or told when the handle opened)
+        self._seal = seal
+        self._from_ref = from_ref
         self._peer = peer
         self._can_send = direction != "recv"
         self._can_recv = direction != "send"
@@ -106,8 +110,8 @@ class RemoteChannel(Channel):
     def __repr__(self) -> str:
         return f"<RemoteChannel {self.name!r} on {self.owner[:8]} ({self.direction})>"
 
-    def _reference(self) -> tuple[str, str, str, str, list[str]]:
-        return (self.owner, self.name, "channel", self.direction, self._addresses)
+    def _reference(self) -> Reference:
+        return (self.owner, self.name, "channel", self.direction, self._addresses, self._seal)
 
     def _check(self, direction: str) -> None:
         if direction in self._refused:
@@ -285,6 +289,7 @@ class RemoteChannel(Channel):
             schema=self._codec.schema,
             origin=self._origin,
             next_seq=core.unacked[0][0] if core.unacked else core.next_seq,
+            seal=self._seal if self._from_ref else None,
         )
         try:
             wire, reply = await open_handle(peer, SERVICE, hello, w.max_frame(self._codec.max_message),
@@ -296,6 +301,8 @@ class RemoteChannel(Channel):
         if self._error is not None:  # closed while it opened
             wire.abort()
             raise self._error.with_traceback(None)
+        if reply.seal:
+            self._seal = reply.seal
         directions = set(reply.dir)
         for d in ("send", "recv"):
             if d not in directions and self.direction in ("both", d):

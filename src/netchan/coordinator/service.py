@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import NetchanError, ProtocolError
 from ..identity import check_node_id
+from ..logs import RateLimited
 from ..node.service import ServiceStream, read_message, send_message
 from .protocol import (
     ELSEWHERE,
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["Coordinator", "RelayCounters"]
 
 log = logging.getLogger("netchan.coordinator")
+#: protocol breaks, by peer, at a bounded rate
+broken = RateLimited(log)
 
 #: the largest QUIC packet a relay circuit carries (a datagram-sized one)
 RELAY_PACKET_SIZE = 1350
@@ -298,7 +301,7 @@ class Coordinator:
             except NetchanError:
                 pass
         except ProtocolError as exc:
-            log.warning("coordinator stream from %s: %s", peer.node_id, exc)
+            broken.warning(("coordinator", peer.node_id), "coordinator stream from %s: %s", peer.node_id, exc)
             stream.abort()
         except NetchanError:
             pass  # the member went away

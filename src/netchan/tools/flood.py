@@ -56,16 +56,23 @@ async def forged_initials(target: tuple[str, int], count: int = 10_000, sources:
             s.close()
 
 
-async def idle_connections(target: tuple[str, int], count: int, garbage: bool = False) -> list[asyncio.StreamWriter]:
-    """Open ``count`` TCP connections to ``target`` (sending a garbage
-    preamble on each if ``garbage``); the writers, for the caller to close."""
-    writers = []
-    for _ in range(count):
+async def idle_connections(target: tuple[str, int], count: int, garbage: bool = False,
+                           at_once: int = 200) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """Open ``count`` TCP connections to ``target``, ``at_once`` at a time,
+    and leave them silent (or send 64 random bytes on each if ``garbage``):
+    their (reader, writer) pairs, for the caller to watch and close."""
+
+    async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         try:
-            _, writer = await asyncio.open_connection(*target)
+            reader, writer = await asyncio.open_connection(*target)
         except OSError:
-            continue
+            return None
         if garbage:
             writer.write(os.urandom(64))
-        writers.append(writer)
-    return writers
+        return reader, writer
+
+    opened = []
+    for start in range(0, count, at_once):
+        batch = await asyncio.gather(*(one() for _ in range(min(at_once, count - start))))
+        opened += [c for c in batch if c is not None]
+    return opened

@@ -17,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError, NetchanError, ProtocolError
+from ..logs import RateLimited
 from ..node.service import ServiceStream, register_extension
 from .front import Front
 from .protocol import (
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["Tunnels", "LocalForward", "RemoteForward", "Socks5", "parse_remote_bind"]
 
 log = logging.getLogger("netchan.tunnels")
+#: protocol breaks, by peer, at a bounded rate
+broken = RateLimited(log)
 
 #: how long connecting out may take
 CONNECT_TIMEOUT = 10.0
@@ -275,7 +278,7 @@ class Tunnels:
         except ProtocolError as exc:
             # bad input from a peer ends that stream only, with a clear reason
             self.counters.failure("bad-request")
-            log.warning("tunnel stream from %s: %s", peer.node_id, exc)
+            broken.warning(("tunnel", peer.node_id), "tunnel stream from %s: %s", peer.node_id, exc)
             stream.abort()
             return
         match header:

@@ -1,0 +1,144 @@
+"""An authenticated but hostile peer: frames without credit, out of
+sequence, for deliveries it never had, oversized, a second handshake, a
+channel that does not exist, a forged reference, a forged seal.  Each is
+refused with a protocol error on its own stream; honest peers on the same
+channel, and other channels, go on untouched."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+import netchan
+from netchan.channels import frames as w
+from netchan.channels.codec import CHANNEL_EXT
+from netchan.channels.remote import SERVICE
+from netchan.errors import BrokenError
+
+pytestmark = pytest.mark.async_timeout(60)
+
+OPEN_WORK = {"kind": "channel", "name": "work", "dir": "both"}
+
+
+def _forged_reference(owner, name):
+    ref = (owner, name, "channel", "both", [], b"\x00" * 16)
+    return msgspec.msgpack.encode([msgspec.msgpack.Ext(CHANNEL_EXT, msgspec.msgpack.encode(ref))])
+
+
+def _frame(obj):
+    return w.encode_frame(obj)
+
+
+HOSTILE = {
+    "items without credit": [OPEN_WORK, w.Items(1, [b"\x01"] * 10)],
+    "items out of sequence": [OPEN_WORK, w.Want(1), w.Items(7, [b"\x01"])],
+    "done for a delivery never made": [OPEN_WORK, w.Done(99)],
+    "requeue of a delivery never made": [OPEN_WORK, w.Requeue(5)],
+    "credit released that it never had": [OPEN_WORK, w.Release(3)],
+    "a second handshake": [OPEN_WORK, OPEN_WORK],
+    "an owner's frame sent to the owner": [OPEN_WORK, w.Grant(5)],
+    "an oversized frame": [OPEN_WORK, b"\xff\xff\xff\xff" + b"x" * 64],
+    "a frame that is not msgpack": [OPEN_WORK, b"\x00\x00\x00\x03\xc1\xc1\xc1"],
+    "a channel that does not exist": [{"kind": "channel", "name": "nothing-here"}],
+    "a handshake that is not one": [{"kind": 7, "name": ["work"]}],
+    "a forged seal": [{**OPEN_WORK, "seal": b"\x00" * 16}],
+    "a forged reference to a private channel": [OPEN_WORK, w.Want(1),
+                                                 w.Items(1, [_forged_reference("OWNER", "private")])],
+}
+
+
+#: what the owner says, in part, for each
+REASONS = {
+    "items without credit": "sent with 0 credits",
+    "items out of sequence": "expected 1",
+    "done for a delivery never made": "no item 99 is owed",
+    "requeue of a delivery never made": "no item 5 is owed",
+    "credit released that it never had": "released 3 credits",
+    "a second handshake": "malformed frame",
+    "an owner's frame sent to the owner": "unexpected frame Grant",
+    "an oversized frame": "over the limit",
+    "a frame that is not msgpack": "malformed frame",
+    "a channel that does not exist": "has no channel 'nothing-here'",
+    "a handshake that is not one": "malformed channel handshake",
+    "a forged seal": "forged reference",
+    "a forged reference to a private channel": "never gave out",
+}
+
+
+async def _hostile(peer, messages):
+    """Send ``messages`` on a raw channel stream; every frame the owner sends back, until the stream ends."""
+    stream = await peer.open_stream(SERVICE)
+    data = b"".join(m if isinstance(m, bytes) else _frame(m) for m in messages)
+    await stream.send(data)
+    reader = w.FrameReader(w.max_frame(1 << 20))
+    got = []
+    try:
+        while True:
+            got += reader.feed(await asyncio.wait_for(stream.receive(), 10))
+    except BrokenError:  # its end, or a reset
+        pass
+    finally:
+        stream.abort()
+    return got
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+async def test_a_hostile_handle_is_refused_on_its_own_stream_and_disturbs_nobody(memory_url, case):
+    async with netchan.Node(listen=[memory_url], allow=netchan.ANY) as owner, netchan.Node() as honest, \
+            netchan.Node() as hostile:
+        work = owner.channel("work", capacity=4)
+        owner.channel("private", capacity=4, allow_send=[owner.node_id])
+        other = owner.channel("other", capacity=4)
+        peer = await honest.connect(memory_url, owner.node_id)
+        send = await peer.channel("work", direction="send")
+        recv = await peer.channel("work", direction="recv")
+        await send.send("before")
+        assert await asyncio.wait_for(recv.recv(), 5) == "before"
+
+        bad = await hostile.connect(memory_url, owner.node_id)
+        messages = [m if not (isinstance(m, w.Items) and m.items[0][:1] == b"\x91")
+                    else w.Items(m.seq, [_forged_reference(owner.node_id, "private")]) for m in HOSTILE[case]]
+        answers = await asyncio.wait_for(_hostile(bad, messages), 20)
+        # the owner said why, on that stream
+        refusals = [a for a in answers if isinstance(a, w.Fail)] + [
+            a for a in answers if isinstance(a, dict) and a.get("ok") is False]
+        assert len(refusals) == 1, answers
+        reason = refusals[0]["reason"] if isinstance(refusals[0], dict) else refusals[0].reason
+        assert REASONS[case] in reason, (case, reason)
+        # the session goes on, and so does everyone else
+        async with await bad.open_stream("netchan.ping") as s:
+            await s.send(b"still")
+            await s.send_eof()
+            assert await asyncio.wait_for(s.receive_exactly(5), 5) == b"still"
+        async def feed():
+            for i in range(10):
+                await send.send(i)
+
+        feeding = asyncio.ensure_future(feed())
+        assert [await asyncio.wait_for(recv.recv(), 5) for _ in range(10)] == list(range(10))
+        await feeding
+        await (await peer.channel("other", direction="send")).send("fine")
+        assert await asyncio.wait_for(other.recv(), 5) == "fine"
+        assert work.statistics()["buffered"] == 0 and work.statistics()["remote_handles"] == 2
+
+
+def test_protocol_breaks_are_logged_at_a_bounded_rate(monkeypatch, caplog):
+    import logging
+    import time
+
+    from netchan.logs import RateLimited
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    limited = RateLimited(logging.getLogger("netchan.test"), every=10)
+    with caplog.at_level(logging.WARNING, "netchan.test"):
+        for _ in range(500):
+            limited.warning("peer-a", "broke the protocol: %s", "why")
+        limited.warning("peer-b", "broke the protocol: %s", "why")  # another key: its own line
+        now[0] += 11
+        limited.warning("peer-a", "broke the protocol: %s", "why")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["broke the protocol: why", "broke the protocol: why",
+                     "broke the protocol: why (and 499 more like it since the last)"]

@@ -17,6 +17,9 @@
 8. Operations: the longest stall of a stream and of a work queue around
    netchan restart beside a plain restart; throughput with metrics scraped
    beside none.
+9. Hostile input: a real client's handshake time and throughput beside a
+   flood of forged QUIC Initials and beside 10,000 idle or garbage TCP
+   connections, each beside no flood; the listener's memory.
 
 ``--baseline REF`` measures the netchan message rates of git revision REF
 too, alternating with this tree's, and prints them side by side.
@@ -36,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import coordinator  # noqa: E402
+import hostile  # noqa: E402
 import ops  # noqa: E402
 import deadpeer  # noqa: E402
 import tunnel  # noqa: E402
@@ -62,7 +66,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller transfers")
-    p.add_argument("--only", choices=["bulk", "messages", "resilience", "deadpeer", "tunnel", "vpn", "coordinator", "ops"], help="run one part")
+    p.add_argument("--only", choices=["bulk", "messages", "resilience", "deadpeer", "tunnel", "vpn", "coordinator", "ops", "hostile"], help="run one part")
     p.add_argument("--baseline", metavar="REF", help="a git revision whose message rates to show beside")
     a = p.parse_args()
     if a.only in (None, "bulk"):
@@ -97,6 +101,10 @@ def main() -> int:
         if a.only is None:
             print()
         _uvloop_run(ops.run_all(a.runs, a.quick))
+    if a.only in (None, "hostile"):
+        if a.only is None:
+            print()
+        _uvloop_run(hostile.run_all(a.runs, a.quick))
     return 0
 
 

@@ -17,6 +17,8 @@ from netchan.channels.codec import CHANNEL_EXT
 from netchan.channels.remote import SERVICE
 from netchan.errors import BrokenError
 
+from .helpers import wait_for_condition
+
 pytestmark = pytest.mark.async_timeout(60)
 
 OPEN_WORK = {"kind": "channel", "name": "work", "dir": "both"}
@@ -142,3 +144,58 @@ def test_protocol_breaks_are_logged_at_a_bounded_rate(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["broke the protocol: why", "broke the protocol: why",
                      "broke the protocol: why (and 499 more like it since the last)"]
+
+
+async def test_a_peer_over_its_handle_limit_is_refused_and_keeps_the_handles_it_has(memory_url, monkeypatch):
+    from netchan.channels import hub
+
+    monkeypatch.setattr(hub, "MAX_HANDLES_PER_PEER", 3)
+    async with netchan.Node(listen=[memory_url], allow=netchan.ANY) as owner, netchan.Node() as greedy, \
+            netchan.Node() as other:
+        work = owner.channel("work", capacity=8)
+        peer = await greedy.connect(memory_url, owner.node_id)
+        held = [await peer.channel("work", direction="send") for _ in range(3)]
+        with pytest.raises(netchan.NotAllowed, match="3 channel and topic handles open here already"):
+            await peer.channel("work", direction="send")
+        for i, handle in enumerate(held):
+            await handle.send(i)
+        assert [await asyncio.wait_for(work.recv(), 5) for _ in range(3)] == [0, 1, 2]
+        # another peer has its own count
+        await (await (await other.connect(memory_url, owner.node_id)).channel("work", direction="send")).send("x")
+        assert await asyncio.wait_for(work.recv(), 5) == "x"
+        await held[0].aclose()  # one closed: room for one more
+        await wait_for_condition(lambda: work.statistics()["remote_handles"] <= 3, timeout=5)
+        await (await peer.channel("work", direction="send")).send("again")
+        assert await asyncio.wait_for(work.recv(), 5) == "again"
+
+
+async def test_a_topic_over_its_remote_subscriber_limit_refuses_the_newcomer(memory_url, monkeypatch):
+    from netchan.channels import topics
+
+    monkeypatch.setattr(topics, "MAX_REMOTE_SUBSCRIBERS", 2)
+    async with netchan.Node(listen=[memory_url], allow=netchan.ANY) as owner, netchan.Node() as client:
+        news = owner.topic("news")
+        peer = await client.connect(memory_url, owner.node_id)
+        subs = [await peer.subscribe("news") for _ in range(2)]
+        with pytest.raises(netchan.NotAllowed, match="2 remote subscribers already"):
+            await peer.subscribe("news")
+        await wait_for_condition(lambda: news.subscribers == 2, timeout=5)
+        await news.publish("hello")
+        assert [await asyncio.wait_for(s.recv(), 5) for s in subs] == ["hello", "hello"]
+
+
+async def test_an_item_with_too_many_references_is_refused_by_the_owner(memory_url):
+    async with netchan.Node(listen=[memory_url], allow=netchan.ANY) as owner, netchan.Node() as client:
+        work = owner.channel("work", capacity=8)
+        mine = client.channel("mine", capacity=1)
+        peer = await client.connect(memory_url, owner.node_id)
+        handle = await peer.channel("work", direction="send")
+        await handle.send([mine] * 64)  # at the limit
+        assert len(await asyncio.wait_for(work.recv(), 5)) == 64
+        await handle.send([mine] * 65)
+        await wait_for_condition(lambda: handle.defunct, timeout=5)  # the owner's refusal came back
+        with pytest.raises(netchan.ProtocolError, match="more than 64 channel references in one item"):
+            await handle.send("after")
+        assert work.statistics()["buffered"] == 0
+        with pytest.raises(netchan.BrokenError, match="not confirmed by its owner"):
+            await handle.aclose()  # what the owner refused is reported lost, not silently dropped

@@ -31,6 +31,8 @@ __all__ = ["Codec", "Sendable", "make_codec", "CHANNEL_EXT", "DEFAULT_MAX_MESSAG
 CHANNEL_EXT = 1
 #: largest encoded item, by default (a channel option)
 DEFAULT_MAX_MESSAGE = 1024 * 1024
+#: channel references one item may carry at most (each makes a handle)
+MAX_REFERENCES = 64
 
 
 
@@ -72,6 +74,7 @@ class Codec:
     def __init__(self, resolver: RefResolver | None, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.max_message = max_message
         self._resolver = resolver
+        self._refs_left = MAX_REFERENCES
         self.schema: str | None = None
         self._encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
         self._decoder = self._make_decoder()
@@ -84,6 +87,9 @@ class Codec:
             raise RemoteProtocolError(f"unknown extension {code} in an item")
         if self._resolver is None:
             raise RemoteProtocolError("channel references cannot be received here")
+        self._refs_left -= 1
+        if self._refs_left < 0:
+            raise RemoteProtocolError(f"more than {MAX_REFERENCES} channel references in one item")
         return self._resolver(*_ref_decoder.decode(data))
 
     def encode(self, value: Any) -> bytes:
@@ -112,6 +118,7 @@ class Codec:
 
     def decode(self, data: bytes | memoryview) -> Any:
         """The value in ``data``; RemoteProtocolError if it is malformed."""
+        self._refs_left = MAX_REFERENCES
         try:
             return self._decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as exc:

@@ -45,6 +45,10 @@ __all__ = ["ChannelHub"]
 
 log = logging.getLogger("netchan.channels")
 
+#: channel and topic handles one peer may have open at this node at once (a
+#: newcomer past it is refused; the streams per session are limited anyway)
+MAX_HANDLES_PER_PEER = 4096
+
 
 class ChannelHub:
     """A node's channels and topics: owned ones by name, handles to remote ones."""
@@ -52,6 +56,8 @@ class ChannelHub:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._owned: dict[str, Any] = {}  # name -> LocalChannel | Topic
+        #: handles each peer has open here (see MAX_HANDLES_PER_PEER)
+        self._handles_of: dict[str, int] = {}
         #: the key of this node's seals on references (stable across restarts)
         self._ref_key = hashlib.sha256(b"netchan channel references\0" + node.identity.private_key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())).digest()
@@ -209,7 +215,12 @@ class ChannelHub:
     async def _serve(self, stream: Stream, peer: Peer) -> None:
         wire = Wire(stream, w.max_frame(DEFAULT_MAX_MESSAGE))
         wire.start()
+        counted = self._handles_of.get(peer.node_id, 0)
+        self._handles_of[peer.node_id] = counted + 1
         try:
+            if counted >= MAX_HANDLES_PER_PEER:
+                raise NotAllowed(f"node {peer.node_id} has {MAX_HANDLES_PER_PEER} channel and topic handles open "
+                                 "here already: no more")
             hello = w.handshake(await read_one(wire, HANDSHAKE_TIMEOUT), w.Hello)
             obj = self._owned.get(hello.name)
             kind = hello.kind
@@ -220,6 +231,8 @@ class ChannelHub:
                     raise ServiceNotFound(f"node {self.node.node_id} has no {kind} {hello.name!r}")
                 directions = _admit(obj, peer.node_id, hello)
             except (ServiceNotFound, NotAllowed, SchemaMismatch) as exc:
+                if isinstance(exc, NotAllowed):
+                    broken.info(("refused", peer.node_id), "channel service: %s", exc)
                 wire.send(w.Reply(ok=False, code=exc.code, reason=str(exc)))
                 wire.finish()
                 await asyncio.sleep(0)
@@ -229,11 +242,16 @@ class ChannelHub:
             await obj.serve_handle(wire, peer, hello, directions)
         except (EndOfStream, BrokenError, ClosedError):
             pass
-        except ProtocolError as exc:
+        except (ProtocolError, NotAllowed) as exc:
             broken.warning(("channel", peer.node_id), "channel service: %s from %s", exc, peer.node_id)
             wire.send(w.Reply(ok=False, code=exc.code, reason=str(exc)))
             wire.finish()
         finally:
+            left = self._handles_of.get(peer.node_id, 1) - 1
+            if left > 0:
+                self._handles_of[peer.node_id] = left
+            else:
+                self._handles_of.pop(peer.node_id, None)
             await wire.aclose()
 
     async def aclose(self, timeout: float = 5.0) -> list[NetchanError]:

@@ -35,6 +35,7 @@ from ..errors import (
     EndOfChannel,
     EndOfStream,
     NetchanError,
+    NotAllowed,
     RemoteProtocolError,
     WouldBlock,
     error_from_code,
@@ -58,6 +59,8 @@ POLICIES = ("block", "drop_oldest", "drop_newest", "disconnect")
 PUBLISH_WINDOW = 256
 #: a remote subscriber may ask for a buffer this large at the owner (or the topic's own, if larger)
 MAX_REMOTE_BUFFER = 1024
+#: remote subscribers one topic serves at most (a newcomer past it is refused)
+MAX_REMOTE_SUBSCRIBERS = 10_000
 
 
 class _Message:
@@ -219,6 +222,7 @@ class Topic:
         self.allow_recv = node_id_set(allow_subscribe)
         self._recent: deque[_Message] = deque(maxlen=history)
         self._subs: dict[Subscription, None] = {}
+        self._remote_subscribers = 0
         self._lock = asyncio.Lock()
         self._origin = "t" + secrets.token_hex(6)
         self._seq = 0
@@ -307,15 +311,21 @@ class Topic:
 
     async def serve_handle(self, wire: Wire, peer: Peer, hello: w.Hello, directions: set[str]) -> None:
         if "recv" in directions:
+            if self._remote_subscribers >= MAX_REMOTE_SUBSCRIBERS:
+                wire.send(w.Reply(ok=False, code=NotAllowed.code, reason=f"topic {self.name!r} has "
+                                  f"{MAX_REMOTE_SUBSCRIBERS} remote subscribers already: no more"))
+                return
             window = min(hello.window or 16, 1024)  # the subscriber does not set our memory
             # the subscriber's own buffer, within what this topic allows one subscriber
             asked = hello.buffer or self.buffer
             sub = self.subscribe(min(asked, max(self.buffer, MAX_REMOTE_BUFFER)))
             wire.send(w.Reply(ok=True, dir=["recv"], codec=self.codec.name, schema=self.codec.schema))
             stop_watching = peer.on_responsiveness(lambda responsive: sub.set_silent(not responsive))
+            self._remote_subscribers += 1
             try:
                 await self._push(wire, sub, window)
             finally:
+                self._remote_subscribers -= 1
                 stop_watching()
         else:
             wire.send(w.Reply(ok=True, dir=["send"], codec=self.codec.name, schema=self.codec.schema))

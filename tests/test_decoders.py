@@ -10,6 +10,7 @@ replayed here from ``fuzz/corpus``."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 
@@ -22,12 +23,14 @@ from netchan.carriers import tcp
 from netchan.channels import frames as chf
 from netchan.channels.codec import CHANNEL_EXT
 from netchan.coordinator import protocol as coord
-from netchan.errors import RemoteProtocolError
+from netchan.errors import ProtocolError, RemoteProtocolError
 from netchan.session.control import MAX_MESSAGE, ControlFrames
+from netchan.session.core import StreamRequested
 from netchan.session.retry import RetryTokens, initial_fields
 from netchan.session.router import ProbeBudget, Router, destination_cid, opens_session
+from netchan.tools.testing import SessionPair
 from netchan.tunnels import protocol as tun
-from netchan.tunnels.socks5 import _parse_udp
+from netchan.tunnels.socks5 import Socks5, _Associate, _parse_udp, _Refused
 
 EXAMPLES = int(os.environ.get("NETCHAN_EXAMPLES", "200"))
 fuzzed = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -194,3 +197,61 @@ def test_inputs_the_fuzzers_once_broke_on_are_handled():
             decode_item(data)
             read_now(data, tun._decoder, tun.MAX_HEADER)
             read_now(data, coord.decoder, coord.MAX_MESSAGE)
+
+
+# -- a stream's service header, in an authenticated session ----------------------------
+
+_pairs: dict[str, SessionPair] = {}
+
+
+@settings(max_examples=max(20, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300), st.booleans())
+def test_any_stream_header_is_a_request_a_refusal_or_a_protocol_error(header, end):
+    pair = _pairs.get("qh3")
+    if pair is None or pair.server.closed or pair.client.closed:
+        pair = _pairs["qh3"] = SessionPair.create("qh3")
+        pair.run()
+    quic = pair.client._quic
+    sid = quic.get_next_available_stream_id()
+    quic.send_stream_data(sid, header, end)
+    pair.run()
+    requested = [e for e in pair.server_events if isinstance(e, StreamRequested) and e.stream_id == sid]
+    if requested:
+        n = header[0]
+        assert requested[0].service == header[1 : 1 + n].decode("utf-8")
+    elif pair.server.closed:
+        assert isinstance(pair.server.error, ProtocolError), pair.server.error
+
+
+# -- SOCKS5: the request on a client's TCP connection ---------------------------------------
+
+
+class _Writer:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+    async def drain(self):
+        pass
+
+
+@fuzzed
+@given(st.binary(max_size=300), st.booleans())
+def test_any_socks5_request_is_a_destination_a_refusal_or_an_early_end(data, users):
+    async def handshake():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        front = Socks5.__new__(Socks5)  # its handshake only
+        front.users = {"user": "pass"} if users else {}
+        try:
+            return await front._handshake(reader, _Writer())
+        except (asyncio.IncompleteReadError, _Refused):
+            return None
+
+    got = asyncio.run(handshake())
+    assert got is None or isinstance(got, (tun.Open, _Associate))
+    if isinstance(got, tun.Open):
+        assert 0 <= got.port <= 0xFFFF and got.host

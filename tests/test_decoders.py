@@ -23,8 +23,8 @@ from netchan.carriers import tcp
 from netchan.channels import frames as chf
 from netchan.channels.codec import CHANNEL_EXT
 from netchan.coordinator import protocol as coord
-from netchan.errors import ProtocolError, RemoteProtocolError
-from netchan.session.control import MAX_MESSAGE, ControlFrames
+from netchan.errors import AuthenticationError, ProtocolError, RemoteProtocolError, Timeout
+from netchan.session.control import MAX_MESSAGE, Challenge, ControlFrames, Credit, Fin, Hello, Proof, Result
 from netchan.session.core import StreamRequested
 from netchan.session.retry import RetryTokens, initial_fields
 from netchan.session.router import ProbeBudget, Router, destination_cid, opens_session
@@ -255,3 +255,36 @@ def test_any_socks5_request_is_a_destination_a_refusal_or_an_early_end(data, use
     assert got is None or isinstance(got, (tun.Open, _Associate))
     if isinstance(got, tun.Open):
         assert 0 <= got.port <= 0xFFFF and got.host
+
+
+# -- the session's control messages, as a hostile client sends them ---------------------
+
+_keys = st.binary(min_size=32, max_size=32)
+control_messages = st.lists(st.one_of(
+    st.builds(Hello, v=st.integers(0, 3), key=_keys), st.builds(Challenge, nonce=_keys),
+    st.builds(Proof, sig=st.binary(max_size=80)), st.builds(Result, ok=st.booleans()),
+    st.builds(Credit, s=st.integers(0, 1 << 20), l=st.integers(0, 1 << 40)),
+    st.builds(Fin, s=st.integers(0, 1 << 20), n=st.integers(0, 1 << 40))), min_size=1, max_size=8)
+
+
+@settings(max_examples=max(20, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(control_messages, st.booleans())
+def test_control_messages_out_of_place_close_the_session_with_a_protocol_error_and_nothing_else(messages, early):
+    """Before authentication (sent ahead of the client's own hello) or after
+    it: the server takes what fits, and anything else ends the session with a
+    protocol error; it never admits a client that did not prove its key."""
+    pair = SessionPair.create("qh3")
+    data = b"".join(ControlFrames.encode(m) for m in messages)
+    if early:
+        pair.client._quic.send_stream_data(0, data)
+        pair.run()
+        assert not pair.server.authenticated or pair.client.authenticated  # only by the real proof
+    else:
+        pair.run()
+        pair.client._quic.send_stream_data(0, data)
+        pair.run()
+        fitting = all(isinstance(m, (Credit, Fin)) for m in messages)
+        assert pair.server.closed == (not fitting), (messages, pair.server.error)
+    if pair.server.closed and pair.server.error is not None:
+        assert isinstance(pair.server.error, (ProtocolError, AuthenticationError, Timeout)), pair.server.error
+    assert len(pair.server._final) <= 1024 and len(pair.server._send_limit) <= 16

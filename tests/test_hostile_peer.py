@@ -7,6 +7,9 @@ channel, and other channels, go on untouched."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import time
 
 import msgspec
 import pytest
@@ -15,9 +18,11 @@ import netchan
 from netchan.channels import frames as w
 from netchan.channels.codec import CHANNEL_EXT
 from netchan.channels.remote import SERVICE
+from netchan.coordinator import protocol as coord
 from netchan.errors import BrokenError
+from netchan.tunnels import protocol as tun
 
-from .helpers import wait_for_condition
+from .helpers import echo, echo_connection, wait_for_condition
 
 pytestmark = pytest.mark.async_timeout(60)
 
@@ -199,3 +204,125 @@ async def test_an_item_with_too_many_references_is_refused_by_the_owner(memory_u
         assert work.statistics()["buffered"] == 0
         with pytest.raises(netchan.BrokenError, match="not confirmed by its owner"):
             await handle.aclose()  # what the owner refused is reported lost, not silently dropped
+
+
+def _coordinator_message(obj):
+    body = obj if isinstance(obj, bytes) else msgspec.msgpack.encode(obj)
+    return len(body).to_bytes(2, "big") + body
+
+
+COORDINATOR_CASES = {
+    "garbage": (True, [b"\xc1\xc1\xc1"]),
+    "a coordinator's own message": (True, [coord.Welcome("me")]),
+    "a length over the limit": (True, [b"\xff\xff" + b"x" * 100]),
+    "an Introduced it made up": (True, [coord.Introduced("peer", 7)]),
+    "a stranger's Hello": (False, [coord.Hello()]),
+    "a Join with a wrong secret": (False, [coord.Join("nope", "wrong")]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COORDINATOR_CASES))
+async def test_a_hostile_member_or_stranger_at_the_coordinator_is_refused_on_its_stream(tmp_path, case):
+    from netchan.coordinator import Coordinator, Invitation, SqliteStore
+
+    member, messages = COORDINATOR_CASES[case]
+    async with netchan.Node(listen=["udp://127.0.0.1:0"]) as node, \
+            Coordinator(node, SqliteStore(tmp_path / "directory.db")) as coordinator:
+        async def invitation():
+            ident, secret = await coordinator.store.create_invitation(expires=time.time() + 3600)
+            return Invitation(node.node_id, node.addresses, ident, secret).encode()
+
+        async with netchan.Node() as alice, netchan.Node() as bob, netchan.Node() as mallory:
+            await alice.join(await invitation(), name="alice")
+            await bob.join(await invitation(), name="bob")
+            if member:
+                await mallory.join(await invitation(), name="mallory")
+            peer = await mallory.connect(node.addresses[0], node.node_id)
+            stream = await peer.open_stream(coord.SERVICE)
+            if member:
+                await stream.send(_coordinator_message(coord.Hello()))
+                welcome = coord.decoder.decode((await asyncio.wait_for(stream.receive(), 5))[2:])
+                assert isinstance(welcome, coord.Welcome) and welcome.name == "mallory"
+            await stream.send(b"".join(_coordinator_message(m) for m in messages))
+            answered = b""
+            with contextlib.suppress(netchan.BrokenError):  # its end, or a reset
+                while True:
+                    answered += await asyncio.wait_for(stream.receive(), 5)
+            if not member:  # a stranger is told why
+                refused = coord.decoder.decode(answered[2:])
+                assert isinstance(refused, coord.Refused) and refused.code in ("not-member", "bad-invitation")
+            # the session itself goes on, and so does the directory for everyone else
+            async with await peer.open_stream("netchan.ping") as s:
+                await s.send(b"still")
+                await s.send_eof()
+                assert await asyncio.wait_for(s.receive_exactly(5), 5) == b"still"
+            bob.serve("echo", echo)
+            to_bob = await alice.connect_peer("bob", timeout=10)
+            async with await to_bob.open_stream("echo") as s:
+                await s.send(b"hi bob")
+                await s.send_eof()
+                assert await asyncio.wait_for(s.receive_exactly(6), 5) == b"hi bob"
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0", "::ffff:127.0.0.1",
+                                  "::1", "localhost", "LOCALHOST.", "127.0.0.1%lo", " 127.0.0.1", "127.0.0.1."])
+async def test_a_peer_cannot_reach_past_the_exit_rules_by_spelling_an_address_another_way(host):
+    from netchan.tunnels import Tunnels
+    from netchan.tunnels.protocol import TunnelError
+
+    async with netchan.Node() as node:
+        tunnels = Tunnels.of(node)
+        tunnels.allow_exit("10.0.0.0/8:80")
+        with pytest.raises(TunnelError) as refused:  # every spelling of loopback
+            await tunnels.resolve_exit(host, 80)
+        assert refused.value.tunnel_code in ("not-allowed", "host-unreachable")
+        for allowed in ("10.1.2.3", "012.1.2.3", "167838211"):  # 10.1.2.3, 10.1.2.3 (octal 012), 10.1.2.3
+            got = await tunnels.resolve_exit(allowed, 80)
+            assert got and all(ipaddress.ip_address(a) in ipaddress.ip_network("10.0.0.0/8") for a, _ in got), got
+
+
+TUNNEL_CASES = {
+    "a Reply to open a stream": tun.Reply(True),
+    "an Accepted for a listener it does not have": tun.Accepted(12345),
+    "an Accepted udp flow for no listener": tun.Accepted(7, udp=True),
+    "an Open to port 0": tun.Open("127.0.0.1", 0),
+    "an Open to a port past 65535": tun.Open("127.0.0.1", 70000),
+    "an Open nobody allowed": tun.Open("127.0.0.1", 22),
+    "a Listen nobody allowed": tun.Listen("0.0.0.0", 8080),
+    "a udp flow nobody allowed": tun.OpenUdp("127.0.0.1", 53),
+    "garbage": b"\xc1\xc1",
+    "a length over the limit": b"\xff\xff" + b"x" * 64,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TUNNEL_CASES))
+async def test_a_hostile_tunnel_request_is_refused_on_its_stream(memory_url, case):
+    from netchan.tunnels import Tunnels
+
+    async with netchan.Node(listen=[memory_url], allow=netchan.ANY) as exit_node, netchan.Node() as client, \
+            netchan.Node() as hostile:
+        echo_server = await asyncio.start_server(echo_connection, "127.0.0.1", 0)
+        port = echo_server.sockets[0].getsockname()[1]
+        Tunnels.of(exit_node).allow_exit(f"127.0.0.1:{port}")
+        bad = await hostile.connect(memory_url, exit_node.node_id)
+        stream = await bad.open_stream(tun.SERVICE)
+        header = TUNNEL_CASES[case]
+        await stream.send(header if isinstance(header, bytes) else _coordinator_message(header))
+        answered = b""
+        with contextlib.suppress(netchan.BrokenError):
+            while True:
+                answered += await asyncio.wait_for(stream.receive(), 5)
+        if answered:  # refused with a reason, never accepted
+            reply = tun._decoder.decode(answered[2:])
+            assert isinstance(reply, tun.Reply) and not reply.ok and reply.code, reply
+        # the hostile session and an honest client still get through
+        async with await bad.open_stream("netchan.ping") as s:
+            await s.send(b"still")
+            await s.send_eof()
+            assert await asyncio.wait_for(s.receive_exactly(5), 5) == b"still"
+        good = await client.connect(memory_url, exit_node.node_id)
+        async with await Tunnels.of(client).open(good, "127.0.0.1", port) as conn:
+            await conn.send(b"through")
+            assert await asyncio.wait_for(conn.receive_exactly(7), 5) == b"through"
+        echo_server.close()
+        await echo_server.wait_closed()

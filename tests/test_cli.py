@@ -36,7 +36,7 @@ def _ping(tmp_path, url, server, identity="client.key", count=3):
     urls = [url] if isinstance(url, str) else url
     return subprocess.run(
         [sys.executable, "-m", "netchan", "ping", *urls, "--peer", server.node_id,
-         "--identity", str(tmp_path / identity), "-c", str(count), "-i", "0.05"],
+         "--identity", str(tmp_path / identity), "-c", str(count), "-I", "0.05"],
         capture_output=True, text=True, timeout=60,
     )
 

@@ -76,7 +76,7 @@ async def test_a_coordinator_invites_members_that_then_reach_each_other_by_name(
             await _lines_until(bob, r"^member bob of coordinator ")
             await _lines_until(bob, r"^control socket ")
             done = await asyncio.to_thread(netchan_cmd, "ping", "--member", "--peer", "bob",
-                                           "--identity", keys["alice"], "-c", "2", "-i", "0.1")
+                                           "--identity", keys["alice"], "-c", "2", "-I", "0.1")
             assert done.returncode == 0, done.stderr
             assert done.stdout.count("reply from") == 2
             # a tunnel to bob by name: -L through the session the coordinator brought about

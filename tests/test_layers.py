@@ -17,6 +17,7 @@ LAYERS = {
     "errors": 0,
     "identity": 0,
     "logs": 0,
+    "version": 0,
     "carriers": 1,
     "session": 2,
     "node": 3,

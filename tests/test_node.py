@@ -414,14 +414,25 @@ async def test_listen_on_a_busy_port_is_a_clear_error(ids):
                 pass
 
 
-async def test_connect_to_nothing_times_out_with_a_reason(ids):
+async def test_a_refused_tcp_connection_is_reported_at_once_with_the_reason(ids):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     async with netchan.Node(ids[1]) as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(netchan.BrokenError, match="Connection refused"):
+            await client.connect(f"tcp://127.0.0.1:{port}", node_id=ids[0].node_id, timeout=5.0)
+        assert asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_connect_to_a_silent_listener_times_out_with_a_reason(ids):
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    port = silent.sockets[0].getsockname()[1]
+    async with netchan.Node(ids[1]) as client:
         with pytest.raises(netchan.Timeout, match="could not reach"):
             await client.connect(f"tcp://127.0.0.1:{port}", node_id=ids[0].node_id, timeout=1.0)
+    silent.close()
 
 
 async def test_a_slow_reader_stalls_only_its_own_stream(memory_url, ids):

@@ -61,7 +61,9 @@ from .coordinator import member as _members  # isort: skip
 
 del hub, _tunnels, _members
 
-__version__ = "0.1.0"
+from .version import VERSION  # noqa: E402
+
+__version__ = VERSION
 
 __all__ = [
     "ANY",

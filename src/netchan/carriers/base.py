@@ -19,6 +19,7 @@ session above never notices anything but some lost packets.
 from __future__ import annotations
 
 import abc
+import asyncio
 import socket
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -129,6 +130,12 @@ class PacketPath(abc.ABC):
         answer; None for other paths."""
         return None
 
+    def unreachable(self) -> asyncio.Future[str] | None:
+        """For a dialed path whose carrier can tell the peer is not there at
+        all (a TCP connection refused again and again before any was made): a
+        future that gets why; None for carriers that cannot tell."""
+        return None
+
     def surrender(self) -> tuple[str, socket.socket, bytes] | None:
         """For a path over a connection a listener accepted that no session
         here has claimed: stop using the connection and return (that
@@ -209,6 +216,8 @@ class Carrier(abc.ABC):
     scheme: ClassVar[str]
     #: True for carriers over a byte stream: they use large QUIC packets
     stream_based: ClassVar[bool] = False
+    #: True for carriers whose URLs must name a port (udp, tcp)
+    needs_port: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener: ...

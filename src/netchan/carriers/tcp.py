@@ -65,6 +65,8 @@ UNPROVEN_TIMEOUT = 15.0
 DEFAULT_DEAD_AFTER = 3.5
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
+#: connections refused in a row, before any was made, that make a first dial give up
+_REFUSALS = 3
 
 
 def _frame(packets: list[bytes]) -> list[bytes]:
@@ -446,6 +448,7 @@ class _TcpDialPath(PacketPath):
         self.conn: _ClientConn | None = None
         self.last_rx = 0.0
         self.connects = 0  # how many connections this path has made
+        self._refused = asyncio.get_running_loop().create_future()
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"netchan {self.label}")
 
@@ -464,6 +467,7 @@ class _TcpDialPath(PacketPath):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         backoff = _BACKOFF_MIN
+        refusals = 0
         host = self._url.host or "localhost"
         port = self._url.port
         assert port is not None  # checked by TcpCarrier.dial
@@ -473,7 +477,11 @@ class _TcpDialPath(PacketPath):
                     lambda: _ClientConn(self), host, port
                 )
             except OSError as exc:
-                self.last_error = f"cannot connect to {host}:{self._url.port}: {exc.strerror or exc}"
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's own loop says less
+                self.last_error = f"cannot connect to {host}:{self._url.port}: {reason}"
+                refusals = refusals + 1 if isinstance(exc, ConnectionRefusedError) and not self.connects else 0
+                if refusals >= _REFUSALS and not self._refused.done():
+                    self._refused.set_result(self.last_error)  # nobody listens there: say so at once
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
@@ -507,6 +515,9 @@ class _TcpDialPath(PacketPath):
             except asyncio.TimeoutError:
                 continue
 
+    def unreachable(self) -> asyncio.Future[str]:
+        return self._refused
+
     def close(self) -> None:
         self._closed = True
         self._task.cancel()
@@ -520,6 +531,7 @@ class _TcpDialPath(PacketPath):
 class TcpCarrier(Carrier):
     scheme = "tcp"
     stream_based = True
+    needs_port = True
 
     async def listen(self, url: CarrierURL, sink: PacketSink) -> Listener:
         max_connections = int(url.number("max_connections", MAX_CONNECTIONS))

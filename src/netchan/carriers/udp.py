@@ -407,6 +407,7 @@ class _UdpDialPath(PacketPath):
 
 class UdpCarrier(Carrier):
     scheme = "udp"
+    needs_port = True
 
     def __init__(self) -> None:
         #: this process's udp listeners, by local port (for ``?from=``)

@@ -218,7 +218,7 @@ def add_parsers(sub: Any, engine_help: str, run: Callable[..., int]) -> None:
 
     p = sub.add_parser("join", help="redeem an invitation: this key becomes a member of that coordinator")
     p.add_argument("invitation")
-    p.add_argument("--identity", metavar="PATH", help="our key file (the membership is kept beside it)")
+    p.add_argument("-i", "--identity", metavar="PATH", help="our key file (the membership is kept beside it)")
     p.add_argument("--name", help="the name to ask for")
     p.add_argument("--listen", action="append", metavar="URL", help="udp://HOST:PORT to announce (optional)")
     p.add_argument("--engine", default=None, help=engine_help)

@@ -16,6 +16,7 @@ from ..identity import Identity
 from ..node.node import PING_SERVICE, Node, echo_service
 from ..session.engine import DEFAULT_ENGINE, ENGINES
 from ..tunnels import Tunnels
+from ..version import VERSION
 from . import control as control_cli
 from . import coordinator as coordinator_cli
 from . import run as run_cli
@@ -75,6 +76,18 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _ping(args: argparse.Namespace) -> int:
+    # SIGTERM ends it as Ctrl-C does: with its summary
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await _ping_rounds(args)
+    except asyncio.CancelledError:
+        print("--- interrupted before the session was up", flush=True)
+        return 1
+
+
+async def _ping_rounds(args: argparse.Namespace) -> int:
     ident = identity(args.identity)
     if not args.identity:
         print(f"(no --identity: using a throwaway key, node {ident.node_id})", file=sys.stderr)
@@ -132,7 +145,10 @@ def _print_paths(peer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="netchan", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="netchan", description="Network channels and tunnels over authenticated QUIC sessions.",
+        epilog="netchan COMMAND --help tells more about each command.")
+    parser.add_argument("--version", action="version", version=f"netchan {VERSION}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log session events")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -174,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with several URLs: use the first healthy path, or all of them")
     p.add_argument("--peer", required=True, metavar="ID", help="node id of the server (with --member: or its name)")
     coordinator_cli.add_member_option(p, "ping")
-    p.add_argument("--identity", metavar="PATH", help="our key file")
+    p.add_argument("-i", "--identity", metavar="PATH", help="our key file (as ssh -i)")
     p.add_argument("-c", "--count", type=int, default=4, help="rounds (0: until interrupted)")
-    p.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between rounds")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("-I", "--interval", type=float, default=1.0, help="seconds between rounds (default 1)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for the session and for each reply (default 5)")
     p.add_argument("--engine", default=None, help=engine_help)
     p.set_defaults(func=lambda a: run(_ping(a), a.engine))
 

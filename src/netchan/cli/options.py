@@ -28,7 +28,7 @@ def add_listening_options(p: Any, who: str = "connect", key: str = "a throwaway 
                    help="udp://HOST:PORT, tcp://HOST:PORT (repeatable)")
     p.add_argument("--allow", action="append", default=[], metavar="ID",
                    help=f"node id allowed to {who} (repeatable; 'any' admits every key)")
-    p.add_argument("--identity", metavar="PATH", help=f"key file (default: {key})")
+    p.add_argument("-i", "--identity", metavar="PATH", help=f"key file (default: {key})")
 
 
 def listening_node(args: argparse.Namespace) -> Node:

@@ -193,7 +193,7 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
     p.add_argument("url", nargs="*", help="the peer's URL, or several: the paths of one session")
     p.add_argument("--peer", required=True, metavar="ID", help="node id of the peer (with --member: or its name)")
     add_member_option(p, "tunnel")
-    p.add_argument("--identity", metavar="PATH", help="our key file (the peer must --allow its id)")
+    p.add_argument("-i", "--identity", metavar="PATH", help="our key file (the peer must --allow its id)")
     p.add_argument("-L", dest="local", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT",
                    help="listen here; connections go to HOST:HOSTPORT from the peer (repeatable)")
     p.add_argument("-R", dest="remote", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT",

@@ -91,7 +91,7 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
     p = cmds.add_parser("connect", help="join a peer's VPN")
     p.add_argument("url", nargs="+", help="the server's URL, or several: the paths of one session")
     p.add_argument("--peer", required=True, metavar="ID", help="node id of the server")
-    p.add_argument("--identity", metavar="PATH", help="our key file (the server must --allow its id)")
+    p.add_argument("-i", "--identity", metavar="PATH", help="our key file (the server must --allow its id)")
     p.add_argument("--route", action="append", default=[], metavar="CIDR",
                    help="send this network through the VPN (one the server routes; repeatable)")
     p.add_argument("--device", default=DEVICE, metavar="NAME", help="TUN device name (%%d: a free number)")

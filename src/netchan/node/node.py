@@ -424,6 +424,15 @@ def _reset_error(code: int, what: str) -> NetchanError:
     return BrokenError(f"the peer {what} (code {code:#x})")
 
 
+def _needs_port(url: str, to: str, which: str) -> carriers.CarrierURL:
+    """``url`` parsed; ConfigurationError if its carrier needs a port and it has none."""
+    parsed = carriers.parse_url(url)
+    if parsed.port is None and carriers.get_carrier(parsed.scheme).needs_port:
+        raise ConfigurationError(f"{url}: a port is needed to {to} ({parsed.scheme}://{parsed.host or 'HOST'}:PORT, "
+                                 f"{which})")
+    return parsed
+
+
 def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
     for fut in futures:
         if not fut.done():
@@ -809,7 +818,7 @@ class Node:
         self._retry_tokens = RetryTokens()
         self._listen_urls = [listen] if isinstance(listen, str) else list(listen)
         for url in self._listen_urls:
-            carriers.parse_url(url)
+            _needs_port(url, "listen on", "0 for any free port")
         self._allow_any, self._allowed = _admitted(allow)
         self.engine = get_engine(engine)
         # qh3 counts bytes not yet sent; aioquic counts bytes not yet acknowledged,
@@ -962,7 +971,8 @@ class Node:
                 try:
                     self._listeners.append(await carrier.listen(parsed, self))
                 except OSError as exc:
-                    raise ConfigurationError(str(exc.strerror or exc)) from None
+                    said = str(exc.strerror or exc)
+                    raise ConfigurationError(said if url in said else f"cannot listen on {url}: {said}") from None
         except BaseException:
             await self.aclose()
             raise
@@ -1181,7 +1191,7 @@ class Node:
             raise ConfigurationError("connect() needs at least one URL")
         if paths not in MODES:
             raise ConfigurationError(f"paths must be one of {', '.join(MODES)}, not {paths!r}")
-        parsed = [carriers.parse_url(u) for u in urls]
+        parsed = [_needs_port(u, "dial", "the port the peer listens on") for u in urls]
         session = _Session(self, dialed=True)
         if reconnect:
             session.redial = (urls, paths, timeout)
@@ -1219,7 +1229,16 @@ class Node:
         self._sessions[session] = None
         session.transmit()
         limit = timeout if timeout is not None else self.config.handshake_timeout
+        refused = path.unreachable()
         try:
+            if refused is not None:
+                waited: list[asyncio.Future[Any]] = [session.ready, refused]
+                await asyncio.wait(waited, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+                if not session.ready.done():
+                    if not refused.done():
+                        raise asyncio.TimeoutError
+                    session.close(BrokenError(refused.result()))
+                    raise BrokenError(f"cannot reach {expected} at {url}: {refused.result()}")
             peer = await asyncio.wait_for(asyncio.shield(session.ready), limit)
         except asyncio.TimeoutError:
             session.close(Timeout("no answer"))

@@ -50,3 +50,12 @@ _memory_counter = iter(range(1 << 30))
 @pytest.fixture
 def memory_url():
     return f"memory://test{next(_memory_counter)}"
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A server key and a client key in tmp_path: (tmp_path, server, client)."""
+    server, client = netchan.Identity.generate(), netchan.Identity.generate()
+    server.save(tmp_path / "server.key")
+    client.save(tmp_path / "client.key")
+    return tmp_path, server, client

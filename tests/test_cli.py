@@ -12,14 +12,6 @@ import pytest
 import netchan
 
 
-@pytest.fixture
-def keys(tmp_path):
-    server, client = netchan.Identity.generate(), netchan.Identity.generate()
-    server.save(tmp_path / "server.key")
-    client.save(tmp_path / "client.key")
-    return tmp_path, server, client
-
-
 def _serve(tmp_path, server, client, *listen):
     args = [sys.executable, "-m", "netchan", "serve", "--identity", str(tmp_path / "server.key"),
             "--allow", client.node_id]

@@ -54,7 +54,7 @@ async def _coordinator(args: argparse.Namespace) -> int:
         if not os.path.exists(args.identity):
             Identity.generate().save(args.identity)
             print(f"new key {args.identity}", flush=True)
-    node = listening_node(args)
+    node = listening_node(args, others_join=True)
     rate = parse_rate(args.relay_rate)
     budget = parse_rate(args.relay_budget.removesuffix("/h")) if args.relay_budget else None
     async with node, Coordinator(node, _store(args), relay_rate=rate, relay_burst=rate / 4,
@@ -193,7 +193,7 @@ def add_parsers(sub: Any, engine_help: str, run: Callable[..., int]) -> None:
                                                                   "(e.g. 10GB/h; default: no bound)")
     p.add_argument("--control", metavar="PATH", help="the control socket for netchan status")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: run(_coordinator(a), a.engine))
+    p.set_defaults(func=lambda a: run(_coordinator(a), a.engine), log_default="info")
 
     p = sub.add_parser("invite", help="print a one-line invitation to a coordinator's directory")
     state_options(p)

@@ -11,7 +11,7 @@ import sys
 import time
 
 from ..carriers.faults import parse_fraction, parse_rate, parse_seconds
-from ..errors import NetchanError
+from ..errors import ConfigurationError, NetchanError
 from ..identity import Identity
 from ..node.node import PING_SERVICE, Node, echo_service
 from ..session.engine import DEFAULT_ENGINE, ENGINES
@@ -149,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="netchan", description="Network channels and tunnels over authenticated QUIC sessions.",
         epilog="netchan COMMAND --help tells more about each command.")
     parser.add_argument("--version", action="version", version=f"netchan {VERSION}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log session events")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log session events (as --log-level info)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="what to log (default: info for serve, tunnel, vpn and coordinator, which log each "
+                             "session up or down and each refused peer; warning for the others)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("keygen", help="create a node key file and print its node id")
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", metavar="PATH", help="the control socket for netchan status (default: per node, "
                                                      "in $XDG_RUNTIME_DIR/netchan or /tmp/netchan-UID)")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: run(_serve(a), a.engine))
+    p.set_defaults(func=lambda a: run(_serve(a), a.engine), log_default="info")
 
     tunnel_cli.add_parser(sub, engine_help, run)
     coordinator_cli.add_parsers(sub, engine_help, run)
@@ -233,14 +237,18 @@ def main(argv: list[str] | None = None) -> int:
         k.set_defaults(func=lambda a: run(_chaos(a)))
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(message)s",
-    )
-    if not args.verbose:
-        # qh3 logs every peer-initiated close as a warning; that is routine here
+    level = args.log_level or ("warning" if args.quiet else "info" if args.verbose
+                               else getattr(args, "log_default", "warning"))
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    if level != "debug":
+        # the engines log every peer-initiated close, in their own terms; netchan
+        # says what happened in its own words
         logging.getLogger("quic").setLevel(logging.ERROR)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigurationError as exc:
+        print(f"netchan: {exc}", file=sys.stderr)
+        return 2
 
 
 def _hostport(text: str) -> tuple[str, int]:

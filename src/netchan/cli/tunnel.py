@@ -205,4 +205,4 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the session")
     p.add_argument("--control", metavar="PATH", help="the control socket for netchan status")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: run(run_tunnel(a), a.engine))
+    p.set_defaults(func=lambda a: run(run_tunnel(a), a.engine), log_default="info")

@@ -86,7 +86,7 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
                    help="masquerade members' packets leaving by other devices (nftables)")
     p.add_argument("--device", default=DEVICE, metavar="NAME", help="TUN device name (%%d: a free number)")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: run(_serve(a), a.engine))
+    p.set_defaults(func=lambda a: run(_serve(a), a.engine), log_default="info")
 
     p = cmds.add_parser("connect", help="join a peer's VPN")
     p.add_argument("url", nargs="+", help="the server's URL, or several: the paths of one session")
@@ -99,4 +99,4 @@ def add_parser(sub: Any, engine_help: str, run: Any) -> None:
                    help="with several URLs: use the first healthy path, or all of them")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the session")
     p.add_argument("--engine", default=None, help=engine_help)
-    p.set_defaults(func=lambda a: run(_connect(a), a.engine))
+    p.set_defaults(func=lambda a: run(_connect(a), a.engine), log_default="info")

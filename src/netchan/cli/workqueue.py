@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import Any
 
-from ..errors import BrokenError, EndOfChannel, NetchanError
+from ..errors import BrokenError, ConfigurationError, EndOfChannel, NetchanError
 from ..identity import Identity
 from ..node.node import Node
 from ..tools.chaos import TcpCutter
@@ -71,6 +71,8 @@ class _Progress:
         self.wrong = 0
         self.by_worker: dict[int, int] = {}
         self.killed_at: int | None = None
+        #: the latest thing to tell on the live line (a kill), and when
+        self.event: tuple[str, float] | None = None
         self.kills: list[int] = []  # jobs done at each kill
         self.dying: dict[str, float] = {}  # killed worker's node id -> when, until marked unresponsive
         self.done_times: list[float] = []
@@ -104,6 +106,8 @@ async def run_workqueue(
     jobs, any others at random points after it, each replaced by a new worker
     process.  ``cut_every`` may be a ``(low, high)`` range of seconds.
     """
+    if workers < 1:
+        raise ConfigurationError("the demo needs at least one worker")
     rng = random.Random(seed)
     kill_points = sorted([kill_at] + [rng.uniform(kill_at, 0.9) for _ in range(kills - 1)])[:kills]
     every = f"{cut_every[0]:g}-{cut_every[1]:g}" if isinstance(cut_every, tuple) else f"{cut_every:g}"
@@ -184,33 +188,51 @@ async def run_workqueue(
                                 progress.kills.append(len(progress.done))
                                 if progress.killed_at is None:
                                     progress.killed_at = len(progress.done)
-                                if kill_points or kills > 1:
-                                    procs[victim] = await start_worker(victim)  # a replacement
+                                progress.event = (f"worker {victim} killed at {len(progress.done)} jobs: its job goes "
+                                                  "back to the queue" + ("; a new worker starts" if workers == 1
+                                                                          else ""), time.perf_counter())
+                                if kill_points or kills > 1 or workers == 1:
+                                    # a replacement (the only worker must have one: nobody else takes the jobs)
+                                    procs[victim] = await start_worker(victim)
 
                     watcher = asyncio.ensure_future(watch())
                     tasks = [asyncio.ensure_future(produce()), asyncio.ensure_future(collect())]
                     finished = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*tasks), deadline))
+                    live = sys.stdout.isatty()  # redraw one line; otherwise a line a second
                     while not finished.done():
-                        await asyncio.wait([finished], timeout=0.25)
-                        _line(progress, cutter, time.perf_counter() - start, job_chan.statistics())
+                        await asyncio.wait([finished], timeout=0.25 if live else 1.0)
+                        _line(progress, cutter, time.perf_counter() - start, job_chan.statistics(), live)
                     elapsed = time.perf_counter() - start
                     watcher.cancel()
                     try:
                         finished.result()
-                    except (asyncio.TimeoutError, NetchanError) as exc:
-                        print(f"\n  stopped: {exc or 'deadline passed'}")
+                    except asyncio.TimeoutError:
+                        print(f"\n  stopped: not every job was done within {deadline:g} s")
+                    except NetchanError as exc:
+                        print(f"\n  stopped: {type(exc).__name__}: {exc}")
                     return _summary(progress, cutter, elapsed, start, job_chan.statistics())
                 finally:
                     await _stop(procs)
 
 
-def _line(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, Any]) -> None:
-    sys.stdout.write(
-        f"\r  {elapsed:5.1f} s  jobs done {len(p.done):5d}/{p.total}  "
-        f"queued {stats['buffered']:3d}  in process {stats['in_process']:2d}  "
-        f"requeued {stats['requeued']:2d}  duplicates dropped {p.duplicates:2d}  "
-        f"cuts {cutter.cuts:3d}  "
-    )
+def _line(p: _Progress, cutter: TcpCutter, elapsed: float, stats: dict[str, Any], live: bool = True) -> None:
+    line = (f"  {elapsed:5.1f} s  jobs done {len(p.done):5d}/{p.total}  "
+            f"queued {stats['buffered']:3d}  in process {stats['in_process']:2d}  "
+            f"requeued {stats['requeued']:2d}  duplicates dropped {p.duplicates:2d}  "
+            f"cuts {cutter.cuts:3d}")
+    if p.event is not None:
+        said, when = p.event
+        if live:
+            # shown on the line for a few seconds, so that the pause after a kill reads as what it is
+            if time.perf_counter() - when < 4.0:
+                line += f"  | {said}"
+        else:
+            print(f"  {said}")
+            p.event = None
+    if live:
+        sys.stdout.write(f"\r{line}\x1b[K")
+    else:
+        sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 

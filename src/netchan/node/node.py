@@ -34,6 +34,7 @@ from ..errors import (
     Timeout,
 )
 from ..identity import Identity, check_node_id
+from ..logs import RateLimited
 from ..session.core import (
     Authenticated,
     ConnectionIdIssued,
@@ -123,6 +124,18 @@ DEFAULT_VALIDATE_AFTER = 32
 
 PING_SERVICE = "netchan.ping"
 #: why a session ended before it was authenticated, as metrics name it
+#: handshakes that failed, logged at a bounded rate (a flood must not fill the log)
+handshakes = RateLimited(log, every=10.0)
+_ENGINE_HINT = (" (is the client running the other QUIC engine? this node runs {engine}; both ends need the same "
+                "--engine)")
+
+
+def _looks_like_engine_mismatch(error: NetchanError) -> bool:
+    """The ways a handshake between qh3 and aioquic fails (they do not interoperate)."""
+    text = str(error)
+    return any(s in text for s in ("no CRYPTO frame", "packet builder capacity", "PROTOCOL_VIOLATION"))
+
+
 _FAILURE_REASONS: dict[type, str] = {NotAllowed: "not-allowed", AuthenticationError: "authentication",
                                      Timeout: "timeout", ClosedError: "closed", BrokenError: "broken"}
 
@@ -733,6 +746,14 @@ class _Session:
             failures = self.node.counters.handshake_failures
             reason = _FAILURE_REASONS.get(type(error), type(error).__name__)
             failures[reason] = failures.get(reason, 0) + 1
+            if not self.dialed and (self.core.packets_received > 1 or _looks_like_engine_mismatch(error)) \
+                    and not isinstance(error, NotAllowed):
+                # (a refusal is logged where it is decided; a lone Initial that led
+                # nowhere, a forgery or a probe, is not worth a line)
+                handshakes.info(("handshake", reason), "handshake from %s failed: %s%s", self.path.label, error,
+                                _ENGINE_HINT.format(engine=self.node.engine.name)
+                                if _looks_like_engine_mismatch(error) else "",
+                                extra={"event": "handshake-failed", "reason": reason})
         peer = self.peer
         if (self.redial is not None and peer is not None and not peer._user_closed
                 and not self.node._closed and peer._session is self):
@@ -1241,11 +1262,13 @@ class Node:
                     raise BrokenError(f"cannot reach {expected} at {url}: {refused.result()}")
             peer = await asyncio.wait_for(asyncio.shield(session.ready), limit)
         except asyncio.TimeoutError:
+            heard = session.core.packets_received
             session.close(Timeout("no answer"))
-            raise Timeout(
-                f"could not reach {expected} at {url} within {limit:g} s"
-                + (f" ({path.last_error})" if path.last_error else "")
-            ) from None
+            why = path.last_error or (
+                f"nothing came back: is a node listening there, on the same QUIC engine? this one runs "
+                f"{self.engine.name} (--engine)" if not heard else "")
+            raise Timeout(f"could not reach {expected} at {url} within {limit:g} s" + (f" ({why})" if why else "")
+                          ) from None
         except BaseException:
             session.close()
             raise

@@ -425,3 +425,25 @@ async def test_items_waiting_in_an_owned_channel_move_to_the_new_process(tmp_pat
         assert (await asyncio.wait_for(take.recv(), 10))["n"] == 99
         await put.aclose()
         await take.aclose()
+
+
+async def test_items_go_over_the_link_in_messages_the_kernel_takes_and_a_too_large_one_stays():
+    from netchan.ops.restart import Link
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old, new = Link(a), Link(b)
+    try:
+        assert 0 < old.message_max <= 512 << 10  # within what this kernel lets one message be
+        old.message_max = 1000  # as a kernel with a small net.core.wmem_max would
+        items = [("o", i, bytes([i]) * 300) for i in range(10)] + [("o", 10, b"x" * 2000), ("o", 11, b"y")]
+        sent = await old.send_items("work", items, {"o": 11})
+        assert sent == 10  # the large one (and what follows it) stays with the old process
+        got = []
+        while len(got) < 10:
+            kind, (channel, chunk, accepted) = await asyncio.wait_for(new.receive(), 5)
+            assert kind == "items" and channel == "work" and sum(len(d) for _, _, d in chunk) <= 1000
+            got += [tuple(i) for i in chunk]
+        assert got == items[:10]
+    finally:
+        old.close()
+        new.close()

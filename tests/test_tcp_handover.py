@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from netchan.carriers import get_carrier, parse_url
+from netchan.carriers import get_carrier, parse_url, tcp
 
 from .helpers import wait_for_condition
 
@@ -119,5 +119,37 @@ def test_a_proven_connection_is_not_given_up():
             path.close()
             await path.wait_closed()
             await listener.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+@pytest.mark.parametrize("inherited", [False, True])
+def test_unproven_connections_keep_their_bytes_only_while_they_may_be_given_up(inherited):
+    async def main():
+        carrier = get_carrier("tcp")
+        first = await carrier.listen(parse_url("tcp://127.0.0.1:0"), Collect())
+        listener = first
+        if inherited:  # a restart's new process: it may have to give redials back
+            listener = await carrier.listen(parse_url(f"{first.url}?fd={os.dup(first.handover())}"), Collect())
+            first.stop_accepting()
+        try:
+            _, writer = await asyncio.open_connection(*listener.url.removeprefix("tcp://").rsplit(":", 1))
+            writer.write(tcp.MAGIC + bytes(16) + b"".join(tcp._frame([b"p" * 1000] * 5)))
+            await wait_for_condition(lambda: listener._conns, timeout=5)
+            conn = next(iter(listener._conns))
+            await wait_for_condition(lambda: conn.path is not None, timeout=5)
+            kept = conn._kept
+            assert (kept is not None and len(kept) > 1000) if inherited else kept is None
+            listener.keep_unproven(False)  # the predecessor is done: nothing kept from now on
+            _, writer2 = await asyncio.open_connection(*listener.url.removeprefix("tcp://").rsplit(":", 1))
+            writer2.write(tcp.MAGIC + bytes(16))
+            await wait_for_condition(lambda: len(listener._conns) == 2, timeout=5)
+            assert [c for c in listener._conns if c is not conn][0]._kept is None
+            writer.close()
+            writer2.close()
+        finally:
+            await listener.aclose()
+            if listener is not first:
+                await first.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 20))

@@ -185,6 +185,11 @@ class Listener(abc.ABC):
         """Packets from ``address`` that another process read from this socket."""
         raise NotImplementedError(f"{type(self).__name__} takes no datagrams from elsewhere")
 
+    def keep_unproven(self, keep: bool) -> None:
+        """Whether connections accepted from now on keep what they read until
+        proven, so that they can be given up (see PacketPath.surrender): only
+        while a predecessor drains (it costs memory a stranger can fill)."""
+
     def adopt(self, sock: socket.socket, data: bytes) -> None:
         """Carry on with a connection another process accepted from this
         listener's socket and gave up (:meth:`PacketPath.surrender`), ``data``

@@ -283,7 +283,7 @@ class _ServerConn(_FramedProtocol):
         self._listener = listener
         self.path: _TcpReplyPath | None = None
         self.proven = False
-        self._kept = bytearray()
+        self._kept = bytearray() if listener.keep or prefix else None
         self._prefix = prefix  # what another process read from this connection before us
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -359,6 +359,8 @@ class _TcpListener(Listener):
         self._packet_size = packet_size
         self.max_connections = max_connections
         self.unproven_timeout = unproven_timeout
+        #: new connections keep what they read until proven (see keep_unproven)
+        self.keep = False
         self._paths: dict[bytes, _TcpReplyPath] = {}
         self._conns: dict[_ServerConn, None] = {}  # oldest first
         self._server: asyncio.base_events.Server | None = None
@@ -387,6 +389,9 @@ class _TcpListener(Listener):
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()  # the listening socket only: connections go on
+
+    def keep_unproven(self, keep: bool) -> None:
+        self.keep = keep
 
     def adopt(self, sock: socket.socket, data: bytes) -> None:
         sock.setblocking(False)
@@ -552,6 +557,7 @@ class TcpCarrier(Carrier):
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {url}: {exc.strerror}") from None
         listener._server = server
+        listener.keep = inherited is not None  # a restart's new process, until told otherwise
         host, port = server.sockets[0].getsockname()[:2]
         listener.url = f"tcp://{'[' + host + ']' if ':' in host else host}:{port}"
         return listener

@@ -102,6 +102,7 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
     predecessor_done = asyncio.Event()
     if predecessor is None:
         predecessor_done.set()
+        node.follow(None)  # (inherited sockets from systemd: nobody to give connections back to)
     else:
         node.follow(predecessor.send_connection)  # redials of the sessions it drains
         node.spawn(follow_predecessor(predecessor, node.inject, runtime.adopt_items, lambda: _predecessor_done(node),

@@ -1340,6 +1340,8 @@ class Node:
         ``predecessor(listener URL, socket, bytes read from it)``; ``None``:
         it has finished."""
         self._predecessor = predecessor
+        for listener in self._listeners:
+            listener.keep_unproven(predecessor is not None)
 
     def adopt(self, listener_url: str, sock: socket.socket, data: bytes) -> bool:
         """A connection our successor accepted from our listener

@@ -174,6 +174,8 @@ class Link:
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        # the kernel caps the buffer (net.core.wmem_max), and a message must fit in it
+        self.message_max = min(_ITEMS_PER_MESSAGE, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 - 4096)
         self.dropped = 0
 
     def send_json(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -209,8 +211,12 @@ class Link:
         loop = asyncio.get_running_loop()
         start = 0
         while True:
+            if len(items[start][2]) > self.message_max:
+                log.error("channel %r: an item of %d bytes is larger than a handover message can be (%d); it "
+                          "stays with the old process", channel, len(items[start][2]), self.message_max)
+                return start
             stop, size = start, 0
-            while stop < len(items) and (stop == start or size + len(items[stop][2]) <= _ITEMS_PER_MESSAGE):
+            while stop < len(items) and (stop == start or size + len(items[stop][2]) <= self.message_max):
                 size += len(items[stop][2])
                 stop += 1
             last = stop >= len(items)
@@ -236,11 +242,12 @@ class Link:
                     if not ready.done():
                         ready.set_result(None)
 
-                loop.add_reader(self.sock.fileno(), readable)
+                fd = self.sock.fileno()  # (the socket may be closed by the time this ends)
+                loop.add_reader(fd, readable)
                 try:
                     await ready
                 finally:
-                    loop.remove_reader(self.sock.fileno())
+                    loop.remove_reader(fd)
                 continue
             fds: list[int] = []
             for level, kind, payload in ancdata:
@@ -392,7 +399,10 @@ async def follow_predecessor(link: Link, inject: Callable[[str, Any, list[bytes]
                 listener, address, packets = said
                 inject(listener, tuple(address), packets)
             elif kind == "items":
-                adopt_items(*said)
+                try:
+                    adopt_items(*said)
+                except Exception as exc:  # (a channel whose codec changed, say): the rest goes on
+                    log.error("cannot take the items the old process handed over: %s", exc)
             elif kind == "connection":
                 said[1].close()  # a predecessor gives none
             elif kind == "end" or (kind == "json" and said.get("type") == "read"):

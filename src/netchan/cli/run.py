@@ -104,7 +104,6 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
         predecessor_done.set()
         node.follow(None)  # (inherited sockets from systemd: nobody to give connections back to)
     else:
-        node.follow(predecessor.send_connection)  # redials of the sessions it drains
         node.spawn(follow_predecessor(predecessor, node.inject, runtime.adopt_items, lambda: _predecessor_done(node),
                                       predecessor_done), "following the old process")
     successor: list[int] = []
@@ -229,6 +228,8 @@ async def _serve(args: argparse.Namespace, config: Config, runtime: Runtime, inh
             print(f"control socket {control} (netchan status, netchan reload, netchan restart)", flush=True)
             if predecessor is not None:
                 predecessor.send_json({"type": "ready", "pid": os.getpid()})
+                # from now on (the old process expects "ready" first): redials of the sessions it drains
+                node.follow(predecessor.send_connection)
                 sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
             else:
                 sd_notify("READY=1")

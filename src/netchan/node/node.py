@@ -746,13 +746,12 @@ class _Session:
             failures = self.node.counters.handshake_failures
             reason = _FAILURE_REASONS.get(type(error), type(error).__name__)
             failures[reason] = failures.get(reason, 0) + 1
-            if not self.dialed and (self.core.packets_received > 1 or _looks_like_engine_mismatch(error)) \
-                    and not isinstance(error, NotAllowed):
+            mismatch = _looks_like_engine_mismatch(error)
+            if not self.dialed and (self.core.packets_received > 1 or mismatch) and not isinstance(error, NotAllowed):
                 # (a refusal is logged where it is decided; a lone Initial that led
                 # nowhere, a forgery or a probe, is not worth a line)
                 handshakes.info(("handshake", reason), "handshake from %s failed: %s%s", self.path.label, error,
-                                _ENGINE_HINT.format(engine=self.node.engine.name)
-                                if _looks_like_engine_mismatch(error) else "",
+                                _ENGINE_HINT.format(engine=self.node.engine.name) if mismatch else "",
                                 extra={"event": "handshake-failed", "reason": reason})
         peer = self.peer
         if (self.redial is not None and peer is not None and not peer._user_closed
@@ -1346,12 +1345,12 @@ class Node:
     def adopt(self, listener_url: str, sock: socket.socket, data: bytes) -> bool:
         """A connection our successor accepted from our listener
         ``listener_url``'s socket, for a session of ours (see :meth:`follow`)."""
-        for listener in self._listeners:
-            if listener.url == listener_url:
-                listener.adopt(sock, data)
-                return True
-        sock.close()
-        return False
+        listener = self._listener_at(listener_url)
+        if listener is None:
+            sock.close()
+            return False
+        listener.adopt(sock, data)
+        return True
 
     def hold_listeners(self, hold: bool = True) -> None:
         """Stop (or start again) reading the datagram listeners' sockets."""
@@ -1363,11 +1362,15 @@ class Node:
 
     def inject(self, listener_url: str, address: Any, packets: list[bytes]) -> bool:
         """Packets another process read from our listener ``listener_url``'s socket."""
-        for listener in self._listeners:
-            if listener.url == listener_url:
-                listener.inject(address, packets)
-                return True
-        return False
+        listener = self._listener_at(listener_url)
+        if listener is None:
+            return False
+        listener.inject(address, packets)
+        return True
+
+    def _listener_at(self, url: str) -> Listener | None:
+        """Our listener bound at ``url`` (as another process holding its socket names it)."""
+        return next((listener for listener in self._listeners if listener.url == url), None)
 
     @property
     def inbound(self) -> list[Peer]:
